@@ -1,0 +1,85 @@
+"""Frozen, JSON-serializable configuration dataclasses.
+
+Each validates itself in ``__post_init__`` and raises ``ValueError`` naming the field and
+the value. Problems are collected and raised together, so a user fixes them in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["LoraConfig"]
+
+InitKind = Literal["kaiming", "gaussian"]
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """One LoRA adapter: what to adapt and how.
+
+    ``y = W x + scale * B (A x)`` with ``scale = alpha / r`` (or ``alpha / sqrt(r)`` when
+    ``use_rslora``).
+    """
+
+    rank: int = 8
+    """r: rows of A and columns of B."""
+    alpha: float = 16.0
+    """Numerator of the scale."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch's input during training."""
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    """Which modules to adapt. Each entry is one of: a module-name suffix (``q_proj`` matches
+    ``model.layers.0.self_attn.q_proj``), a glob (``*.mlp.*``), ``re:<regex>`` matched
+    against the full name, ``type:<ClassName>``, or ``all-linear`` (every linear layer but
+    the output head)."""
+    exclude: tuple[str, ...] = ()
+    """Patterns, as in ``targets``, of modules never to adapt."""
+    use_rslora: bool = False
+    """Scale by alpha / sqrt(r) (rank-stabilized LoRA) instead of alpha / r."""
+    init: InitKind = "kaiming"
+    """Initialisation of A. B is always zero, so a fresh adapter is an exact no-op."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: module-name suffix or regex -> rank (PEFT's semantics)."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides, as ``rank_pattern``."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", (self.targets,))
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        problems = []
+        if not isinstance(self.rank, int) or self.rank < 1:
+            problems.append(f"rank must be a positive int, got {self.rank!r}")
+        if not _finite_number(self.alpha) or self.alpha <= 0:
+            problems.append(f"alpha must be a positive number, got {self.alpha!r}")
+        if not _finite_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            problems.append(f"targets must be non-empty strings, got {self.targets!r}")
+        if self.init not in ("kaiming", "gaussian"):
+            problems.append(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        for key, r in self.rank_pattern.items():
+            if not isinstance(r, int) or r < 1:
+                problems.append(f"rank_pattern[{key!r}] must be a positive int, got {r!r}")
+        for key, a in self.alpha_pattern.items():
+            if not _finite_number(a) or a <= 0:
+                problems.append(f"alpha_pattern[{key!r}] must be a positive number, got {a!r}")
+        if problems:
+            raise ValueError("invalid LoraConfig: " + "; ".join(problems))
+
+    def scale_for(self, rank: int, alpha: float) -> float:
+        """The LoRA scale for a layer of this rank and alpha."""
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _finite_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)

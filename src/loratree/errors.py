@@ -1,0 +1,55 @@
+"""Typed errors. Each names what is wrong so a caller can act on it.
+
+Bad user input is a ``ValueError`` (or ``TypeError``); broken state is a ``RuntimeError``.
+The adapter-file errors below subclass ``AdapterFileError`` so a server can catch one type.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterConfigError",
+    "AdapterFileError",
+    "CorruptFileError",
+    "MissingKeyError",
+    "NonFiniteError",
+    "ShapeMismatchError",
+    "TargetError",
+    "UnexpectedKeyError",
+    "UnsafeFormatError",
+]
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory or file cannot be used."""
+
+
+class UnsafeFormatError(AdapterFileError):
+    """The file is in a format that would need unpickling (e.g. ``adapter_model.bin``)."""
+
+
+class CorruptFileError(AdapterFileError):
+    """The file is truncated or its header is not valid safetensors."""
+
+
+class AdapterConfigError(AdapterFileError):
+    """``adapter_config.json`` is missing, not JSON, or holds invalid values."""
+
+
+class MissingKeyError(AdapterFileError):
+    """The file lacks tensors the model's adapted layers need."""
+
+
+class UnexpectedKeyError(AdapterFileError):
+    """The file holds tensors no adapted layer can take."""
+
+
+class ShapeMismatchError(AdapterFileError):
+    """A tensor's shape does not fit its layer (wrong rank or wrong features)."""
+
+
+class NonFiniteError(ValueError):
+    """A tensor holds NaN or Inf where finite values are required."""
+
+
+class TargetError(ValueError):
+    """A target pattern matched nothing, or matched a module that cannot be adapted."""

@@ -1,0 +1,92 @@
+"""The LoRA update on one weight matrix.
+
+Conventions (STYLE.md): a weight is ``(out, in)`` like ``nn.Linear``; ``a`` is ``(r, in)``,
+``b`` is ``(out, r)``; ``scale`` is ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["apply", "branch", "delta", "merge", "scale", "switch", "unmerge"]
+
+
+def scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """Semantics: alpha / r, or alpha / sqrt(r) when ``rslora``."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def delta(a: Tensor, b: Tensor, s: float) -> Tensor:
+    """The weight update of one adapter.
+
+    Semantics: delta_w = s * B @ A
+    Shape: a (r, in), b (out, r) -> (out, in)
+    """
+    assert a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1], (
+        f"a {tuple(a.shape)} and b {tuple(b.shape)} do not share a rank"
+    )
+    return (b @ a) * s
+
+
+def branch(x: Tensor, a: Tensor, b: Tensor, s: float) -> Tensor:
+    """The LoRA branch alone, computed as B(Ax) and never as (BA)x.
+
+    Semantics: s * (x @ A^T) @ B^T
+    Shape: x (..., in), a (r, in), b (out, r) -> (..., out)
+    """
+    return (x @ a.t()) @ b.t() * s
+
+
+def apply(x: Tensor, w: Tensor, a: Tensor, b: Tensor, s: float, bias: Tensor | None = None) -> Tensor:
+    """A LoRA-adapted linear map.
+
+    Semantics: y = x @ W^T + bias + s * (x @ A^T) @ B^T
+    Shape: x (..., in), w (out, in), a (r, in), b (out, r), bias (out,) -> (..., out)
+    """
+    y = torch.nn.functional.linear(x, w, bias)
+    return y + branch(x, a, b, s)
+
+
+def merge(w: Tensor, a: Tensor, b: Tensor, s: float) -> Tensor:
+    """Fold the adapter into the weight (a new tensor; ``w`` is not changed).
+
+    Semantics: W' = W + s * B @ A, computed in fp32 at least, returned in W's dtype.
+    Shape: w (out, in), a (r, in), b (out, r) -> (out, in)
+    """
+    acc = _acc_dtype(w)
+    return (w.to(acc) + delta(a.to(acc), b.to(acc), s)).to(w.dtype)
+
+
+def unmerge(w: Tensor, a: Tensor, b: Tensor, s: float) -> Tensor:
+    """Take a merged adapter back out of the weight.
+
+    Semantics: W = W' - s * B @ A
+    Shape: w (out, in), a (r, in), b (out, r) -> (out, in)
+    """
+    acc = _acc_dtype(w)
+    return (w.to(acc) - delta(a.to(acc), b.to(acc), s)).to(w.dtype)
+
+
+def switch(
+    w: Tensor,
+    old: tuple[Tensor, Tensor, float],
+    new: tuple[Tensor, Tensor, float],
+) -> Tensor:
+    """Swap one merged adapter for another with one addition to the weight.
+
+    The difference of the two updates is formed in float64 and added once, so each switch
+    rounds the weight once (a random walk of about eps * |W| per switch, not a drift).
+
+    Semantics: W' = W + (s_new * B_new @ A_new - s_old * B_old @ A_old)
+    Shape: w (out, in); old and new are (a (r, in), b (out, r), s) -> (out, in)
+    """
+    (a0, b0, s0), (a1, b1, s1) = old, new
+    diff = delta(a1.double(), b1.double(), s1) - delta(a0.double(), b0.double(), s0)
+    return (w.double() + diff).to(w.dtype)
+
+
+def _acc_dtype(w: Tensor) -> torch.dtype:
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
