@@ -64,21 +64,18 @@ def segment(index: Tensor) -> Segments:
     return Segments(order[start:], tuple(slots), tuple(bounds), n, None)
 
 
-def map_segments(
-    x: Tensor, seg: Segments, fn: Callable[[int, Tensor], Tensor], out_shape: Sequence[int]
-) -> Tensor:
+def map_segments(x: Tensor, seg: Segments, fn: Callable[[int, Tensor], Tensor]) -> Tensor:
     """Apply a per-slot function to each segment and scatter the results back.
 
     Semantics: out[t] = fn(k_t, x[t]) for tokens with k_t >= 0, and 0 for k_t = -1.
-    Shape: x (N, ...), out_shape (...) of one output row -> (N, *out_shape)
+    Shape: x (N, ...) -> (N, ...fn's output row); ``seg`` must hold at least one segment.
     """
+    assert seg.slots, "map_segments needs at least one segment with a slot"
     parts = [
         fn(k, x.index_select(0, seg.order[lo:hi]))
         for k, lo, hi in zip(seg.slots, seg.bounds[:-1], seg.bounds[1:], strict=True)
     ]
-    out = x.new_zeros((seg.n_tokens, *out_shape), dtype=parts[0].dtype if parts else x.dtype)
-    if not parts:
-        return out
+    out = parts[0].new_zeros((seg.n_tokens, *parts[0].shape[1:]))
     return out.index_add(0, seg.order, torch.cat(parts))
 
 

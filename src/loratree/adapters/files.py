@@ -1,0 +1,217 @@
+"""Save and load LoRA adapters in PEFT's format, strictly and atomically.
+
+Reading never unpickles: safetensors only, the header checked against the file size.
+Loading validates everything before it touches the model, so a bad file leaves the model
+as it was: every missing or unexpected key, wrong shape or rank, and non-finite value
+raises a typed error (``loratree.errors``) that names the key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from loratree.adapters.atomic import atomic_write
+from loratree.adapters.peft_format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    config_from_peft,
+    config_to_peft,
+    parse_key,
+    peft_key,
+    read_config,
+)
+from loratree.adapters.safetensors_io import read_safetensors
+from loratree.config import LoraConfig
+from loratree.errors import (
+    AdapterFileError,
+    MissingKeyError,
+    ShapeMismatchError,
+    UnexpectedKeyError,
+)
+from loratree.layers import LoraEmbedding, LoraModule, SlotContext
+from loratree.surgery import adaptable_modules, find_targets, inject, lora_layers
+from loratree.surgery.inject import wrap
+from loratree.surgery.targets import pattern_value
+
+__all__ = ["AdapterFile", "load_adapter", "read_adapter", "save_adapter"]
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """An adapter as read from disk: its config and, per module, (A, B)."""
+
+    config: LoraConfig
+    weights: dict[str, tuple[Tensor, Tensor]]
+    base_weights: dict[str, Tensor]
+    raw_config: dict
+
+    @property
+    def base_model(self) -> str | None:
+        return self.raw_config.get("base_model_name_or_path")
+
+
+def save_adapter(
+    model: nn.Module, path: str | Path, slot: int = 0, *, base_model: str | None = None
+) -> Path:
+    """Write slot ``slot`` of the model as a PEFT adapter directory; returns the path."""
+    path = Path(path)
+    layers = {n: m for n, m in lora_layers(model).items() if m.specs[slot].rank > 0}
+    if not layers:
+        raise ValueError(f"slot {slot} adapts no layer; nothing to save")
+    tensors: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        emb = isinstance(layer, LoraEmbedding)
+        tensors[peft_key(name, "a", emb)] = layer.lora_a[slot].detach().contiguous().cpu()
+        tensors[peft_key(name, "b", emb)] = layer.lora_b[slot].detach().contiguous().cpu()
+    specs = {n: m.specs[slot] for n, m in layers.items()}
+    config = _summarize(specs)
+    if base_model is None:
+        base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    raw = config_to_peft(
+        config,
+        _target_modules(model, list(layers)),
+        base_model=base_model,
+        task_type="CAUSAL_LM" if hasattr(model, "generate") else None,
+        fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in layers.values()),
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), {"format": "pt"}))
+    text = json.dumps(raw, indent=2, sort_keys=True) + "\n"
+    atomic_write(path / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    return path
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Read and check an adapter directory, without a model."""
+    path = Path(path)
+    raw = read_config(path)
+    config = config_from_peft(raw)
+    if not (path / WEIGHTS_NAME).exists():
+        raise AdapterFileError(f"{path.name}: {WEIGHTS_NAME} is missing")
+    tensors = read_safetensors(path / WEIGHTS_NAME)
+    halves: dict[str, dict[str, Tensor]] = {}
+    base_weights: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        if key.endswith(".base_layer.weight"):  # PEFT saves targeted embeddings whole
+            base_weights[key.removeprefix("base_model.model.")[: -len(".base_layer.weight")]] = t
+            continue
+        parsed = parse_key(key)
+        if parsed is None:
+            raise UnexpectedKeyError(f"{path.name}: {key!r} is not a LoRA tensor")
+        module, part = parsed
+        halves.setdefault(module, {})[part] = t
+    weights = {}
+    for module, pair in halves.items():
+        for part in ("a", "b"):
+            if part not in pair:
+                raise MissingKeyError(
+                    f"{path.name}: {module!r} has lora_{'AB'[part == 'b']} but not "
+                    f"lora_{'AB'[part == 'a']} ({peft_key(module, part, False)!r})"
+                )
+        a, b = pair["a"], pair["b"]
+        if a.dim() < 2 or b.dim() < 2 or a.shape[0] != b.shape[1]:
+            raise ShapeMismatchError(
+                f"{path.name}: {module!r} lora_A {tuple(a.shape)} and lora_B "
+                f"{tuple(b.shape)} do not share a rank"
+            )
+        expected = int(pattern_value(config.rank_pattern, module, config.rank))
+        if a.shape[0] != expected:
+            raise ShapeMismatchError(
+                f"{path.name}: {module!r} has rank {a.shape[0]}, the config says {expected}"
+            )
+        weights[module] = (a, b)
+    return AdapterFile(config, weights, base_weights, raw)
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False) -> int:
+    """Load an adapter directory into a new slot of the model; returns the slot.
+
+    Strict: the file must cover exactly the modules its config targets in this model, with
+    the shapes those modules need. Nothing in the model changes unless every check passes.
+    """
+    path = Path(path)
+    adapter = read_adapter(path)
+    _validate_against(model, adapter, path.name)
+    report = inject(model, adapter.config, trainable=trainable, names=tuple(adapter.weights))
+    layers = lora_layers(model)
+    for module, (a, b) in adapter.weights.items():
+        layers[module].load_slot(report.slot, a, b)
+    return report.slot
+
+
+def _validate_against(model: nn.Module, adapter: AdapterFile, label: str) -> None:
+    candidates = adaptable_modules(model)
+    for module in adapter.weights:
+        if module not in candidates:
+            raise UnexpectedKeyError(
+                f"{label}: {peft_key(module, 'a', False)!r} names module {module!r}, "
+                "which the model does not have (or cannot adapt)"
+            )
+    try:
+        targeted = find_targets(model, adapter.config.targets, adapter.config.exclude)
+    except ValueError:
+        targeted = {}
+    for module, base in targeted.items():
+        if module not in adapter.weights:
+            emb = isinstance(base, nn.Embedding)
+            raise MissingKeyError(
+                f"{label}: the config targets {module!r}, but {peft_key(module, 'a', emb)!r} "
+                "is missing"
+            )
+    existing = lora_layers(model)
+    for module, (a, b) in adapter.weights.items():
+        layer = existing.get(module) or wrap(candidates[module], SlotContext(), module)
+        r = a.shape[0]
+        for part, t, want in (("A", a, layer.a_shape(r)), ("B", b, layer.b_shape(r))):
+            if tuple(t.shape) != tuple(want):
+                raise ShapeMismatchError(
+                    f"{label}: {module!r} lora_{part} has shape {tuple(t.shape)}, "
+                    f"the model needs {tuple(want)}"
+                )
+    for module, w in adapter.base_weights.items():
+        base = candidates.get(module)
+        if base is None or tuple(base.weight.shape) != tuple(w.shape) or not torch.equal(
+            base.weight.detach().cpu().to(w.dtype), w
+        ):
+            raise UnexpectedKeyError(
+                f"{label}: the file carries a changed base weight for {module!r} "
+                f"({module}.base_layer.weight); loratree loads adapters, not base weights"
+            )
+
+
+def _summarize(specs: dict[str, object]) -> LoraConfig:
+    ranks = Counter(s.rank for s in specs.values())
+    alphas = Counter(s.alpha for s in specs.values())
+    dropouts = {s.dropout for s in specs.values()}
+    rslora = {s.rslora for s in specs.values()}
+    if len(rslora) > 1:
+        raise ValueError("cannot save one adapter that mixes rsLoRA and plain LoRA scaling")
+    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    return LoraConfig(
+        rank=rank,
+        alpha=alpha,
+        dropout=max(dropouts),
+        targets=tuple(specs),
+        use_rslora=rslora.pop(),
+        rank_pattern={re.escape(n): s.rank for n, s in specs.items() if s.rank != rank},
+        alpha_pattern={re.escape(n): s.alpha for n, s in specs.items() if s.alpha != alpha},
+    )
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """The shortest PEFT ``target_modules`` that selects exactly ``names`` in this model."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    selected = {n for n in adaptable_modules(model) if any(
+        n == s or n.endswith("." + s) for s in suffixes
+    )}
+    if selected == set(names):
+        return suffixes
+    return "|".join(re.escape(n) for n in names)

@@ -1,0 +1,140 @@
+"""PEFT's on-disk names and config fields, mapped to ours in one place.
+
+On disk a LoRA adapter is ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A`` /
+``lora_embedding_B`` for embeddings). In code we say ``lora_a`` / ``lora_b`` per slot.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from loratree.config import LoraConfig
+from loratree.errors import AdapterConfigError, UnsafeFormatError
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "config_from_peft",
+    "config_to_peft",
+    "parse_key",
+    "peft_key",
+    "read_config",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\."
+    r"(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$"
+)
+_UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA bias terms",
+    "layer_replication": "layer replication",
+    "modules_to_save": "modules_to_save (full copies of modules)",
+    "trainable_token_indices": "trainable token indices",
+}
+
+
+def peft_key(module: str, part: Literal["a", "b"], embedding: bool) -> str:
+    """Our (module, lora_a | lora_b) -> PEFT's tensor key."""
+    letter = part.upper()
+    if embedding:
+        return f"{_PREFIX}{module}.lora_embedding_{letter}"
+    return f"{_PREFIX}{module}.lora_{letter}.weight"
+
+
+def parse_key(key: str) -> tuple[str, Literal["a", "b"]] | None:
+    """PEFT's tensor key -> (module name, "a" | "b"), or None if it is not a LoRA tensor."""
+    m = _KEY.match(key)
+    if m is None:
+        return None
+    return m["module"], "a" if m["kind"].endswith("A") else "b"
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The raw ``adapter_config.json`` of an adapter directory, checked to be safe to use."""
+    if not path.is_dir():
+        raise AdapterConfigError(f"{path}: not an adapter directory")
+    if not (path / WEIGHTS_NAME).exists() and (path / "adapter_model.bin").exists():
+        raise UnsafeFormatError(
+            f"{path.name}: only adapter_model.bin (a pickle) is present; loratree never "
+            "unpickles. Convert it to adapter_model.safetensors with a tool you trust."
+        )
+    cfg_path = path / CONFIG_NAME
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise AdapterConfigError(f"{path.name}: {CONFIG_NAME} is missing") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterConfigError(f"{path.name}: {CONFIG_NAME} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise AdapterConfigError(f"{path.name}: {CONFIG_NAME} must hold a JSON object")
+    return raw
+
+
+def config_from_peft(raw: dict[str, Any]) -> LoraConfig:
+    """PEFT's LoRA config fields -> ``LoraConfig``; unsupported features are refused."""
+    if raw.get("peft_type") != "LORA":
+        raise AdapterConfigError(f"peft_type must be 'LORA', got {raw.get('peft_type')!r}")
+    for field, what in _UNSUPPORTED.items():
+        if raw.get(field):
+            raise AdapterConfigError(f"{field}: {what} is not supported")
+    if raw.get("bias", "none") != "none":
+        raise AdapterConfigError(f"bias: only 'none' is supported, got {raw.get('bias')!r}")
+    targets = raw.get("target_modules")
+    if isinstance(targets, str):
+        targets = ("all-linear",) if targets == "all-linear" else (f"re:{targets}",)
+    elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
+        targets = tuple(targets)
+    else:
+        raise AdapterConfigError(f"target_modules must be a string or a list, got {targets!r}")
+    exclude = raw.get("exclude_modules") or ()
+    exclude = (f"re:{exclude}",) if isinstance(exclude, str) else tuple(exclude)
+    try:
+        return LoraConfig(
+            rank=raw.get("r"),
+            alpha=raw.get("lora_alpha", raw.get("r")),
+            dropout=raw.get("lora_dropout", 0.0),
+            targets=targets,
+            exclude=exclude,
+            use_rslora=bool(raw.get("use_rslora", False)),
+            rank_pattern=dict(raw.get("rank_pattern") or {}),
+            alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+        )
+    except (ValueError, TypeError) as e:
+        raise AdapterConfigError(f"invalid LoRA settings: {e}") from e
+
+
+def config_to_peft(
+    config: LoraConfig,
+    target_modules: list[str] | str,
+    *,
+    base_model: str | None,
+    task_type: str | None,
+    fan_in_fan_out: bool,
+) -> dict[str, Any]:
+    """``LoraConfig`` -> the fields PEFT reads, and only those."""
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": target_modules,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "use_rslora": config.use_rslora,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }

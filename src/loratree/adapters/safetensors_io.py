@@ -1,0 +1,64 @@
+"""Reading safetensors files defensively: validate the header before trusting it."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from loratree.errors import CorruptFileError, NonFiniteError
+
+__all__ = ["read_safetensors"]
+
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors(path: str | Path, *, require_finite: bool = True) -> dict[str, torch.Tensor]:
+    """Load every tensor of a safetensors file after checking its header against its size.
+
+    Raises ``CorruptFileError`` for a short file, a header length past the end of the file,
+    a header that is not JSON, or tensor data outside the file; ``NonFiniteError`` naming
+    the first tensor holding NaN or Inf.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise CorruptFileError(f"{path.name}: {size} bytes is too short for safetensors")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > size - 8 or header_len > _MAX_HEADER:
+            raise CorruptFileError(
+                f"{path.name}: header length {header_len} is larger than the file ({size} bytes)"
+            )
+        header_bytes = f.read(header_len)
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{path.name}: the safetensors header is not JSON") from e
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{path.name}: the safetensors header is not a JSON object")
+    data_len = size - 8 - header_len
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
+            raise CorruptFileError(f"{path.name}: tensor {key!r} has no valid data_offsets")
+        if offsets[1] > data_len:
+            raise CorruptFileError(
+                f"{path.name}: tensor {key!r} ends at byte {offsets[1]}, past the data "
+                f"({data_len} bytes); the file is truncated"
+            )
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise CorruptFileError(f"{path.name}: cannot read safetensors: {e}") from e
+    if require_finite:
+        for key, t in tensors.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise NonFiniteError(f"{path.name}: tensor {key!r} holds NaN or Inf")
+    return tensors

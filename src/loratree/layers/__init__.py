@@ -1,0 +1,9 @@
+"""Thin ``nn.Module`` wrappers over ``ops``: LoRA layers that hold adapter slots."""
+
+from loratree.layers.base import LoraModule, SlotSpec
+from loratree.layers.context import SlotContext
+from loratree.layers.conv import LoraConv
+from loratree.layers.embedding import LoraEmbedding
+from loratree.layers.linear import LoraLinear
+
+__all__ = ["LoraConv", "LoraEmbedding", "LoraLinear", "LoraModule", "SlotContext", "SlotSpec"]

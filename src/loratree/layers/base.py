@@ -1,0 +1,206 @@
+"""What every LoRA layer shares: a frozen base module plus 1..S adapter slots.
+
+A subclass says how its input splits into tokens and how one slot's branch is computed;
+this class does slot bookkeeping, per-token dispatch through the shared ``SlotContext``,
+and merge / unmerge / switch of one slot into the base weight.
+
+Composition, not inheritance of the base: ``self.base`` is the original module, untouched
+except while a slot is merged into its weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from loratree.errors import NonFiniteError
+from loratree.layers.context import SlotContext
+from loratree.ops import lora as lora_ops
+from loratree.ops.slots import Segments, map_segments
+
+__all__ = ["LoraModule", "SlotSpec"]
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """The hyperparameters of one slot."""
+
+    rank: int
+    """0 marks an empty slot: the adapter in this slot does not touch this layer."""
+    alpha: float
+    dropout: float = 0.0
+    rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0 (0: the adapter skips this layer), got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        return lora_ops.scale(self.alpha, self.rank, self.rslora) if self.rank else 0.0
+
+
+class LoraModule(nn.Module):
+    """Base of the LoRA wrappers. Subclasses define shapes, tokens and the branch."""
+
+    def __init__(self, base: nn.Module, ctx: SlotContext, name: str = "") -> None:
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.ParameterList()
+        self.lora_b = nn.ParameterList()
+        self.specs: list[SlotSpec] = []
+        self.ctx = ctx
+        self.module_name = name
+        self.merged: int | None = None
+
+    # -- subclass interface -------------------------------------------------------------
+    def a_shape(self, rank: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def b_shape(self, rank: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def branch(self, x: Tensor, slot: int) -> Tensor:
+        """The LoRA output of ``slot`` for input ``x`` (any leading shape the layer takes)."""
+        raise NotImplementedError
+
+    def delta_weight(self, slot: int) -> Tensor:
+        """``scale * B @ A`` of ``slot`` in the base weight's layout (fp32 or wider)."""
+        raise NotImplementedError
+
+    def tokens(self, x: Tensor) -> tuple[int, Tensor]:
+        """(rows, x as a stack of independent tokens along dim 0)."""
+        return x.shape[0], x
+
+    # -- slots --------------------------------------------------------------------------
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.specs)
+
+    def add_slot(self, spec: SlotSpec, init: str = "kaiming") -> int:
+        """Append a fresh slot (B = 0, so it is an exact no-op) and return its index."""
+        w = self.weight
+        a = torch.empty(self.a_shape(spec.rank), dtype=w.dtype, device=w.device)
+        if spec.rank == 0:
+            pass
+        elif init == "gaussian":
+            nn.init.normal_(a, std=1.0 / spec.rank)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        b = torch.zeros(self.b_shape(spec.rank), dtype=w.dtype, device=w.device)
+        self.lora_a.append(nn.Parameter(a))
+        self.lora_b.append(nn.Parameter(b))
+        self.specs.append(spec)
+        return len(self.specs) - 1
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, a: Tensor, b: Tensor) -> None:
+        """Copy weights into a slot; shapes must match the slot's rank."""
+        for name, src, dst in (("A", a, self.lora_a[slot]), ("B", b, self.lora_b[slot])):
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(
+                    f"{self.module_name}: lora {name} of slot {slot} must be "
+                    f"{tuple(dst.shape)}, got {tuple(src.shape)}"
+                )
+            dst.copy_(src)
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        ctx = self.ctx
+        if ctx.index is None:
+            slot = ctx.active
+            if slot == self.merged:
+                return y
+            if self.merged is not None:
+                y = y - self.branch(x, self.merged).to(y.dtype)
+            if slot < 0:
+                return y
+            self._check_slot(slot)
+            return y + self.branch(x, slot).to(y.dtype)
+        if self.merged is not None:
+            y = y - self.branch(x, self.merged).to(y.dtype)
+        rows, flat = self.tokens(x)
+        seg = ctx.segments(rows, flat.shape[0])
+        if seg.uniform is not None:
+            if seg.uniform < 0:
+                return y
+            self._check_slot(seg.uniform)
+            return y + self.branch(x, seg.uniform).to(y.dtype)
+        return y + self.mixed(flat, seg).reshape(y.shape).to(y.dtype)
+
+    def mixed(self, flat: Tensor, seg: Segments) -> Tensor:
+        """LoRA outputs for tokens that use different slots, one matmul per slot."""
+        for slot in seg.slots:
+            self._check_slot(slot)
+        return map_segments(flat, seg, lambda slot, xs: self.branch(xs, slot))
+
+    def _check_slot(self, slot: int) -> None:
+        if slot >= len(self.specs):
+            raise ValueError(
+                f"{self.module_name}: slot {slot} requested, the layer has {len(self.specs)}"
+            )
+
+    def _dropout(self, x: Tensor, slot: int) -> Tensor:
+        p = self.specs[slot].dropout
+        return nn.functional.dropout(x, p, training=True) if p > 0.0 and self.training else x
+
+    # -- merge ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, slot: int) -> None:
+        """Fold ``slot`` into the base weight. Idempotent; refuses non-finite results."""
+        if self.merged == slot:
+            return
+        if self.merged is not None:
+            raise RuntimeError(
+                f"{self.module_name}: slot {self.merged} is merged; unmerge or switch first"
+            )
+        self._check_slot(slot)
+        w = self.weight
+        merged = (w.to(torch.float32) + self.delta_weight(slot)).to(w.dtype)
+        self._commit(merged, f"merging slot {slot}")
+        self.merged = slot
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the merged slot back out of the base weight. No-op when none is merged."""
+        if self.merged is None:
+            return
+        w = self.weight
+        restored = (w.to(torch.float32) - self.delta_weight(self.merged)).to(w.dtype)
+        self._commit(restored, f"unmerging slot {self.merged}")
+        self.merged = None
+
+    @torch.no_grad()
+    def switch(self, slot: int) -> None:
+        """Replace the merged slot by ``slot`` in one addition: W += dW_new - dW_old."""
+        if self.merged is None:
+            self.merge(slot)
+            return
+        if self.merged == slot:
+            return
+        self._check_slot(slot)
+        w = self.weight
+        diff = self.delta_weight(slot).double() - self.delta_weight(self.merged).double()
+        self._commit((w.double() + diff).to(w.dtype), f"switching to slot {slot}")
+        self.merged = slot
+
+    def _commit(self, new_weight: Tensor, what: str) -> None:
+        if not torch.isfinite(new_weight).all():
+            raise NonFiniteError(
+                f"{self.module_name}: {what} gives non-finite weights; the layer is unchanged"
+            )
+        self.weight.copy_(new_weight)
+
+    def extra_repr(self) -> str:
+        ranks = [s.rank for s in self.specs]
+        return f"slots={len(self.specs)}, ranks={ranks}, merged={self.merged}"

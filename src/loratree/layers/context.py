@@ -1,0 +1,81 @@
+"""The slot context: which adapter slot each token uses, set once per forward.
+
+One ``SlotContext`` is shared by every LoRA layer of a model. The trainer or engine sets it
+before calling the model (``with ctx.use(index): model(...)``); layers read it. No model
+code changes, so any ``transformers`` model works without a copy of its classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from loratree.ops.slots import Segments, segment
+
+__all__ = ["SlotContext"]
+
+
+class SlotContext:
+    """Per-forward slot selection shared by all layers of one model.
+
+    Either every token uses ``active`` (a slot, or -1 for the base model alone), or
+    ``index`` gives a slot per row ``(B,)`` or per token ``(B, T)``. Segments are computed
+    once per distinct token count and reused by every layer in the forward pass.
+    """
+
+    def __init__(self, active: int = 0) -> None:
+        self.active = active
+        self.index: Tensor | None = None
+        self._segments: dict[tuple[int, int], Segments] = {}
+
+    @contextmanager
+    def use(self, index: Tensor | int | None) -> Iterator[SlotContext]:
+        """Select slots for the forward passes inside the block, then restore."""
+        saved = (self.active, self.index, self._segments)
+        self.set(index)
+        try:
+            yield self
+        finally:
+            self.active, self.index, self._segments = saved
+
+    def set(self, index: Tensor | int | None) -> None:
+        """Select one slot for all tokens (int, -1 = base), or per row/token (tensor)."""
+        self._segments = {}
+        if index is None or isinstance(index, int):
+            self.active, self.index = (-1 if index is None else index), None
+            return
+        if not isinstance(index, Tensor) or index.dtype not in _INT_DTYPES:
+            raise TypeError(f"slot index must be an int or an integer tensor, got {index!r}")
+        if index.dim() not in (1, 2):
+            raise ValueError(f"slot index must be (B,) or (B, T), got shape {tuple(index.shape)}")
+        self.index = index.long()
+
+    def segments(self, batch: int, n_tokens: int) -> Segments:
+        """Segments for a layer input with ``batch`` rows flattened to ``n_tokens`` tokens."""
+        key = (batch, n_tokens)
+        seg = self._segments.get(key)
+        if seg is None:
+            seg = segment(self._flat_index(batch, n_tokens))
+            self._segments[key] = seg
+        return seg
+
+    def _flat_index(self, batch: int, n_tokens: int) -> Tensor:
+        index = self.index
+        assert index is not None
+        if index.shape[0] != batch:
+            raise ValueError(f"slot index has {index.shape[0]} rows, the input has {batch}")
+        if index.dim() == 1:
+            if n_tokens % batch:
+                raise ValueError(f"{n_tokens} tokens do not split into {batch} rows")
+            return index.repeat_interleave(n_tokens // batch)
+        if index.numel() != n_tokens:
+            raise ValueError(
+                f"per-token slot index {tuple(index.shape)} does not fit {n_tokens} tokens"
+            )
+        return index.reshape(-1)
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)

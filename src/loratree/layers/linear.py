@@ -1,0 +1,60 @@
+"""LoRA on a matrix multiply: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from loratree.layers.base import LoraModule
+from loratree.layers.context import SlotContext
+from loratree.ops import lora as lora_ops
+from loratree.ops import slots as slot_ops
+from loratree.ops.slots import Segments
+
+__all__ = ["LoraLinear"]
+
+
+class LoraLinear(LoraModule):
+    """``y = base(x) + s * B (A x)`` for a linear base.
+
+    ``fan_in_fan_out`` marks a base that stores its weight as ``(in, out)`` and computes
+    ``x @ W`` (transformers' ``Conv1D``); A and B keep the usual ``(r, in)``, ``(out, r)``.
+    """
+
+    def __init__(
+        self, base: nn.Module, ctx: SlotContext, name: str = "", fan_in_fan_out: bool = False
+    ) -> None:
+        super().__init__(base, ctx, name)
+        self.fan_in_fan_out = fan_in_fan_out
+        w = base.weight
+        self.in_features, self.out_features = (
+            (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+        )
+
+    def a_shape(self, rank: int) -> tuple[int, ...]:
+        return (rank, self.in_features)
+
+    def b_shape(self, rank: int) -> tuple[int, ...]:
+        return (self.out_features, rank)
+
+    def tokens(self, x: Tensor) -> tuple[int, Tensor]:
+        rows = x.shape[0] if x.dim() > 1 else 1
+        return rows, x.reshape(-1, self.in_features)  # (N, in)
+
+    def branch(self, x: Tensor, slot: int) -> Tensor:
+        a, b = self.lora_a[slot], self.lora_b[slot]
+        return lora_ops.branch(self._dropout(x.to(a.dtype), slot), a, b, self.specs[slot].scale)
+
+    def mixed(self, flat: Tensor, seg: Segments) -> Tensor:
+        for slot in seg.slots:
+            self._check_slot(slot)
+        a0 = self.lora_a[seg.slots[0]]
+        flat = flat.to(a0.dtype)
+        dropout = [s.dropout for s in self.specs]
+        h = slot_ops.shrink(flat, self.lora_a, seg, dropout, self.training)
+        y = flat.new_zeros((seg.n_tokens, self.out_features))
+        return slot_ops.expand(y, h, self.lora_b, [s.scale for s in self.specs], seg)
+
+    def delta_weight(self, slot: int) -> Tensor:
+        a, b = self.lora_a[slot].float(), self.lora_b[slot].float()
+        d = lora_ops.delta(a, b, self.specs[slot].scale)  # (out, in)
+        return d.t() if self.fan_in_fan_out else d

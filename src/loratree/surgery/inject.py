@@ -1,0 +1,136 @@
+"""Putting LoRA layers into a model, freezing it, and reporting what was touched."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from loratree.config import LoraConfig
+from loratree.errors import TargetError
+from loratree.layers import LoraConv, LoraEmbedding, LoraLinear, LoraModule, SlotContext, SlotSpec
+from loratree.surgery.targets import Conv1D, find_targets, pattern_value
+
+__all__ = [
+    "InjectionReport",
+    "adapter_parameters",
+    "context",
+    "inject",
+    "lora_layers",
+    "replace_module",
+    "set_trainable",
+    "wrap",
+]
+
+
+@dataclass(frozen=True)
+class InjectionReport:
+    """What ``inject`` touched."""
+
+    slot: int
+    layers: tuple[str, ...]
+    kinds: tuple[str, ...]
+    trainable_params: int
+    total_params: int
+
+    def __str__(self) -> str:
+        pct = 100.0 * self.trainable_params / max(self.total_params, 1)
+        kinds = ", ".join(f"{k} x{self.kinds.count(k)}" for k in sorted(set(self.kinds)))
+        return (
+            f"slot {self.slot}: {len(self.layers)} layers ({kinds}); trainable "
+            f"{self.trainable_params:,} of {self.total_params:,} parameters ({pct:.3f}%)"
+        )
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraModule]:
+    """Every LoRA layer of the model, by the dotted name of the module it wraps."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraModule)}
+
+
+def context(model: nn.Module) -> SlotContext:
+    """The slot context shared by the model's LoRA layers."""
+    for layer in lora_layers(model).values():
+        return layer.ctx
+    raise ValueError("the model has no LoRA layers; inject an adapter first")
+
+
+def wrap(base: nn.Module, ctx: SlotContext, name: str) -> LoraModule:
+    """The LoRA wrapper for one adaptable module."""
+    if Conv1D is not None and isinstance(base, Conv1D):
+        return LoraLinear(base, ctx, name, fan_in_fan_out=True)
+    if isinstance(base, nn.Linear):
+        return LoraLinear(base, ctx, name)
+    if isinstance(base, nn.Embedding):
+        return LoraEmbedding(base, ctx, name)
+    if isinstance(base, nn.Conv1d | nn.Conv2d):
+        return LoraConv(base, ctx, name)
+    raise TargetError(f"{name}: cannot adapt a {type(base).__name__}")
+
+
+def inject(
+    model: nn.Module, config: LoraConfig, *, trainable: bool = True, names: tuple[str, ...] = ()
+) -> InjectionReport:
+    """Add one adapter slot, configured by ``config``, to the model.
+
+    The first call wraps the targets; later calls add a slot to every LoRA layer (an empty,
+    rank-0 slot where this adapter does not reach), so a slot index means the same
+    adapter in every layer. ``names`` overrides ``config.targets`` with exact module
+    names. Everything but this slot's parameters is frozen when ``trainable``.
+    """
+    existing = lora_layers(model)
+    ctx = next(iter(existing.values())).ctx if existing else SlotContext()
+    slot = next(iter(existing.values())).n_slots if existing else 0
+    if names:
+        targets = find_targets(model, tuple(f"re:{re.escape(n)}" for n in names))
+    else:
+        targets = find_targets(model, config.targets, config.exclude)
+    for name, base in targets.items():
+        if name not in existing:
+            layer = wrap(base, ctx, name)
+            for _ in range(slot):
+                layer.add_slot(SlotSpec(0, 1.0))
+            replace_module(model, name, layer)
+            existing[name] = layer
+    for name, layer in existing.items():
+        if name in targets:
+            rank = int(pattern_value(config.rank_pattern, name, config.rank))
+            alpha = pattern_value(config.alpha_pattern, name, config.alpha)
+            spec = SlotSpec(rank, float(alpha), config.dropout, config.use_rslora)
+        else:
+            spec = SlotSpec(0, 1.0)
+        layer.add_slot(spec, config.init)
+    if trainable:
+        set_trainable(model, slot)
+    return InjectionReport(
+        slot=slot,
+        layers=tuple(targets),
+        kinds=tuple(type(m).__name__ for m in targets.values()),
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_params=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def adapter_parameters(model: nn.Module, slot: int | None = None) -> Iterator[nn.Parameter]:
+    """The LoRA parameters of one slot (or of all slots): the one way to find them."""
+    for layer in lora_layers(model).values():
+        slots = range(layer.n_slots) if slot is None else (slot,)
+        for s in slots:
+            yield layer.lora_a[s]
+            yield layer.lora_b[s]
+
+
+def set_trainable(model: nn.Module, *slots: int) -> None:
+    """Freeze every parameter except the LoRA parameters of ``slots``."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for s in slots:
+        for p in adapter_parameters(model, s):
+            p.requires_grad_(p.numel() > 0)
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

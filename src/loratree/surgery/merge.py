@@ -1,0 +1,56 @@
+"""Merge, unmerge, switch and unload: moving adapters in and out of the base weights."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from loratree.surgery.inject import replace_module, lora_layers
+
+__all__ = ["merge", "merge_and_unload", "switch", "unload", "unmerge"]
+
+
+def merge(model: nn.Module, slot: int = 0) -> None:
+    """Fold ``slot`` into every LoRA layer's base weight (W += s B A). Idempotent.
+
+    All-or-nothing: if a layer would get a non-finite weight, the layers merged so far are
+    unmerged and ``NonFiniteError`` names the layer.
+    """
+    done = []
+    try:
+        for layer in lora_layers(model).values():
+            was = layer.merged
+            layer.merge(slot)
+            if was is None:
+                done.append(layer)
+    except Exception:
+        for layer in done:
+            layer.unmerge()
+        raise
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take the merged slot back out of every layer. A no-op when nothing is merged."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def switch(model: nn.Module, slot: int) -> None:
+    """Make ``slot`` the merged adapter, by W += dW_new - dW_old in each layer."""
+    for layer in lora_layers(model).values():
+        layer.switch(slot)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every LoRA layer, restoring the original modules (unmerging first)."""
+    for name, layer in lora_layers(model).items():
+        layer.unmerge()
+        replace_module(model, name, layer.base)
+    return model
+
+
+def merge_and_unload(model: nn.Module, slot: int = 0) -> nn.Module:
+    """Merge ``slot`` for good and return a plain model with the original module types."""
+    merge(model, slot)
+    for name, layer in lora_layers(model).items():
+        replace_module(model, name, layer.base)
+    return model
