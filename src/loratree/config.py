@@ -64,12 +64,7 @@ class LoraConfig:
             problems.append(f"targets must be non-empty strings, got {self.targets!r}")
         if self.init not in ("kaiming", "gaussian"):
             problems.append(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
-        for key, r in self.rank_pattern.items():
-            if not isinstance(r, int) or r < 1:
-                problems.append(f"rank_pattern[{key!r}] must be a positive int, got {r!r}")
-        for key, a in self.alpha_pattern.items():
-            if not _finite_number(a) or a <= 0:
-                problems.append(f"alpha_pattern[{key!r}] must be a positive number, got {a!r}")
+        problems += _pattern_problems(self.rank_pattern, self.alpha_pattern)
         if problems:
             raise ValueError("invalid LoraConfig: " + "; ".join(problems))
 
@@ -83,3 +78,14 @@ class LoraConfig:
 
 def _finite_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _pattern_problems(rank_pattern: dict, alpha_pattern: dict) -> list[str]:
+    problems = []
+    for key, r in rank_pattern.items():
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            problems.append(f"rank_pattern[{key!r}] must be a positive int, got {r!r}")
+    for key, a in alpha_pattern.items():
+        if not _finite_number(a) or a <= 0:
+            problems.append(f"alpha_pattern[{key!r}] must be a positive number, got {a!r}")
+    return problems

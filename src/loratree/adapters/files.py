@@ -36,7 +36,7 @@ from loratree.errors import (
     ShapeMismatchError,
     UnexpectedKeyError,
 )
-from loratree.layers import LoraEmbedding, LoraModule, SlotContext
+from loratree.layers import LoraEmbedding, SlotContext
 from loratree.surgery import adaptable_modules, find_targets, inject, lora_layers
 from loratree.surgery.inject import wrap
 from loratree.surgery.targets import pattern_value

@@ -41,18 +41,7 @@ def read_safetensors(path: str | Path, *, require_finite: bool = True) -> dict[s
         raise CorruptFileError(f"{path.name}: the safetensors header is not JSON") from e
     if not isinstance(header, dict):
         raise CorruptFileError(f"{path.name}: the safetensors header is not a JSON object")
-    data_len = size - 8 - header_len
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
-            raise CorruptFileError(f"{path.name}: tensor {key!r} has no valid data_offsets")
-        if offsets[1] > data_len:
-            raise CorruptFileError(
-                f"{path.name}: tensor {key!r} ends at byte {offsets[1]}, past the data "
-                f"({data_len} bytes); the file is truncated"
-            )
+    _check_offsets(path.name, header, size - 8 - header_len)
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError
@@ -62,3 +51,17 @@ def read_safetensors(path: str | Path, *, require_finite: bool = True) -> dict[s
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise NonFiniteError(f"{path.name}: tensor {key!r} holds NaN or Inf")
     return tensors
+
+
+def _check_offsets(name: str, header: dict, data_len: int) -> None:
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
+            raise CorruptFileError(f"{name}: tensor {key!r} has no valid data_offsets")
+        if offsets[1] > data_len:
+            raise CorruptFileError(
+                f"{name}: tensor {key!r} ends at byte {offsets[1]}, past the data "
+                f"({data_len} bytes); the file is truncated"
+            )

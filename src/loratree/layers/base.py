@@ -36,7 +36,7 @@ class SlotSpec:
 
     def __post_init__(self) -> None:
         if self.rank < 0:
-            raise ValueError(f"rank must be >= 0 (0: the adapter skips this layer), got {self.rank}")
+            raise ValueError(f"rank must be >= 0 (0: the slot skips this layer), got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

@@ -40,7 +40,9 @@ def branch(x: Tensor, a: Tensor, b: Tensor, s: float) -> Tensor:
     return (x @ a.t()) @ b.t() * s
 
 
-def apply(x: Tensor, w: Tensor, a: Tensor, b: Tensor, s: float, bias: Tensor | None = None) -> Tensor:
+def apply(
+    x: Tensor, w: Tensor, a: Tensor, b: Tensor, s: float, bias: Tensor | None = None
+) -> Tensor:
     """A LoRA-adapted linear map.
 
     Semantics: y = x @ W^T + bias + s * (x @ A^T) @ B^T

@@ -9,18 +9,24 @@ from loratree.surgery.inject import (
     set_trainable,
 )
 from loratree.surgery.merge import merge, merge_and_unload, switch, unload, unmerge
+from loratree.surgery.plan import DEFAULT_RANKS, STANDARD_TARGETS, PlanRow, adapter_size, rank_plane
 from loratree.surgery.targets import adaptable_modules, find_targets
 
 __all__ = [
+    "DEFAULT_RANKS",
+    "STANDARD_TARGETS",
     "InjectionReport",
+    "PlanRow",
     "adaptable_modules",
     "adapter_parameters",
+    "adapter_size",
     "context",
     "find_targets",
     "inject",
     "lora_layers",
     "merge",
     "merge_and_unload",
+    "rank_plane",
     "set_trainable",
     "switch",
     "unload",

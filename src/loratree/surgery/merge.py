@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from loratree.surgery.inject import replace_module, lora_layers
+from loratree.surgery.inject import lora_layers, replace_module
 
 __all__ = ["merge", "merge_and_unload", "switch", "unload", "unmerge"]
 

@@ -1,0 +1,1 @@
+"""The ``loratree`` command line: argument parsing and output, over the Python API."""

@@ -1,0 +1,50 @@
+"""``loratree``: the entry point. Each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from loratree.cli import inspect_cmd, merge_cmd
+
+__all__ = ["main"]
+
+_COMMANDS = {"inspect": inspect_cmd, "merge": merge_cmd}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loratree",
+        description="Train, merge, switch and serve many LoRA adapters on one frozen base.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in _COMMANDS.values():
+        module.add_parser(sub)
+    demo = sub.add_parser("demo", help="the end-to-end demo (arrives with training)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    print("loratree demo: training lands with the next issue; coming soon.")
+    print("Meanwhile try: loratree inspect   (the rank plane of the embedded SmolLM2)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"loratree {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

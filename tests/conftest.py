@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny models built in code, and helpers to give adapters nonzero weights."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def randomize_slot(model: torch.nn.Module, slot: int, std: float = 0.1, seed: int = 1) -> None:
+    """Give slot ``slot`` of every LoRA layer nonzero A and B (fresh B is zero)."""
+    from loratree import surgery
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in surgery.lora_layers(model).values():
+            for p in (layer.lora_a[slot], layer.lora_b[slot]):
+                p.copy_(torch.randn(p.shape, generator=g) * std)

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from loratree.ops import slots
+
+
+def _reference(x, a, b, scales, index):
+    """One token at a time: y_t = s[k] B[k] A[k] x_t, 0 for k = -1."""
+    out = torch.zeros(x.shape[0], b[0].shape[0])
+    for t, k in enumerate(index.tolist()):
+        if k >= 0:
+            out[t] = scales[k] * (b[k] @ (a[k] @ x[t]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "index",
+    [[0, 1, -1, 0, 2, 2, 1], [1, 1, 1, 1], [-1, -1, -1], [2, -1, 2, 0], []],
+)
+def test_shrink_expand_match_per_token_loop(index):
+    index = torch.tensor(index, dtype=torch.long)
+    ranks = (2, 5, 3)  # slots of different ranks
+    x = torch.randn(index.numel(), 6)
+    a = [torch.randn(r, 6) for r in ranks]
+    b = [torch.randn(4, r) for r in ranks]
+    scales = [0.5, 2.0, 1.0]
+    seg = slots.segment(index)
+    h = slots.shrink(x, a, seg)
+    y = slots.expand(torch.zeros(index.numel(), 4), h, b, scales, seg)
+    torch.testing.assert_close(y, _reference(x, a, b, scales, index), atol=1e-5, rtol=0)
+
+
+def test_segments_group_tokens_and_flag_uniform():
+    seg = slots.segment(torch.tensor([1, 0, 1, -1, 0]))
+    assert seg.slots == (0, 1) and seg.uniform is None
+    assert seg.bounds == (0, 2, 4)
+    assert sorted(seg.order[:2].tolist()) == [1, 4] and sorted(seg.order[2:].tolist()) == [0, 2]
+    assert slots.segment(torch.tensor([3, 3, 3])).uniform == 3
+    assert slots.segment(torch.tensor([-1, -1])).uniform == -1
+
+
+def test_stacked_slots_equal_listed_slots():
+    index = torch.tensor([0, 1, 1, -1, 0])
+    x = torch.randn(5, 6)
+    a, b = torch.randn(2, 3, 6), torch.randn(2, 4, 3)  # stacked (S, R, in), (S, out, R)
+    seg = slots.segment(index)
+    y_stacked = slots.expand(torch.zeros(5, 4), slots.shrink(x, a, seg), b, [1.0, 1.0], seg)
+    h = slots.shrink(x, list(a), seg)
+    y_listed = slots.expand(torch.zeros(5, 4), h, list(b), [1.0, 1.0], seg)
+    torch.testing.assert_close(y_stacked, y_listed)
+
+
+def test_map_segments_scatters_back_in_token_order():
+    index = torch.tensor([1, -1, 0, 1])
+    x = torch.arange(4.0).unsqueeze(1)
+    out = slots.map_segments(x, slots.segment(index), lambda k, xs: xs * 10 + k)
+    assert out.squeeze(1).tolist() == [1.0, 0.0, 20.0, 31.0]
