@@ -112,9 +112,10 @@ def read_adapter(path: str | Path) -> AdapterFile:
     for module, pair in halves.items():
         for part in ("a", "b"):
             if part not in pair:
+                have = "B" if part == "a" else "A"
                 raise MissingKeyError(
-                    f"{path.name}: {module!r} has lora_{'AB'[part == 'b']} but not "
-                    f"lora_{'AB'[part == 'a']} ({peft_key(module, part, False)!r})"
+                    f"{path.name}: {module!r} has lora_{have} but not lora_{part.upper()} "
+                    f"({peft_key(module, part, False)!r} is missing)"
                 )
         a, b = pair["a"], pair["b"]
         if a.dim() < 2 or b.dim() < 2 or a.shape[0] != b.shape[1]:

@@ -77,6 +77,10 @@ class LoraModule(nn.Module):
         """(rows, x as a stack of independent tokens along dim 0)."""
         return x.shape[0], x
 
+    def add_branch(self, y: Tensor, x: Tensor, slot: int) -> Tensor:
+        """``y + branch(x, slot)``; a subclass may fuse the addition."""
+        return y + self.branch(x, slot).to(y.dtype)
+
     # -- slots --------------------------------------------------------------------------
     @property
     def weight(self) -> Tensor:
@@ -126,7 +130,7 @@ class LoraModule(nn.Module):
             if slot < 0:
                 return y
             self._check_slot(slot)
-            return y + self.branch(x, slot).to(y.dtype)
+            return self.add_branch(y, x, slot)
         if self.merged is not None:
             y = y - self.branch(x, self.merged).to(y.dtype)
         rows, flat = self.tokens(x)
@@ -135,7 +139,7 @@ class LoraModule(nn.Module):
             if seg.uniform < 0:
                 return y
             self._check_slot(seg.uniform)
-            return y + self.branch(x, seg.uniform).to(y.dtype)
+            return self.add_branch(y, x, seg.uniform)
         return y + self.mixed(flat, seg).reshape(y.shape).to(y.dtype)
 
     def mixed(self, flat: Tensor, seg: Segments) -> Tensor:
@@ -193,6 +197,12 @@ class LoraModule(nn.Module):
         diff = self.delta_weight(slot).double() - self.delta_weight(self.merged).double()
         self._commit((w.double() + diff).to(w.dtype), f"switching to slot {slot}")
         self.merged = slot
+
+    def check_finite(self, slot: int) -> None:
+        """Raise ``NonFiniteError`` naming this layer if slot ``slot`` holds NaN or Inf."""
+        for part, t in (("A", self.lora_a[slot]), ("B", self.lora_b[slot])):
+            if not torch.isfinite(t).all():
+                raise NonFiniteError(f"{self.module_name}: lora {part} of slot {slot} is not finite")
 
     def _commit(self, new_weight: Tensor, what: str) -> None:
         if not torch.isfinite(new_weight).all():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from loratree.layers.base import LoraModule
@@ -43,6 +44,14 @@ class LoraLinear(LoraModule):
     def branch(self, x: Tensor, slot: int) -> Tensor:
         a, b = self.lora_a[slot], self.lora_b[slot]
         return lora_ops.branch(self._dropout(x.to(a.dtype), slot), a, b, self.specs[slot].scale)
+
+    def add_branch(self, y: Tensor, x: Tensor, slot: int) -> Tensor:
+        """y + s * (x A^T) B^T, the expand, scale and add fused into one addmm."""
+        a, b = self.lora_a[slot], self.lora_b[slot]
+        h = self._dropout(x.to(a.dtype), slot).reshape(-1, self.in_features) @ a.t()  # (N, r)
+        out = torch.addmm(y.reshape(-1, self.out_features), h.to(y.dtype), b.t().to(y.dtype),
+                          alpha=self.specs[slot].scale)  # (N, out)
+        return out.view(y.shape)
 
     def mixed(self, flat: Tensor, seg: Segments) -> Tensor:
         for slot in seg.slots:

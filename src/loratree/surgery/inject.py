@@ -113,12 +113,16 @@ def inject(
 
 
 def adapter_parameters(model: nn.Module, slot: int | None = None) -> Iterator[nn.Parameter]:
-    """The LoRA parameters of one slot (or of all slots): the one way to find them."""
+    """The LoRA parameters of one slot (or of all slots): the one way to find them.
+
+    Empty slots (rank 0: the adapter does not reach that layer) have none.
+    """
     for layer in lora_layers(model).values():
         slots = range(layer.n_slots) if slot is None else (slot,)
         for s in slots:
-            yield layer.lora_a[s]
-            yield layer.lora_b[s]
+            if layer.specs[s].rank > 0:
+                yield layer.lora_a[s]
+                yield layer.lora_b[s]
 
 
 def set_trainable(model: nn.Module, *slots: int) -> None:
@@ -127,7 +131,7 @@ def set_trainable(model: nn.Module, *slots: int) -> None:
         p.requires_grad_(False)
     for s in slots:
         for p in adapter_parameters(model, s):
-            p.requires_grad_(p.numel() > 0)
+            p.requires_grad_(True)
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -12,9 +12,12 @@ __all__ = ["merge", "merge_and_unload", "switch", "unload", "unmerge"]
 def merge(model: nn.Module, slot: int = 0) -> None:
     """Fold ``slot`` into every LoRA layer's base weight (W += s B A). Idempotent.
 
-    All-or-nothing: if a layer would get a non-finite weight, the layers merged so far are
-    unmerged and ``NonFiniteError`` names the layer.
+    All-or-nothing: every layer's A and B are checked for NaN/Inf before any weight
+    changes, and ``NonFiniteError`` names the layer. Should a sum still overflow, the
+    layers merged so far are unmerged again (back within rounding of the original).
     """
+    for layer in lora_layers(model).values():
+        layer.check_finite(slot)
     done = []
     try:
         for layer in lora_layers(model).values():
@@ -36,6 +39,8 @@ def unmerge(model: nn.Module) -> None:
 
 def switch(model: nn.Module, slot: int) -> None:
     """Make ``slot`` the merged adapter, by W += dW_new - dW_old in each layer."""
+    for layer in lora_layers(model).values():
+        layer.check_finite(slot)
     for layer in lora_layers(model).values():
         layer.switch(slot)
 

@@ -1,0 +1,73 @@
+"""The CLI does what the Python API does: run it as a user would, in a subprocess."""
+
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from loratree import surgery
+from loratree.adapters import save_adapter
+from loratree.config import LoraConfig
+from loratree.models.tiny import tiny_llama
+from tests.conftest import randomize_slot
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "loratree.cli.main", *args],
+        capture_output=True, text=True, timeout=300, cwd=cwd,
+    )
+
+
+def _tiny_dir(tmp_path):
+    path = tmp_path / "base"
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+def test_inspect_prints_layers_and_the_rank_plane(tmp_path):
+    out = _cli("inspect", str(_tiny_dir(tmp_path)), "--targets", "q_proj,v_proj",
+               "--ranks", "1,8", "--plot", str(tmp_path / "plane.png"))
+    assert out.returncode == 0, out.stderr
+    model = tiny_llama()
+    _, params, _ = surgery.adapter_size(model, ("q_proj", "v_proj"), 8)
+    assert f"{params:,}" in out.stdout
+    assert "q_proj" in out.stdout and "all-linear" in out.stdout
+    assert (tmp_path / "plane.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_adapter_size_counts_match_an_injected_adapter():
+    model = tiny_llama()
+    layers, params, _ = surgery.adapter_size(model, ("all-linear",), 4)
+    report = surgery.inject(model, LoraConfig(rank=4, targets=("all-linear",)))
+    assert (layers, params) == (len(report.layers), report.trainable_params)
+
+
+def test_adapter_size_predicts_the_saved_file_size(tmp_path):
+    model = tiny_llama()
+    _, _, size = surgery.adapter_size(model, ("q_proj", "v_proj"), 4)
+    surgery.inject(model, LoraConfig(rank=4, targets=("q_proj", "v_proj")))
+    saved = save_adapter(model, tmp_path / "a") / "adapter_model.safetensors"
+    assert abs(saved.stat().st_size - size) <= 64
+
+
+def test_merge_writes_a_model_plain_transformers_loads(tmp_path):
+    base_dir = _tiny_dir(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    surgery.inject(model, LoraConfig(rank=4, targets=("all-linear",)))
+    randomize_slot(model, 0)
+    save_adapter(model, tmp_path / "adapter")
+    ids = torch.randint(0, 128, (2, 7))
+    expected = model(ids).logits
+    out = _cli("merge", str(base_dir), str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    assert out.returncode == 0, out.stderr
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_cli_errors_are_clear_and_not_tracebacks(tmp_path):
+    out = _cli("merge", str(_tiny_dir(tmp_path)), str(tmp_path / "missing"), str(tmp_path / "o"))
+    assert out.returncode == 2
+    assert "error" in out.stderr and "Traceback" not in out.stderr
