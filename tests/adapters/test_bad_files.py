@@ -6,7 +6,6 @@ import struct
 
 import pytest
 import torch
-from loratree.models.tiny import tiny_llama
 from safetensors.torch import load_file, save_file
 
 from loratree import surgery
@@ -22,6 +21,7 @@ from loratree.errors import (
     UnexpectedKeyError,
     UnsafeFormatError,
 )
+from loratree.models.tiny import tiny_llama
 from tests.conftest import randomize_slot
 
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"

@@ -5,11 +5,11 @@ import copy
 import peft
 import pytest
 import torch
-from loratree.models.tiny import tiny_convnet, tiny_gpt2, tiny_llama
 
 from loratree import surgery
 from loratree.adapters import load_adapter, save_adapter
 from loratree.config import LoraConfig
+from loratree.models.tiny import tiny_convnet, tiny_gpt2, tiny_llama
 from tests.conftest import randomize_slot
 
 CASES = {

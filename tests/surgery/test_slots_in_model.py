@@ -1,10 +1,10 @@
 """Per-row slots through a whole model, forward and backward."""
 
 import torch
-from loratree.models.tiny import tiny_llama
 
 from loratree import surgery
 from loratree.config import LoraConfig
+from loratree.models.tiny import tiny_llama
 from tests.conftest import randomize_slot
 
 ROW_SLOTS = [0, 1, -1, 0, 1]

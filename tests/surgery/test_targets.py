@@ -1,10 +1,10 @@
 import pytest
 import torch
-from loratree.models.tiny import tiny_convnet, tiny_gpt2, tiny_llama
 
 from loratree import surgery
 from loratree.config import LoraConfig
 from loratree.errors import TargetError
+from loratree.models.tiny import tiny_convnet, tiny_gpt2, tiny_llama
 
 
 def _names(model, *targets, exclude=()):

@@ -202,7 +202,9 @@ class LoraModule(nn.Module):
         """Raise ``NonFiniteError`` naming this layer if slot ``slot`` holds NaN or Inf."""
         for part, t in (("A", self.lora_a[slot]), ("B", self.lora_b[slot])):
             if not torch.isfinite(t).all():
-                raise NonFiniteError(f"{self.module_name}: lora {part} of slot {slot} is not finite")
+                raise NonFiniteError(
+                    f"{self.module_name}: lora {part} of slot {slot} is not finite"
+                )
 
     def _commit(self, new_weight: Tensor, what: str) -> None:
         if not torch.isfinite(new_weight).all():
