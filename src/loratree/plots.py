@@ -7,7 +7,7 @@ from pathlib import Path
 
 from loratree.surgery.plan import PlanRow
 
-__all__ = ["plot_rank_plane"]
+__all__ = ["plot_losses", "plot_rank_plane"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,4 +41,39 @@ def plot_rank_plane(rows: list[PlanRow], path: str | Path, title: str = "") -> P
     fig.savefig(path, dpi=120)
     plt.close(fig)
     logger.info("wrote %s", path)
+    return path
+
+
+def plot_losses(metrics_path: str | Path, path: str | Path) -> Path | None:
+    """Train and eval loss per step from ``metrics.jsonl``; None if there is nothing to plot."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = []
+    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path

@@ -6,11 +6,16 @@ import argparse
 import logging
 import sys
 
-from loratree.cli import inspect_cmd, merge_cmd
+from loratree.cli import demo_cmd, inspect_cmd, merge_cmd, train_cmd
 
 __all__ = ["main"]
 
-_COMMANDS = {"inspect": inspect_cmd, "merge": merge_cmd}
+_COMMANDS = {
+    "demo": demo_cmd,
+    "inspect": inspect_cmd,
+    "merge": merge_cmd,
+    "train": train_cmd,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,15 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in _COMMANDS.values():
         module.add_parser(sub)
-    demo = sub.add_parser("demo", help="the end-to-end demo (arrives with training)")
-    demo.set_defaults(run=_demo)
     return parser
-
-
-def _demo(args: argparse.Namespace) -> int:
-    print("loratree demo: training lands with the next issue; coming soon.")
-    print("Meanwhile try: loratree inspect   (the rank plane of the embedded SmolLM2)")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,14 @@ import torch
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-__all__ = ["TinyConvNet", "random_tokens", "tiny_convnet", "tiny_gpt2", "tiny_llama"]
+__all__ = [
+    "TinyConvNet",
+    "random_tokens",
+    "tiny_convnet",
+    "tiny_gpt2",
+    "tiny_llama",
+    "tiny_tokenizer",
+]
 
 
 def tiny_llama(
@@ -102,3 +109,22 @@ def random_tokens(vocab: int, batch: int, seq: int, seed: int = 0) -> Tensor:
     """Uniform random token ids ``(batch, seq)`` (int64) from a private generator."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=generator)
+
+
+def tiny_tokenizer(vocab: int = 128):
+    """A word-level tokenizer for tiny models: ``"w5 w7"`` -> ``[5, 7]``, ids below ``vocab``.
+
+    It has no chat template, so training uses loratree's built-in one; its role markers
+    are added as special tokens (ids ``vocab - 3 .. vocab - 1``).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab - 3)}}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(["<|system|>", "<|user|>", "<|assistant|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="</s>",
+    )

@@ -1,0 +1,116 @@
+"""The training configuration: a frozen dataclass, loadable from TOML, overridable by flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from loratree.config import LoraConfig
+
+__all__ = ["TrainConfig"]
+
+Method = Literal["lora", "full"]
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs. Paths are strings so the config stays JSON."""
+
+    data: str = ""
+    """Training JSONL: {"prompt", "completion"} or {"messages": [...]} per line."""
+    out: str = "adapters/run"
+    """Output directory: the adapter, checkpoints/, metrics.jsonl and loss.png."""
+    eval_data: str | None = None
+    """Held-out JSONL for eval loss and exact match."""
+    model: str | None = None
+    """HF directory or .gguf file; None for the embedded SmolLM2."""
+    method: Method = "lora"
+    """"lora", or "full" fine-tuning (every weight trainable: the far corner of the plane)."""
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("all-linear",)
+    use_rslora: bool = False
+    max_length: int = 256
+    """Examples longer than this many tokens are truncated (and counted)."""
+    batch_size: int = 8
+    """Examples per optimizer step (the global batch, over accumulation and processes)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_steps: int = 100
+    clip_norm: float = 1.0
+    """Clip the gradient norm to this; 0 disables clipping."""
+    precision: Precision = "fp32"
+    seed: int = 0
+    group_by_length: bool = False
+    skip_bad_rows: bool = False
+    eval_every: int = 50
+    save_every: int = 50
+    keep_last: int = 2
+    eval_examples: int = 64
+    """How many held-out examples to generate for exact match (0: eval loss only)."""
+    max_new_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        problems = _number_problems(self)
+        if self.method not in ("lora", "full"):
+            problems.append(f"method must be 'lora' or 'full', got {self.method!r}")
+        if self.precision not in ("fp32", "bf16"):
+            problems.append(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if not problems and self.batch_size % self.grad_accum:
+            problems.append(
+                f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}"
+            )
+        if not self.data:
+            problems.append("data: a training JSONL file is required")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    def lora(self) -> LoraConfig:
+        return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                          targets=self.targets, use_rslora=self.use_rslora)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Read a TOML file (top-level keys, or a [train] table), then apply overrides."""
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+        raw = raw.get("train", raw)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown setting(s) {unknown}")
+        return cls(**{**raw, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def _number_problems(c: TrainConfig) -> list[str]:
+    problems = []
+    positive = ("rank", "max_length", "batch_size", "grad_accum", "max_steps",
+                "eval_every", "save_every", "keep_last", "max_new_tokens")
+    for name in positive:
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{name} must be a positive int, got {value!r}")
+    for name in ("warmup_steps", "eval_examples"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or value < 0:
+            problems.append(f"{name} must be an int >= 0, got {value!r}")
+    for name, least in (("lr", 0), ("alpha", 0), ("weight_decay", None), ("clip_norm", None)):
+        value = getattr(c, name)
+        number = isinstance(value, int | float) and math.isfinite(value)
+        if not number or value < 0 or (least is not None and value <= least):
+            kind = "a positive" if least is not None else "a non-negative"
+            problems.append(f"{name} must be {kind} number, got {value!r}")
+    return problems

@@ -1,0 +1,72 @@
+"""Held-out evaluation: token loss, and exact match of greedy generations."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from loratree.train.chat import Conversation, Example, encode_prompt, prompt_messages, reference
+from loratree.train.data import collate
+from loratree.train.steps import label_tokens, loss_sum
+
+__all__ = ["eval_loss", "exact_match", "generate"]
+
+
+@torch.no_grad()
+def eval_loss(
+    model: nn.Module, examples: Sequence[Example], *, batch_size: int, pad_id: int,
+    device: torch.device, precision: str = "fp32",
+) -> float:
+    """Mean next-token loss over every labelled token of ``examples``."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        total += loss_sum(model, batch, precision).item()
+    model.train(was_training)
+    return total / max(label_tokens(examples), 1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, tokenizer, conversations: Sequence[Conversation], *,
+    max_new_tokens: int, batch_size: int = 16, device: torch.device | None = None,
+) -> list[str]:
+    """Greedy completions of each conversation's prompt (its turns before the last answer)."""
+    device = device or next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    for i in range(0, len(conversations), batch_size):
+        prompts = [encode_prompt(prompt_messages(c), tokenizer)
+                   for c in conversations[i : i + batch_size]]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):  # left padding, so every prompt ends at the edge
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+            max_new_tokens=max_new_tokens, pad_token_id=pad,
+        )
+        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    model.train(was_training)
+    return [a.strip() for a in answers]
+
+
+def exact_match(
+    model: nn.Module, tokenizer, conversations: Sequence[Conversation], *, max_new_tokens: int,
+    device: torch.device | None = None,
+) -> tuple[float, list[tuple[str, str]]]:
+    """Fraction of greedy answers equal to the reference (whitespace-stripped), and the
+    (answer, reference) pairs."""
+    answers = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
+                       device=device)
+    refs = [reference(c).strip() for c in conversations]
+    hits = sum(a == r for a, r in zip(answers, refs, strict=True))
+    return hits / max(len(refs), 1), list(zip(answers, refs, strict=True))

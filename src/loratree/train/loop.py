@@ -1,0 +1,256 @@
+"""Training, read top-down: ``setup`` builds a run, ``fit`` trains it, ``save`` writes it.
+
+``train(config)`` is all three. A run trains one LoRA adapter (slot 0) or, with
+``method="full"``, every weight. It is deterministic for a seed, checkpoints atomically
+every ``save_every`` steps and on SIGTERM/SIGINT, resumes exactly, and stops with an error
+naming the step if the loss or a gradient goes non-finite. Under ``torchrun`` each process
+takes every world-th example of each batch and rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from loratree import surgery
+from loratree.adapters import save_adapter
+from loratree.models import load_base, save_model
+from loratree.train import checkpoint as ckpt
+from loratree.train import distributed
+from loratree.train.chat import Encoded, encode
+from loratree.train.config import TrainConfig
+from loratree.train.data import RowSet, batch_order, pad_token_id, read_jsonl
+from loratree.train.evaluate import eval_loss, exact_match
+from loratree.train.metrics import MetricsLog
+from loratree.train.steps import label_tokens, optimizer_step
+
+__all__ = ["Run", "TrainResult", "fit", "save", "setup", "train"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything ``fit`` needs, built by ``setup``."""
+
+    config: TrainConfig
+    model: nn.Module
+    tokenizer: object
+    train_data: Encoded
+    eval_rows: RowSet | None
+    eval_data: Encoded | None
+    params: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    dist: distributed.Dist
+    out: Path
+    metrics: MetricsLog
+    stop_signal: list[int] = field(default_factory=list)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    train_loss: float
+    eval: dict[str, float]
+    out: Path
+    interrupted: bool = False
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
+          model: nn.Module | None = None, tokenizer: object | None = None) -> TrainResult:
+    """Set up, fit and save one run."""
+    run = setup(config, model=model, tokenizer=tokenizer)
+    try:
+        result = fit(run, resume=resume, progress=progress)
+        if not result.interrupted:
+            save(run)
+        return result
+    finally:
+        distributed.shutdown(run.dist)
+
+
+def setup(config: TrainConfig, *, model: nn.Module | None = None,
+          tokenizer: object | None = None) -> Run:
+    """Load the base and data, add the adapter, and build the optimizer and schedule."""
+    d = distributed.init()
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    if model is None:
+        model, tokenizer = load_base(config.model)
+    if tokenizer is None:
+        raise ValueError("training needs a tokenizer; the model directory has none")
+    rows = read_jsonl(config.data, skip_bad_rows=config.skip_bad_rows)
+    train_data = encode(rows, tokenizer, config.max_length)
+    eval_rows = (read_jsonl(config.eval_data, skip_bad_rows=config.skip_bad_rows)
+                 if config.eval_data else None)
+    eval_data = encode(eval_rows, tokenizer, config.max_length) if eval_rows else None
+    if config.method == "lora":
+        report = surgery.inject(model, config.lora())
+        logger.info("%s", report)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model.to(d.device).train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    out = Path(config.out)
+    return Run(config, model, tokenizer, train_data, eval_rows, eval_data, params, optimizer,
+               scheduler, d, out, MetricsLog(out / "metrics.jsonl", enabled=d.main))
+
+
+def fit(run: Run, *, resume: bool = False, progress: bool = True,
+        on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train to ``max_steps``, evaluating and checkpointing on the way.
+
+    ``on_step(step, loss)`` is called after each step is logged and checkpointed.
+    """
+    c, d = run.config, run.dist
+    position = ckpt.Position(0, 0, 0)
+    if resume and (latest := ckpt.latest_checkpoint(run.checkpoints)) is not None:
+        position = ckpt.load_checkpoint(latest, run.params, run.optimizer, run.scheduler)
+        run.metrics.truncate_after(position.step)
+        logger.info("resumed from %s at step %d", latest.name, position.step)
+    module = _maybe_ddp(run)
+    pad = pad_token_id(run.tokenizer)
+    restore = _catch_signals(run.stop_signal)
+    bar = tqdm(total=c.max_steps, initial=position.step, disable=not (progress and d.main),
+               desc="train", unit="step")
+    loss, started, tokens_done, evals = math.nan, time.perf_counter(), 0, {}
+    try:
+        while position.step < c.max_steps:
+            position, examples = _next_batch(run, position)
+            total_tokens = label_tokens(examples)
+            mine = examples[d.rank :: d.world]
+            local = optimizer_step(
+                module, mine, step=position.step + 1, total_tokens=total_tokens, world=d.world,
+                grad_accum=c.grad_accum, pad_id=pad, device=d.device, precision=c.precision,
+                params=list(run.params.values()), optimizer=run.optimizer, clip_norm=c.clip_norm,
+            )
+            run.scheduler.step()
+            loss = d.all_sum(local) / max(total_tokens, 1)
+            position = ckpt.Position(position.step + 1, position.epoch, position.batch + 1)
+            tokens_done += sum(len(e) for e in examples)
+            rate = tokens_done / max(time.perf_counter() - started, 1e-9)
+            run.metrics.write(step=position.step, loss=loss, lr=run.scheduler.get_last_lr()[0],
+                              tokens_per_s=rate)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
+            bar.update(1)
+            last = position.step == c.max_steps
+            if run.eval_data is not None and (position.step % c.eval_every == 0 or last):
+                evals = evaluate(run, position.step)
+            if position.step % c.save_every == 0 or last or run.stop_signal:
+                _checkpoint(run, position)
+            if on_step is not None:
+                on_step(position.step, loss)
+            if run.stop_signal and not last:
+                logger.warning("signal %d: checkpointed at step %d; resume with --resume",
+                               run.stop_signal[0], position.step)
+                return TrainResult(position.step, loss, {}, run.out, interrupted=True)
+    finally:
+        bar.close()
+        restore()
+    return TrainResult(position.step, loss, evals, run.out)
+
+
+def evaluate(run: Run, step: int | None) -> dict[str, float]:
+    """Eval loss and (when ``eval_examples`` > 0) exact match on the held-out rows."""
+    if not run.dist.main or run.eval_data is None:
+        return {}
+    c = run.config
+    model = run.model
+    result = {"eval_loss": eval_loss(model, run.eval_data.examples, batch_size=c.batch_size,
+                                     pad_id=pad_token_id(run.tokenizer), device=run.dist.device,
+                                     precision=c.precision)}
+    if c.eval_examples and run.eval_rows is not None:
+        rows = run.eval_rows.rows[: c.eval_examples]
+        result["exact_match"], _ = exact_match(model, run.tokenizer, rows,
+                                               max_new_tokens=c.max_new_tokens,
+                                               device=run.dist.device)
+    if step is not None:
+        run.metrics.write(step=step, **result)
+    return result
+
+
+def save(run: Run) -> Path:
+    """Write the trained adapter (PEFT format) into ``out``, or the full model into
+    ``out/model``, and the loss plot; rank 0 only."""
+    if not run.dist.main:
+        return run.out
+    if run.config.method == "lora":
+        save_adapter(run.model, run.out, 0, base_model=run.config.model)
+    else:
+        save_model(run.model, run.tokenizer, run.out / "model")
+    from loratree.plots import plot_losses
+
+    plot_losses(run.metrics.path, run.out / "loss.png")
+    return run.out
+
+
+def _next_batch(run: Run, position: ckpt.Position) -> tuple[ckpt.Position, list]:
+    c = run.config
+    order = batch_order(len(run.train_data), c.batch_size, seed=c.seed, epoch=position.epoch,
+                        group_by_length=c.group_by_length, lengths=run.train_data.lengths)
+    if position.batch >= len(order):
+        position = ckpt.Position(position.step, position.epoch + 1, 0)
+        order = batch_order(len(run.train_data), c.batch_size, seed=c.seed,
+                            epoch=position.epoch, group_by_length=c.group_by_length,
+                            lengths=run.train_data.lengths)
+    return position, [run.train_data.examples[i] for i in order[position.batch]]
+
+
+def _checkpoint(run: Run, position: ckpt.Position) -> None:
+    if not run.dist.main:
+        return
+    write = ((lambda p: save_adapter(run.model, p, 0, base_model=run.config.model))
+             if run.config.method == "lora" else None)
+    ckpt.save_checkpoint(run.checkpoints, position, dict(run.params), run.optimizer,
+                         run.scheduler, keep_last=run.config.keep_last, write_adapter=write)
+
+
+def _schedule(c: TrainConfig):
+    def lr_factor(step: int) -> float:
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        progress = (step - c.warmup_steps) / max(c.max_steps - c.warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return lr_factor
+
+
+def _maybe_ddp(run: Run) -> nn.Module:
+    if run.dist.world == 1:
+        return run.model
+    ids = [run.dist.device.index] if run.dist.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
+
+
+def _catch_signals(flag: list[int]):
+    """On SIGTERM/SIGINT, note the signal; the loop checkpoints after the current step."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: flag.append(signum))
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return restore

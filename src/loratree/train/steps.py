@@ -1,0 +1,96 @@
+"""One optimizer step: token-weighted loss over micro-batches and processes, guarded."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from loratree.errors import NonFiniteError
+from loratree.train.chat import IGNORE_INDEX, Example
+from loratree.train.data import collate
+
+__all__ = ["autocast", "label_tokens", "loss_sum", "optimizer_step"]
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked for, else nothing (fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def label_tokens(examples: Sequence[Example]) -> int:
+    """Tokens that carry a loss: labels past the first position that are not ignored."""
+    return sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples)
+
+
+def loss_sum(model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
+    """Summed next-token cross-entropy over the labelled tokens of a batch (fp32)."""
+    device = batch["input_ids"].device
+    with autocast(device, precision):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+    labels = batch["labels"][:, 1:]
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+
+
+def optimizer_step(
+    model: nn.Module,
+    examples: Sequence[Example],
+    *,
+    step: int,
+    total_tokens: int,
+    world: int,
+    grad_accum: int,
+    pad_id: int,
+    device: torch.device,
+    precision: str,
+    params: Sequence[Tensor],
+    optimizer: torch.optim.Optimizer,
+    clip_norm: float,
+) -> float:
+    """Forward and backward this process's examples in ``grad_accum`` micro-batches, then
+    check, clip and apply the gradient. Returns this process's summed token loss.
+
+    Each micro-batch's summed loss is divided by the token count of the whole global batch
+    (times ``world``, since DDP averages gradients over processes), so the step's gradient
+    is the mean over every labelled token, however the batch is split.
+
+    Raises ``NonFiniteError`` naming ``step`` if the loss or a gradient is NaN or Inf; the
+    parameters are then unchanged.
+    """
+    size = math.ceil(len(examples) / grad_accum)
+    chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
+    total = 0.0
+    for i, chunk in enumerate(chunks):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        sync = i == len(chunks) - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            s = loss_sum(model, batch, precision)
+            (s * (world / max(total_tokens, 1))).backward()
+        total += s.item()
+    if not math.isfinite(total):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"step {step}: the loss is not finite ({total})")
+    norm = _grad_norm(params, clip_norm)
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"step {step}: a gradient is not finite (norm {norm})")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _grad_norm(params: Sequence[Tensor], clip_norm: float) -> float:
+    grads = [p for p in params if p.grad is not None]
+    if clip_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(grads, clip_norm))
+    return float(torch.linalg.vector_norm(torch.stack([g.grad.norm() for g in grads])))

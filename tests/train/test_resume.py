@@ -1,0 +1,79 @@
+"""Crash safety: SIGKILL anywhere, resume, and get exactly the uninterrupted run."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loratree.adapters.safetensors_io import read_safetensors
+from loratree.train import checkpoint as ckpt
+from loratree.train.metrics import read_metrics
+
+
+def _driver(out, *args, check=True):
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.train.driver", str(out), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+def _losses(out):
+    by_step = {}
+    for r in read_metrics(out / "metrics.jsonl"):
+        if "loss" in r:
+            by_step[r["step"]] = r["loss"]
+    return by_step
+
+
+def test_killed_three_times_then_resumed_equals_uninterrupted(tmp_path):
+    straight = tmp_path / "a" / "out"
+    _driver(straight)
+    broken = tmp_path / "b" / "out"
+    killed = _driver(broken, "--kill-after", 4, check=False)
+    assert killed.returncode == -9
+    killed = _driver(broken, "--resume", "--kill-in-checkpoint", 6, check=False)
+    assert killed.returncode == -9
+    partial = list((broken / "checkpoints").glob(".step-00000006*.tmp"))
+    assert partial, "the kill should have left a partial checkpoint behind"
+    assert ckpt.latest_checkpoint(broken / "checkpoints").name == "step-00000003"
+    killed = _driver(broken, "--resume", "--kill-after", 10, check=False)
+    assert killed.returncode == -9
+    _driver(broken, "--resume")
+    want, got = _losses(straight), _losses(broken)
+    assert sorted(got) == list(range(1, 13))
+    assert got == want  # exact, per step
+    a = read_safetensors(straight / "adapter_model.safetensors")
+    b = read_safetensors(broken / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((broken / "checkpoints").glob(".*.tmp"))  # cleaned up by later saves
+
+
+def test_nan_stops_at_a_named_step_and_last_checkpoint_is_good(tmp_path):
+    out = tmp_path / "out"
+    proc = _driver(out, "--nan-at", 5, check=False)
+    assert proc.returncode != 0
+    assert "NonFiniteError" in proc.stderr and "step 5" in proc.stderr
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    assert latest is not None and latest.name == "step-00000003"
+    for name in ("trainable.safetensors", "optimizer.safetensors"):
+        tensors = read_safetensors(latest / name)  # raises on NaN/Inf
+        assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    resumed = _driver(out, "--resume")
+    assert '"steps": 12' in resumed.stdout
+
+
+@pytest.mark.parametrize("accum", [2])
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, accum):
+    one = tmp_path / "one" / "out"
+    two = tmp_path / "two" / "out"
+    _driver(one, "--steps", 4, "--dropout", 0)
+    _driver(two, "--steps", 4, "--accum", accum, "--dropout", 0)
+    a, b = _losses(one), _losses(two)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
