@@ -71,3 +71,27 @@ def test_cli_errors_are_clear_and_not_tracebacks(tmp_path):
     out = _cli("merge", str(_tiny_dir(tmp_path)), str(tmp_path / "missing"), str(tmp_path / "o"))
     assert out.returncode == 2
     assert "error" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_train_command_end_to_end_and_bad_rows(tmp_path):
+    from loratree.models.tiny import tiny_tokenizer
+    from tests.train.driver import write_data
+
+    base = tmp_path / "base"
+    tiny_llama(vocab=64).save_pretrained(base)
+    tiny_tokenizer(64).save_pretrained(base)
+    train, held_out = write_data(tmp_path / "data")
+    out = tmp_path / "adapter"
+    common = ["--model", str(base), "--eval", str(held_out), "--out", str(out),
+              "--max-steps", "3", "--batch-size", "4", "--rank", "2", "--eval-examples", "2",
+              "--max-new-tokens", "4"]
+    done = _cli("train", "--data", str(train), *common)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trained 3 steps" in done.stdout
+    assert (out / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(train.read_text().splitlines()[0] + '\n{"prompt": "w5"}\n')
+    failed = _cli("train", "--data", str(bad), *common)
+    assert failed.returncode == 2 and "bad.jsonl:2" in failed.stderr
+    skipped = _cli("train", "--data", str(bad), "--skip-bad-rows", *common)
+    assert skipped.returncode == 0, skipped.stderr[-2000:]

@@ -1,0 +1,36 @@
+import pytest
+
+from loratree.cli.main import build_parser
+from loratree.cli.train_cmd import config_from_args
+from loratree.train import TrainConfig
+
+
+def test_invalid_values_are_all_named_at_once():
+    with pytest.raises(ValueError) as info:
+        TrainConfig(data="x.jsonl", rank=0, lr=-1.0, precision="fp8")
+    for name in ("rank", "lr", "precision"):
+        assert name in str(info.value)
+
+
+def test_toml_then_flags_override(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[train]\ndata = "a.jsonl"\nrank = 4\ntargets = ["q_proj", "v_proj"]\n')
+    args = build_parser().parse_args(
+        ["train", "--config", str(toml), "--rank", "16", "--eval", "b.jsonl", "--rslora"]
+    )
+    config = config_from_args(args)
+    assert config == TrainConfig(data="a.jsonl", rank=16, targets=("q_proj", "v_proj"),
+                                 eval_data="b.jsonl", use_rslora=True)
+
+
+def test_unknown_toml_key_is_named(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('data = "a.jsonl"\nrnak = 4\n')
+    with pytest.raises(ValueError, match="rnak"):
+        TrainConfig.from_toml(toml)
+
+
+def test_config_is_json_serializable():
+    import json
+
+    assert json.loads(json.dumps(TrainConfig(data="a.jsonl").to_dict()))["rank"] == 8
