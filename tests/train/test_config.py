@@ -34,3 +34,18 @@ def test_config_is_json_serializable():
     import json
 
     assert json.loads(json.dumps(TrainConfig(data="a.jsonl").to_dict()))["rank"] == 8
+
+
+def test_python_api_trains_from_records(tmp_path):
+    from loratree.models.tiny import tiny_llama, tiny_tokenizer
+    from loratree.train import train
+
+    records = [{"prompt": "w5 w6", "completion": "w6 w5"}, {"prompt": "w7", "completion": "w7"}]
+    result = train(TrainConfig(out=str(tmp_path / "a"), max_steps=2, batch_size=2, rank=2),
+                   model=tiny_llama(vocab=64), tokenizer=tiny_tokenizer(64), rows=records,
+                   eval_rows=records, progress=False)
+    assert result.steps == 2 and "eval_loss" in result.eval
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    with pytest.raises(ValueError, match="no training data"):
+        train(TrainConfig(out=str(tmp_path / "b")), model=tiny_llama(vocab=64),
+              tokenizer=tiny_tokenizer(64))

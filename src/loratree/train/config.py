@@ -70,8 +70,6 @@ class TrainConfig:
             problems.append(
                 f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}"
             )
-        if not self.data:
-            problems.append("data: a training JSONL file is required")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 

@@ -14,7 +14,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from loratree.train import checkpoint as ckpt
 from loratree.train import distributed
 from loratree.train.chat import Encoded, encode
 from loratree.train.config import TrainConfig
-from loratree.train.data import RowSet, batch_order, pad_token_id, read_jsonl
+from loratree.train.data import RowSet, batch_order, from_records, pad_token_id, read_jsonl
 from loratree.train.evaluate import eval_loss, exact_match
 from loratree.train.metrics import MetricsLog
 from loratree.train.steps import label_tokens, optimizer_step
@@ -72,9 +72,16 @@ class TrainResult:
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
-          model: nn.Module | None = None, tokenizer: object | None = None) -> TrainResult:
-    """Set up, fit and save one run."""
-    run = setup(config, model=model, tokenizer=tokenizer)
+          model: nn.Module | None = None, tokenizer: object | None = None,
+          rows: Iterable[Mapping] | RowSet | None = None,
+          eval_rows: Iterable[Mapping] | RowSet | None = None) -> TrainResult:
+    """Set up, fit and save one run.
+
+    ``rows`` / ``eval_rows`` take records in place of ``config.data`` / ``config.eval_data``:
+    a Hugging Face ``datasets`` object or any iterable of {"prompt", "completion"} or
+    {"messages"} dicts.
+    """
+    run = setup(config, model=model, tokenizer=tokenizer, rows=rows, eval_rows=eval_rows)
     try:
         result = fit(run, resume=resume, progress=progress)
         if not result.interrupted:
@@ -85,7 +92,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
 
 
 def setup(config: TrainConfig, *, model: nn.Module | None = None,
-          tokenizer: object | None = None) -> Run:
+          tokenizer: object | None = None, rows: Iterable[Mapping] | RowSet | None = None,
+          eval_rows: Iterable[Mapping] | RowSet | None = None) -> Run:
     """Load the base and data, add the adapter, and build the optimizer and schedule."""
     d = distributed.init()
     random.seed(config.seed)
@@ -94,10 +102,11 @@ def setup(config: TrainConfig, *, model: nn.Module | None = None,
         model, tokenizer = load_base(config.model)
     if tokenizer is None:
         raise ValueError("training needs a tokenizer; the model directory has none")
-    rows = read_jsonl(config.data, skip_bad_rows=config.skip_bad_rows)
+    rows = _rows(rows, config.data, config.skip_bad_rows)
+    if rows is None:
+        raise ValueError("no training data: give data (a JSONL file) or rows")
     train_data = encode(rows, tokenizer, config.max_length)
-    eval_rows = (read_jsonl(config.eval_data, skip_bad_rows=config.skip_bad_rows)
-                 if config.eval_data else None)
+    eval_rows = _rows(eval_rows, config.eval_data, config.skip_bad_rows)
     eval_data = encode(eval_rows, tokenizer, config.max_length) if eval_rows else None
     if config.method == "lora":
         report = surgery.inject(model, config.lora())
@@ -201,6 +210,14 @@ def save(run: Run) -> Path:
 
     plot_losses(run.metrics.path, run.out / "loss.png")
     return run.out
+
+
+def _rows(given: Iterable[Mapping] | RowSet | None, path: str | None,
+          skip_bad_rows: bool) -> RowSet | None:
+    if given is not None:
+        return given if isinstance(given, RowSet) else from_records(
+            given, skip_bad_rows=skip_bad_rows)
+    return read_jsonl(path, skip_bad_rows=skip_bad_rows) if path else None
 
 
 def _next_batch(run: Run, position: ckpt.Position) -> tuple[ckpt.Position, list]:
