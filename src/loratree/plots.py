@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from loratree.adapters.atomic import atomic_write
 from loratree.surgery.plan import PlanRow
 
 __all__ = ["plot_losses", "plot_rank_plane"]
@@ -38,7 +39,7 @@ def plot_rank_plane(rows: list[PlanRow], path: str | Path, title: str = "") -> P
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     logger.info("wrote %s", path)
     return path
@@ -74,6 +75,6 @@ def plot_losses(metrics_path: str | Path, path: str | Path) -> Path | None:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
