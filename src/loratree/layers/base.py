@@ -69,10 +69,6 @@ class LoraModule(nn.Module):
         """The LoRA output of ``slot`` for input ``x`` (any leading shape the layer takes)."""
         raise NotImplementedError
 
-    def delta_weight(self, slot: int) -> Tensor:
-        """``scale * B @ A`` of ``slot`` in the base weight's layout (fp32 or wider)."""
-        raise NotImplementedError
-
     def tokens(self, x: Tensor) -> tuple[int, Tensor]:
         """(rows, x as a stack of independent tokens along dim 0)."""
         return x.shape[0], x
@@ -161,7 +157,7 @@ class LoraModule(nn.Module):
     # -- merge ----------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, slot: int) -> None:
-        """Fold ``slot`` into the base weight. Idempotent; refuses non-finite results."""
+        """Fold ``slot`` into the base weight. Idempotent; refuses non-finite updates."""
         if self.merged == slot:
             return
         if self.merged is not None:
@@ -169,9 +165,7 @@ class LoraModule(nn.Module):
                 f"{self.module_name}: slot {self.merged} is merged; unmerge or switch first"
             )
         self._check_slot(slot)
-        w = self.weight
-        merged = (w.to(torch.float32) + self.delta_weight(slot)).to(w.dtype)
-        self._commit(merged, f"merging slot {slot}")
+        self._add(self.delta_weight(slot), f"merging slot {slot}")
         self.merged = slot
 
     @torch.no_grad()
@@ -179,24 +173,47 @@ class LoraModule(nn.Module):
         """Take the merged slot back out of the base weight. No-op when none is merged."""
         if self.merged is None:
             return
-        w = self.weight
-        restored = (w.to(torch.float32) - self.delta_weight(self.merged)).to(w.dtype)
-        self._commit(restored, f"unmerging slot {self.merged}")
+        self._add(self.delta_weight(self.merged), f"unmerging slot {self.merged}", sign=-1.0)
         self.merged = None
 
     @torch.no_grad()
     def switch(self, slot: int) -> None:
-        """Replace the merged slot by ``slot`` in one addition: W += dW_new - dW_old."""
+        """Replace the merged slot by ``slot`` in one addition: W += dW_new - dW_old.
+
+        The difference is one product of concatenated factors (ops.compose's identity):
+        s1 B1 A1 - s0 B0 A0 = [s1 B1 | -s0 B0] [A1; A0], so a switch costs one matmul of
+        rank r1 + r0 and one pass over W. The difference is always formed in the same
+        order (lower slot first) and added or subtracted, so switching X -> Y -> X adds and
+        removes the same rounded tensor: drift is a random walk, not a bias per direction.
+        """
         if self.merged is None:
             self.merge(slot)
             return
         if self.merged == slot:
             return
         self._check_slot(slot)
-        w = self.weight
-        diff = self.delta_weight(slot).double() - self.delta_weight(self.merged).double()
-        self._commit((w.double() + diff).to(w.dtype), f"switching to slot {slot}")
+        lo, hi = sorted((slot, self.merged))
+        (a_lo, b_lo), (a_hi, b_hi) = self.factors(lo), self.factors(hi)
+        s_lo, s_hi = self.specs[lo].scale, self.specs[hi].scale
+        a = torch.cat([a_lo, a_hi])  # (r_lo + r_hi, in)
+        b = torch.cat([b_lo * s_lo, b_hi * -s_hi], dim=1)  # (out, r_lo + r_hi)
+        diff = self.to_weight_layout(b @ a)  # dW_lo - dW_hi
+        self._add(diff, f"switching to slot {slot}", sign=1.0 if slot == lo else -1.0)
         self.merged = slot
+
+    def factors(self, slot: int) -> tuple[Tensor, Tensor]:
+        """(A, B) of ``slot`` as fp32 matrices ``(r, in)``, ``(out, r)``."""
+        a, b = self.lora_a[slot].float(), self.lora_b[slot].float()
+        return a.flatten(1), b.flatten(1)
+
+    def to_weight_layout(self, delta: Tensor) -> Tensor:
+        """An ``(out, in)`` update in the base weight's layout; subclasses override."""
+        return delta
+
+    def delta_weight(self, slot: int) -> Tensor:
+        """``scale * B @ A`` of ``slot`` in the base weight's layout (fp32)."""
+        a, b = self.factors(slot)
+        return self.to_weight_layout(lora_ops.delta(a, b, self.specs[slot].scale))
 
     def check_finite(self, slot: int) -> None:
         """Raise ``NonFiniteError`` naming this layer if slot ``slot`` holds NaN or Inf."""
@@ -206,12 +223,17 @@ class LoraModule(nn.Module):
                     f"{self.module_name}: lora {part} of slot {slot} is not finite"
                 )
 
-    def _commit(self, new_weight: Tensor, what: str) -> None:
-        if not torch.isfinite(new_weight).all():
+    def _add(self, delta: Tensor, what: str, sign: float = 1.0) -> None:
+        """W += sign * delta, in place; refused (W unchanged) if the update is not finite."""
+        if not torch.isfinite(delta).all():
             raise NonFiniteError(
                 f"{self.module_name}: {what} gives non-finite weights; the layer is unchanged"
             )
-        self.weight.copy_(new_weight)
+        w = self.weight
+        if w.dtype == delta.dtype:
+            w.add_(delta, alpha=sign)
+        else:  # low-precision weights: add in fp32, round once
+            w.copy_(w.float().add_(delta, alpha=sign))
 
     def extra_repr(self) -> str:
         ranks = [s.rank for s in self.specs]

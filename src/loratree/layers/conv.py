@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from loratree.errors import TargetError
 from loratree.layers.base import LoraModule
 from loratree.layers.context import SlotContext
-from loratree.ops import lora as lora_ops
 
 __all__ = ["LoraConv"]
 
@@ -44,7 +43,5 @@ class LoraConv(LoraModule):
         h = self._conv(x, a, None, base.stride, base.padding, base.dilation)  # (B, r, *L')
         return self._conv(h, b) * self.specs[slot].scale  # (B, out, *L')
 
-    def delta_weight(self, slot: int) -> Tensor:
-        a, b = self.lora_a[slot].float(), self.lora_b[slot].float()
-        d = lora_ops.delta(a.flatten(1), b.flatten(1), self.specs[slot].scale)  # (out, in*k)
-        return d.reshape(self.base.weight.shape)
+    def to_weight_layout(self, delta: Tensor) -> Tensor:
+        return delta.reshape(self.base.weight.shape)  # (out, in * k) -> (out, in, *k)

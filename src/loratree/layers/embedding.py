@@ -7,7 +7,6 @@ from torch import Tensor, nn
 
 from loratree.layers.base import LoraModule
 from loratree.layers.context import SlotContext
-from loratree.ops import lora as lora_ops
 
 __all__ = ["LoraEmbedding"]
 
@@ -41,6 +40,5 @@ class LoraEmbedding(LoraModule):
         )
         return h @ b.t() * self.specs[slot].scale  # (..., dim)
 
-    def delta_weight(self, slot: int) -> Tensor:
-        a, b = self.lora_a[slot].float(), self.lora_b[slot].float()
-        return lora_ops.delta(a, b, self.specs[slot].scale).t()  # (num_embeddings, dim)
+    def to_weight_layout(self, delta: Tensor) -> Tensor:
+        return delta.t()  # (dim, num_embeddings) -> the table's (num_embeddings, dim)

@@ -63,7 +63,5 @@ class LoraLinear(LoraModule):
         y = flat.new_zeros((seg.n_tokens, self.out_features))
         return slot_ops.expand(y, h, self.lora_b, [s.scale for s in self.specs], seg)
 
-    def delta_weight(self, slot: int) -> Tensor:
-        a, b = self.lora_a[slot].float(), self.lora_b[slot].float()
-        d = lora_ops.delta(a, b, self.specs[slot].scale)  # (out, in)
-        return d.t() if self.fan_in_fan_out else d
+    def to_weight_layout(self, delta: Tensor) -> Tensor:
+        return delta.t() if self.fan_in_fan_out else delta  # Conv1D stores (in, out)

@@ -28,7 +28,7 @@ def delta(a: Tensor, b: Tensor, s: float) -> Tensor:
     assert a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1], (
         f"a {tuple(a.shape)} and b {tuple(b.shape)} do not share a rank"
     )
-    return (b @ a) * s
+    return (b * s) @ a  # scale the small factor, not the (out, in) product
 
 
 def branch(x: Tensor, a: Tensor, b: Tensor, s: float) -> Tensor:
