@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train adapters for the bundled tasks on the embedded model")
     p.add_argument("--out", default="demo_out", help="where data, adapters and plots go")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
-    p.add_argument("--steps", type=int, default=80, help="training steps per task")
+    p.add_argument("--steps", type=int, default=40, help="training steps per task")
     p.set_defaults(run=run)
 
 

@@ -37,7 +37,7 @@ def run_demo(
     out: str | Path = "demo_out",
     *,
     tasks: tuple[str, ...] = tuple(TASKS),
-    steps: int = 80,
+    steps: int = 40,
     n_train: int = 400,
     n_eval: int = 50,
     rank: int = 8,
