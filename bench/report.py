@@ -1,0 +1,114 @@
+"""Measured rows to markdown: one table per group, then the acceptance checks."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["Check", "Row", "Table", "render", "write_atomic"]
+
+Unit = Literal["ms", "pct", "share", "ratio", "bytes"]
+MIN_PEER_OVERHEAD = 0.005
+"""Below this PEFT overhead (0.5%), a ratio of overheads is noise and is not shown."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured quantity for us and, where it exists, for PEFT."""
+
+    label: str
+    ours: float
+    peer: float | None
+    unit: Unit
+
+    def ratio(self) -> str:
+        if self.peer is None:
+            return "—"
+        if self.unit == "pct" and (self.peer < MIN_PEER_OVERHEAD or self.ours < 0):
+            return "—"
+        return f"{self.ours / self.peer:.2f}" if self.peer else "—"
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Check:
+    """An acceptance target and whether the measurement meets it."""
+
+    target: str
+    measured: str
+    passed: bool
+
+
+def fmt(value: float | None, unit: Unit) -> str:
+    if value is None:
+        return "—"
+    if unit == "ms":
+        return f"{value * 1e3:.1f} ms" if value >= 0.1 else f"{value * 1e3:.2f} ms"
+    if unit == "pct":
+        return f"{value * 100:+.1f}%"
+    if unit == "share":
+        return f"{value * 100:.2f}%"
+    if unit == "ratio":
+        return f"{value:.3f}"
+    return human_bytes(value)
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def render(
+    title: str,
+    machine: dict[str, str],
+    method: list[str],
+    tables: list[Table],
+    checks: list[Check],
+    sections: list[str] | None = None,
+) -> str:
+    """The whole markdown document."""
+    out = [f"# {title}", "", "## Machine", ""]
+    out += [f"- **{k}**: {v}" for k, v in machine.items()]
+    out += ["", "## Method", ""] + [f"- {line}" for line in method]
+    for table in tables:
+        out += ["", f"## {table.title}", "", "| row | ours | PEFT | ours/PEFT |"]
+        out.append("|---|---:|---:|---:|")
+        for r in table.rows:
+            out.append(
+                f"| {r.label} | {fmt(r.ours, r.unit)} | {fmt(r.peer, r.unit)} | {r.ratio()} |"
+            )
+        if table.notes:
+            out += [""] + [f"{note}  " for note in table.notes]
+    if sections:
+        out += ["", *sections]
+    out += ["", "## Acceptance checks", "", "| target | measured | met |", "|---|---|---|"]
+    out += [f"| {c.target} | {c.measured} | {'yes' if c.passed else 'NO'} |" for c in checks]
+    return "\n".join(out) + "\n"
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temp file beside ``path``, then rename it into place."""
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

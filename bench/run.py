@@ -1,0 +1,115 @@
+"""``python -m bench.run --out BENCHMARKS.md [--quick]``: measure every row, write markdown.
+
+Reads top-down: set up threads and the model, run each group, render, write atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from bench.contenders import load_model, random_ids
+from bench.harness import configure_threads, machine_info
+from bench.lora_rows import file_tables, forward_tables, merge_tables
+from bench.quality import quality_markdown, quality_rows
+from bench.report import Check, Table, render, write_atomic
+from bench.train_rows import train_tables
+
+__all__ = ["main", "run"]
+
+log = logging.getLogger("bench")
+
+BATCH, SEQ = 8, 128
+FULL = {"forward": 20, "ops": 30, "train": 9}
+QUICK = {"forward": 2, "ops": 3, "train": 2}
+QUALITY_TARGET = 0.90
+"""Acceptance: LoRA r=8 all-linear reaches 90% of full fine-tuning's held-out exact match."""
+
+
+def run(quick: bool, quality_steps: int = 30) -> str:
+    """Run every benchmark group and return the markdown report."""
+    t0 = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    threads = configure_threads()
+    repeats = QUICK if quick else FULL
+    log.info("torch threads: %d; repeats: %s", threads, repeats)
+    base = load_model()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    ids = random_ids(base, BATCH, SEQ)
+    log.info("model loaded in %.1f s", time.perf_counter() - t0)
+
+    tables: list[Table] = []
+    checks: list[Check] = []
+    forward, forward_checks = forward_tables(base, ids, repeats["forward"])
+    tables += forward
+    checks += forward_checks
+    tables += merge_tables(base, repeats["ops"])
+    with tempfile.TemporaryDirectory(prefix="loratree-bench-") as tmp:
+        tables += file_tables(base, Path(tmp))
+    train, train_checks = train_tables(base, repeats["train"])
+    tables += train
+    checks += train_checks
+    extra: list[str] = []
+    if quality_steps > 0:
+        from loratree.models import load_base
+
+        _, tokenizer = load_base(None)
+        q_rows = quality_rows(base, tokenizer, steps=quality_steps,
+                              n_eval=10 if quick else 30)
+        extra, ratios = quality_markdown(q_rows, quality_steps)
+        for task, ratio in ratios.items():
+            checks.append(Check(
+                f"{task}: LoRA r=8 all-linear EM >= {QUALITY_TARGET:.0%} of full fine-tuning's",
+                f"{ratio:.2f}", ratio >= QUALITY_TARGET))
+
+    elapsed = time.perf_counter() - t0
+    load_end = os.getloadavg()[0]
+    method = [
+        "Model: SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, hidden 576), float32, "
+        "the embedded GGUF converted to float32; each side works on its own deep copy.",
+        f"Input: batch {BATCH} x {SEQ} random token ids; full forward to logits under "
+        "torch.inference_mode, no KV cache.",
+        "Both sides carry identical LoRA weights (A random, B random with std 0.01, "
+        "alpha = 2 r), copied from ours into PEFT's modules by name.",
+        "Contenders are timed interleaved in one process, one call each per round, the "
+        "start rotating each round (merge / unmerge: fixed order merge, merge, unmerge, "
+        "unmerge); one warm-up round is discarded.",
+        f"Repeats: {repeats['forward']} rounds per forward row, {repeats['ops']} per "
+        "merge / switch row; every number is a median. Overhead = median(adapted) / "
+        "median(base) - 1, the base timed in the same rounds; the 'paired' rows take "
+        "instead the median over rounds of adapted / base within each round.",
+        "A round during which other processes used more than a quarter of a core "
+        "(from /proc/stat) is run again, at most repeats / 4 times per row.",
+        f"1-minute load average at start / end: {load_start:.2f} / {load_end:.2f} "
+        f"(above {threads} means other processes shared the cores).",
+        f"Training rows: batch 4 x 128 tokens (loss on the second half), forward + loss + "
+        f"backward + AdamW per step, {repeats['train']} interleaved rounds; memory counted "
+        "as described under each table.",
+        f"{'Quick smoke run: too few repeats to trust. ' if quick else ''}"
+        f"Whole run took {elapsed:.0f} s.",
+    ]
+    log.info("done in %.0f s", elapsed)
+    return render("loratree benchmarks", machine_info(), method, tables, checks, extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke check")
+    parser.add_argument("--quality-steps", type=int, default=30,
+                        help="training steps per quality-table run (0 skips the table)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    text = run(args.quick, args.quality_steps)
+    path = write_atomic(args.out, text)
+    log.info("wrote %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
