@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     for (suffix, kind), count in kinds.items():
         first = next(m for n, m in layers.items() if n.rsplit(".", 1)[-1] == suffix)
         print(f"{suffix:<24}{kind:<12}{count:>6}  {tuple(first.weight.shape)}")
-    plane = {",".join(targets): targets, **STANDARD_TARGETS}
+    plane = {",".join(targets): targets}
+    plane.update({k: v for k, v in STANDARD_TARGETS.items() if v != targets})
     rows = surgery.rank_plane(model, plane, ranks)
     print(f"\ntargets {','.join(targets)}: trainable parameters and adapter file (fp32)")
     print(f"{'rank':>6}{'params':>14}{'% model':>10}{'file':>12}")
