@@ -49,3 +49,23 @@ def test_python_api_trains_from_records(tmp_path):
     with pytest.raises(ValueError, match="no training data"):
         train(TrainConfig(out=str(tmp_path / "b")), model=tiny_llama(vocab=64),
               tokenizer=tiny_tokenizer(64))
+
+
+@pytest.mark.parametrize("method,precision", [("full", "fp32"), ("lora", "bf16")])
+def test_full_fine_tuning_and_bf16_runs_learn(tmp_path, method, precision):
+    from loratree.models.tiny import tiny_llama, tiny_tokenizer
+    from loratree.train import train
+    from loratree.train.metrics import read_metrics
+
+    records = [{"prompt": f"w{i} w{i + 1}", "completion": f"w{i + 1} w{i}"} for i in range(5, 21)]
+    model = tiny_llama(vocab=64)
+    result = train(TrainConfig(out=str(tmp_path / "a"), max_steps=12, batch_size=4, lr=3e-3,
+                               method=method, precision=precision, save_every=4, keep_last=2),
+                   model=model, tokenizer=tiny_tokenizer(64), rows=records, progress=False)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
+    assert result.steps == 12 and losses[-1] < losses[0]
+    kept = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert kept == ["step-00000008", "step-00000012"]
+    if method == "full":
+        assert all(p.requires_grad for p in model.parameters())
+        assert (tmp_path / "a" / "model" / "config.json").is_file()
