@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--kill-after", type=int, default=0)
     p.add_argument("--kill-in-checkpoint", type=int, default=0)
+    p.add_argument("--term-after", type=int, default=0)
     p.add_argument("--nan-at", type=int, default=0)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=4)
@@ -93,12 +94,15 @@ def main() -> None:
     def on_step(step: int, loss: float) -> None:
         if step == args.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == args.term_after:  # as a scheduler's SIGTERM arriving mid-step would
+            os.kill(os.getpid(), signal.SIGTERM)
 
     run = setup(config, model=model, tokenizer=tiny_tokenizer(64))
     try:
         result = fit(run, resume=args.resume, progress=False, on_step=on_step)
-        save(run)
-        print(json.dumps({"steps": result.steps, "loss": result.train_loss}))
+        if not result.interrupted:
+            save(run)
+        print(json.dumps({"steps": result.steps, "interrupted": result.interrupted}))
     finally:
         distributed.shutdown(run.dist)
 

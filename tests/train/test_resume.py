@@ -77,3 +77,14 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, accum):
     a, b = _losses(one), _losses(two)
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5)
+
+
+def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(tmp_path):
+    straight = tmp_path / "a" / "out"
+    _driver(straight)
+    stopped = tmp_path / "b" / "out"
+    proc = _driver(stopped, "--term-after", 5)
+    assert '"interrupted": true' in proc.stdout
+    assert ckpt.latest_checkpoint(stopped / "checkpoints").name == "step-00000005"
+    _driver(stopped, "--resume")
+    assert _losses(stopped) == _losses(straight)

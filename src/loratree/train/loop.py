@@ -164,11 +164,14 @@ def fit(run: Run, *, resume: bool = False, progress: bool = True,
             last = position.step == c.max_steps
             if run.eval_data is not None and (position.step % c.eval_every == 0 or last):
                 evals = evaluate(run, position.step)
-            if position.step % c.save_every == 0 or last or run.stop_signal:
+            saved = position.step % c.save_every == 0 or last
+            if saved:
                 _checkpoint(run, position)
             if on_step is not None:
                 on_step(position.step, loss)
             if run.stop_signal and not last:
+                if not saved:
+                    _checkpoint(run, position)
                 logger.warning("signal %d: checkpointed at step %d; resume with --resume",
                                run.stop_signal[0], position.step)
                 return TrainResult(position.step, loss, {}, run.out, interrupted=True)
