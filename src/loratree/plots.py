@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from loratree.adapters.atomic import atomic_write
+from loratree.fsio import atomic_write
 from loratree.surgery.plan import PlanRow
 
 __all__ = ["plot_losses", "plot_rank_plane"]

@@ -18,7 +18,6 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from loratree.adapters.atomic import atomic_write
 from loratree.adapters.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -36,6 +35,7 @@ from loratree.errors import (
     ShapeMismatchError,
     UnexpectedKeyError,
 )
+from loratree.fsio import atomic_write
 from loratree.layers import LoraEmbedding, SlotContext
 from loratree.surgery import adaptable_modules, find_targets, inject, lora_layers
 from loratree.surgery.inject import wrap

@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from loratree.adapters.atomic import atomic_write
+from loratree.fsio import atomic_write
 
 __all__ = ["TASKS", "make_task", "number_words", "pirate", "write_tasks"]
 

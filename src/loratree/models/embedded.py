@@ -32,6 +32,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from loratree.fsio import fsync_dir, fsync_tree
+
 __all__ = [
     "EMBEDDED_NAME",
     "cache_root",
@@ -167,9 +169,8 @@ def _convert(gguf: Path, target: Path, marker: dict[str, object]) -> None:
         for f in tmp.rglob("*"):
             if f.is_file():
                 f.chmod(0o644)  # safetensors writes 0600; the cache is plain readable files
-                _fsync_file(f)
         tmp.chmod(0o755)  # mkdtemp makes 0700
-        _fsync_dir(tmp)
+        fsync_tree(tmp)
         _move_into_place(tmp, target, marker)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already unless we lost a race or failed
@@ -190,7 +191,7 @@ def _move_into_place(tmp: Path, target: Path, marker: dict[str, object]) -> None
             raise
         logger.info("another process converted %s first; using its copy", target)
         return
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _remove_stale_temps(target: Path) -> None:
@@ -203,15 +204,3 @@ def _remove_stale_temps(target: Path) -> None:
                     logger.info("removing %s, left by an interrupted conversion", old)
                     shutil.rmtree(old, ignore_errors=True)
 
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

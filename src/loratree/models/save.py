@@ -9,6 +9,8 @@ from pathlib import Path
 
 from torch import nn
 
+from loratree.fsio import fsync_dir, fsync_tree
+
 __all__ = ["save_model"]
 
 
@@ -24,17 +26,14 @@ def save_model(model: nn.Module, tokenizer: object | None, out: str | Path) -> P
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        fsync_tree(tmp)
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.rename(out, old)
         os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -42,10 +41,3 @@ def save_model(model: nn.Module, tokenizer: object | None, out: str | Path) -> P
         raise
     return out
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

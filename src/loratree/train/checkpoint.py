@@ -31,9 +31,9 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from loratree.adapters.atomic import fsync_dir
 from loratree.adapters.safetensors_io import read_safetensors
 from loratree.errors import NonFiniteError
+from loratree.fsio import fsync_dir, fsync_tree
 
 __all__ = ["Position", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -82,7 +82,7 @@ def save_checkpoint(
             "python_rng": _json_rng(random.getstate()),
         }
         (tmp / "trainer.json").write_text(json.dumps(trainer))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -180,15 +180,6 @@ def _tuple_rng(state: list) -> tuple:
 
 def _cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-
-
-def _fsync_tree(root: Path) -> None:
-    for f in root.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        fsync_dir(d)
 
 
 def _prune(root: Path, keep_last: int) -> None:

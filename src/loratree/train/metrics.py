@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loratree.adapters.atomic import atomic_write
+from loratree.fsio import atomic_write
 
 __all__ = ["MetricsLog", "read_metrics"]
 

@@ -1,4 +1,4 @@
-"""Atomic writes: a reader sees the old file or the new one, never half of either."""
+"""Durable, atomic file-system writes: a reader sees the old file or the new one, never half."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir"]
+__all__ = ["atomic_write", "fsync_dir", "fsync_tree"]
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -37,3 +37,14 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and directory under ``root`` (before renaming it into place)."""
+    root = Path(root)
+    for f in root.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        fsync_dir(d)
