@@ -224,8 +224,12 @@ class LoraModule(nn.Module):
                 )
 
     def _add(self, delta: Tensor, what: str, sign: float = 1.0) -> None:
-        """W += sign * delta, in place; refused (W unchanged) if the update is not finite."""
-        if not torch.isfinite(delta).all():
+        """W += sign * delta, in place; refused (W unchanged) if the update is not finite.
+
+        One reduction checks it: a NaN or Inf anywhere makes the sum non-finite (so does a
+        sum past 3e38, an update no model survives anyway).
+        """
+        if not torch.isfinite(delta.sum()):
             raise NonFiniteError(
                 f"{self.module_name}: {what} gives non-finite weights; the layer is unchanged"
             )
