@@ -45,21 +45,13 @@ def plot_rank_plane(rows: list[PlanRow], path: str | Path, title: str = "") -> P
     return path
 
 
-def plot_losses(metrics_path: str | Path, path: str | Path) -> Path | None:
-    """Train and eval loss per step from ``metrics.jsonl``; None if there is nothing to plot."""
-    import json
-
+def plot_losses(records: list[dict], path: str | Path) -> Path | None:
+    """Train and eval loss per step from metrics records; None if there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = []
-    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if not train:

@@ -31,7 +31,7 @@ from loratree.train.chat import Encoded, encode
 from loratree.train.config import TrainConfig
 from loratree.train.data import RowSet, batch_order, from_records, pad_token_id, read_jsonl
 from loratree.train.evaluate import eval_loss, exact_match
-from loratree.train.metrics import MetricsLog
+from loratree.train.metrics import MetricsLog, read_metrics
 from loratree.train.steps import label_tokens, optimizer_step
 
 __all__ = ["Run", "TrainResult", "fit", "save", "setup", "train"]
@@ -211,7 +211,7 @@ def save(run: Run) -> Path:
         save_model(run.model, run.tokenizer, run.out / "model")
     from loratree.plots import plot_losses
 
-    plot_losses(run.metrics.path, run.out / "loss.png")
+    plot_losses(read_metrics(run.metrics.path), run.out / "loss.png")
     return run.out
 
 
