@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["LoraConfig"]
+__all__ = ["LoraConfig", "QuantConfig"]
 
 InitKind = Literal["kaiming", "gaussian"]
 
@@ -89,3 +89,35 @@ def _pattern_problems(rank_pattern: dict, alpha_pattern: dict) -> list[str]:
         if not _finite_number(a) or a <= 0:
             problems.append(f"alpha_pattern[{key!r}] must be a positive number, got {a!r}")
     return problems
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a frozen base: NF4 (QLoRA) on the chosen linear layers."""
+
+    targets: tuple[str, ...] = ("all-linear",)
+    """Linear layers to quantize, as ``LoraConfig.targets``; ``all-linear`` leaves the output
+    head in float (embeddings are never linear, so they stay float too)."""
+    exclude: tuple[str, ...] = ()
+    """Patterns of modules to keep in float."""
+    block: int = 64
+    """Values per absmax block of the 4-bit codes."""
+    double: bool = True
+    """Quantize the block absmax constants too (8 bits, blocks of 256): ~4.13 bits/param."""
+
+    def __post_init__(self) -> None:
+        for name in ("targets", "exclude"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        problems = []
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            problems.append(f"targets must be non-empty strings, got {self.targets!r}")
+        if self.block not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            problems.append(f"block must be a power of two in 32..4096, got {self.block!r}")
+        if not isinstance(self.double, bool):
+            problems.append(f"double must be a bool, got {self.double!r}")
+        if problems:
+            raise ValueError("invalid QuantConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

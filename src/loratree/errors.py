@@ -12,6 +12,7 @@ __all__ = [
     "CorruptFileError",
     "MissingKeyError",
     "NonFiniteError",
+    "QuantizedBaseError",
     "ShapeMismatchError",
     "TargetError",
     "UnexpectedKeyError",
@@ -53,3 +54,11 @@ class NonFiniteError(ValueError):
 
 class TargetError(ValueError):
     """A target pattern matched nothing, or matched a module that cannot be adapted."""
+
+
+class QuantizedBaseError(ValueError):
+    """An operation would write into a quantized (NF4) base weight in place.
+
+    Merging into 4-bit weights re-quantizes them, so every merge or switch would add
+    rounding error. Export instead: ``loratree.surgery.export_merged``.
+    """

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from loratree.cli import demo_cmd, inspect_cmd, merge_cmd, train_cmd
+from loratree.cli import demo_cmd, inspect_cmd, merge_cmd, quantize_cmd, train_cmd
 
 __all__ = ["main"]
 
@@ -14,6 +14,7 @@ _COMMANDS = {
     "demo": demo_cmd,
     "inspect": inspect_cmd,
     "merge": merge_cmd,
+    "quantize": quantize_cmd,
     "train": train_cmd,
 }
 

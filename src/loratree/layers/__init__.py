@@ -5,5 +5,7 @@ from loratree.layers.context import SlotContext
 from loratree.layers.conv import LoraConv
 from loratree.layers.embedding import LoraEmbedding
 from loratree.layers.linear import LoraLinear
+from loratree.layers.nf4 import NF4Linear
 
-__all__ = ["LoraConv", "LoraEmbedding", "LoraLinear", "LoraModule", "SlotContext", "SlotSpec"]
+__all__ = ["LoraConv", "LoraEmbedding", "LoraLinear", "LoraModule", "NF4Linear", "SlotContext",
+           "SlotSpec"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from loratree.errors import NonFiniteError
+from loratree.errors import NonFiniteError, QuantizedBaseError
 from loratree.layers.context import SlotContext
 from loratree.ops import lora as lora_ops
 from loratree.ops.slots import Segments, map_segments
@@ -80,7 +80,22 @@ class LoraModule(nn.Module):
     # -- slots --------------------------------------------------------------------------
     @property
     def weight(self) -> Tensor:
-        return self.base.weight
+        """The base's float weight; a quantized base has none to write into."""
+        w = getattr(self.base, "weight", None)
+        if not isinstance(w, Tensor):
+            raise QuantizedBaseError(
+                f"{self.module_name}: the base is {type(self.base).__name__}, which keeps no "
+                "float weight to merge into; export a merged model instead "
+                "(loratree.surgery.export_merged, or `loratree merge --quantized`)"
+            )
+        return w
+
+    def factor_like(self) -> tuple[torch.dtype, torch.device]:
+        """dtype and device for new LoRA factors: the base weight's (NF4: its float type)."""
+        w = getattr(self.base, "weight", None)
+        if isinstance(w, Tensor):
+            return w.dtype, w.device
+        return self.base.dtype, self.base.device
 
     @property
     def n_slots(self) -> int:
@@ -88,15 +103,15 @@ class LoraModule(nn.Module):
 
     def add_slot(self, spec: SlotSpec, init: str = "kaiming") -> int:
         """Append a fresh slot (B = 0, so it is an exact no-op) and return its index."""
-        w = self.weight
-        a = torch.empty(self.a_shape(spec.rank), dtype=w.dtype, device=w.device)
+        dtype, device = self.factor_like()
+        a = torch.empty(self.a_shape(spec.rank), dtype=dtype, device=device)
         if spec.rank == 0:
             pass
         elif init == "gaussian":
             nn.init.normal_(a, std=1.0 / spec.rank)
         else:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        b = torch.zeros(self.b_shape(spec.rank), dtype=w.dtype, device=w.device)
+        b = torch.zeros(self.b_shape(spec.rank), dtype=dtype, device=device)
         self.lora_a.append(nn.Parameter(a))
         self.lora_b.append(nn.Parameter(b))
         self.specs.append(spec)

@@ -26,10 +26,10 @@ class LoraLinear(LoraModule):
     ) -> None:
         super().__init__(base, ctx, name)
         self.fan_in_fan_out = fan_in_fan_out
-        w = base.weight
-        self.in_features, self.out_features = (
-            (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
-        )
+        if fan_in_fan_out:
+            self.in_features, self.out_features = base.weight.shape
+        else:  # nn.Linear or NF4Linear (which has no float weight)
+            self.in_features, self.out_features = base.in_features, base.out_features
 
     def a_shape(self, rank: int) -> tuple[int, ...]:
         return (rank, self.in_features)

@@ -9,6 +9,7 @@ from loratree.models.embedded import (
     load_gguf,
 )
 from loratree.models.load import EMBEDDED_ALIASES, ModelNotFoundError, load_base, load_hf_dir
+from loratree.models.quantized import is_quantized_dir, load_quantized, save_quantized
 from loratree.models.save import save_model
 from loratree.models.tiny import (
     TinyConvNet,
@@ -26,11 +27,14 @@ __all__ = [
     "cache_root",
     "embedded_gguf_path",
     "embedded_model_dir",
+    "is_quantized_dir",
     "load_base",
     "load_gguf",
     "load_hf_dir",
+    "load_quantized",
     "random_tokens",
     "save_model",
+    "save_quantized",
     "tiny_convnet",
     "tiny_gpt2",
     "tiny_llama",

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from loratree.models.embedded import embedded_model_dir, load_gguf
+from loratree.models.quantized import is_quantized_dir, load_quantized
 
 __all__ = ["EMBEDDED_ALIASES", "ModelNotFoundError", "load_base", "load_hf_dir"]
 
@@ -80,6 +81,8 @@ def load_hf_dir(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load a saved Hugging Face causal LM directory offline; tokenizer ``None`` if it has none.
 
+    A directory with ``quantization.json`` (a base saved with NF4 layers) loads as stored.
+
     Raises:
         ValueError: the directory's config or weights cannot be loaded.
     """
@@ -88,7 +91,10 @@ def load_hf_dir(
     # whether to run a model's own code, and a "y" would run it.
     kwargs = {"local_files_only": True, "trust_remote_code": False}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        if is_quantized_dir(path):  # NF4 layers: loratree's own format
+            model = load_quantized(path, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
         tokenizer = None
         if any((path / name).is_file() for name in _TOKENIZER_FILES):
             tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)

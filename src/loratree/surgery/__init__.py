@@ -10,22 +10,34 @@ from loratree.surgery.inject import (
 )
 from loratree.surgery.merge import merge, merge_and_unload, switch, unload, unmerge
 from loratree.surgery.plan import DEFAULT_RANKS, STANDARD_TARGETS, PlanRow, adapter_size, rank_plane
+from loratree.surgery.quantize import (
+    MergeErrorReport,
+    QuantizeReport,
+    export_merged,
+    nf4_layers,
+    quantize,
+)
 from loratree.surgery.targets import adaptable_modules, find_targets
 
 __all__ = [
     "DEFAULT_RANKS",
     "STANDARD_TARGETS",
     "InjectionReport",
+    "MergeErrorReport",
     "PlanRow",
+    "QuantizeReport",
     "adaptable_modules",
     "adapter_parameters",
     "adapter_size",
     "context",
+    "export_merged",
     "find_targets",
     "inject",
     "lora_layers",
     "merge",
     "merge_and_unload",
+    "nf4_layers",
+    "quantize",
     "rank_plane",
     "set_trainable",
     "switch",

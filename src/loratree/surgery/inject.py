@@ -10,7 +10,15 @@ from torch import nn
 
 from loratree.config import LoraConfig
 from loratree.errors import TargetError
-from loratree.layers import LoraConv, LoraEmbedding, LoraLinear, LoraModule, SlotContext, SlotSpec
+from loratree.layers import (
+    LoraConv,
+    LoraEmbedding,
+    LoraLinear,
+    LoraModule,
+    NF4Linear,
+    SlotContext,
+    SlotSpec,
+)
 from loratree.surgery.targets import Conv1D, find_targets, pattern_value
 
 __all__ = [
@@ -60,7 +68,7 @@ def wrap(base: nn.Module, ctx: SlotContext, name: str) -> LoraModule:
     """The LoRA wrapper for one adaptable module."""
     if Conv1D is not None and isinstance(base, Conv1D):
         return LoraLinear(base, ctx, name, fan_in_fan_out=True)
-    if isinstance(base, nn.Linear):
+    if isinstance(base, nn.Linear | NF4Linear):
         return LoraLinear(base, ctx, name)
     if isinstance(base, nn.Embedding):
         return LoraEmbedding(base, ctx, name)

@@ -8,7 +8,7 @@ import re
 from torch import nn
 
 from loratree.errors import TargetError
-from loratree.layers import LoraModule
+from loratree.layers import LoraModule, NF4Linear
 
 __all__ = ["ADAPTABLE", "adaptable_modules", "find_targets", "matches", "pattern_value"]
 
@@ -18,9 +18,9 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = None
 
 ADAPTABLE: tuple[type[nn.Module], ...] = tuple(
-    t for t in (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, Conv1D) if t is not None
+    t for t in (nn.Linear, NF4Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, Conv1D) if t is not None
 )
-_LINEAR = tuple(t for t in (nn.Linear, Conv1D) if t is not None)
+_LINEAR = tuple(t for t in (nn.Linear, NF4Linear, Conv1D) if t is not None)
 
 
 def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:

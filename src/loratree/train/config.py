@@ -15,6 +15,7 @@ __all__ = ["TrainConfig"]
 
 Method = Literal["lora", "full"]
 Precision = Literal["fp32", "bf16"]
+Quantize = Literal["nf4"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class TrainConfig:
     clip_norm: float = 1.0
     """Clip the gradient norm to this; 0 disables clipping."""
     precision: Precision = "fp32"
+    quantize: Quantize | None = None
+    """"nf4": quantize the base's linear layers to 4-bit NF4 first (QLoRA; LoRA only)."""
     seed: int = 0
     group_by_length: bool = False
     skip_bad_rows: bool = False
@@ -66,6 +69,10 @@ class TrainConfig:
             problems.append(f"method must be 'lora' or 'full', got {self.method!r}")
         if self.precision not in ("fp32", "bf16"):
             problems.append(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.quantize not in (None, "nf4"):
+            problems.append(f"quantize must be 'nf4' or None, got {self.quantize!r}")
+        elif self.quantize and self.method != "lora":
+            problems.append("quantize='nf4' needs method='lora': a 4-bit base stays frozen")
         if not problems and self.batch_size % self.grad_accum:
             problems.append(
                 f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}"

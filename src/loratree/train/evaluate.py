@@ -7,11 +7,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from loratree.train.chat import Conversation, Example, encode_prompt, prompt_messages, reference
-from loratree.train.data import collate
+from loratree.train.chat import (
+    Conversation,
+    Example,
+    encode,
+    encode_prompt,
+    prompt_messages,
+    reference,
+)
+from loratree.train.data import collate, pad_token_id, read_jsonl
 from loratree.train.steps import label_tokens, loss_sum
 
-__all__ = ["eval_loss", "exact_match", "generate"]
+__all__ = ["eval_loss", "exact_match", "file_loss", "generate"]
 
 
 @torch.no_grad()
@@ -28,6 +35,15 @@ def eval_loss(
         total += loss_sum(model, batch, precision).item()
     model.train(was_training)
     return total / max(label_tokens(examples), 1)
+
+
+def file_loss(model: nn.Module, tokenizer, path: str, *, max_length: int = 256,
+              batch_size: int = 8) -> float:
+    """Mean loss over the labelled tokens of a JSONL file (as ``loratree train`` reads it)."""
+    examples = encode(read_jsonl(path), tokenizer, max_length).examples
+    device = next(model.parameters()).device
+    return eval_loss(model, examples, batch_size=batch_size, pad_id=pad_token_id(tokenizer),
+                     device=device)
 
 
 @torch.no_grad()
