@@ -104,7 +104,7 @@ def test_blockwise_8bit_matches_bitsandbytes():
     assert torch.equal(q, ref_q)
     assert torch.equal(absmax, state.absmax)
     ref = bnb_f.dequantize_blockwise(ref_q, state)
-    assert torch.equal(nf4.dequantize_blockwise(q, absmax, nf4.dynamic_code(), 256), ref)
+    assert torch.equal(nf4.dequantize_blockwise(q, absmax, 256), ref)
 
 
 def test_chunked_equals_unchunked(monkeypatch):

@@ -86,7 +86,7 @@ class LoraModule(nn.Module):
             raise QuantizedBaseError(
                 f"{self.module_name}: the base is {type(self.base).__name__}, which keeps no "
                 "float weight to merge into; export a merged model instead "
-                "(loratree.surgery.export_merged, or `loratree merge --quantized`)"
+                "(loratree.surgery.export_merged, or `loratree merge --to float|nf4`)"
             )
         return w
 

@@ -110,12 +110,12 @@ def quantize_blockwise(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     return q.masked_fill_(zero, 0), absmax
 
 
-def dequantize_blockwise(q: Tensor, absmax: Tensor, code: Tensor, block: int) -> Tensor:
-    """Inverse of :func:`quantize_blockwise`: code[q[i]] * absmax[k] (fp32).
+def dequantize_blockwise(q: Tensor, absmax: Tensor, block: int) -> Tensor:
+    """Inverse of :func:`quantize_blockwise`: dynamic_code[q[i]] * absmax[k] (fp32).
 
     Shape: q (m,) uint8, absmax (ceil(m / block),) -> (m,) fp32.
     """
-    return _times_scales(code.to(q.device)[q.long()], absmax, block)
+    return _times_scales(dynamic_code().to(q.device)[q.long()], absmax, block)
 
 
 def _nf4_codes(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
@@ -177,7 +177,7 @@ class NF4Weight:
         if self.absmax2 is None:
             return self.absmax
         assert self.offset is not None
-        scales = dequantize_blockwise(self.absmax, self.absmax2, dynamic_code(), STATS_BLOCK)
+        scales = dequantize_blockwise(self.absmax, self.absmax2, STATS_BLOCK)
         return scales + self.offset
 
 

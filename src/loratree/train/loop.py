@@ -109,7 +109,7 @@ def setup(config: TrainConfig, *, model: nn.Module | None = None,
     eval_rows = _rows(eval_rows, config.eval_data, config.skip_bad_rows)
     eval_data = encode(eval_rows, tokenizer, config.max_length) if eval_rows else None
     if config.quantize == "nf4":
-        logger.info("%s", surgery.quantize(model))
+        surgery.quantize(model)  # logs its report
     if config.method == "lora":
         report = surgery.inject(model, config.lora())
         logger.info("%s", report)
