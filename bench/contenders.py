@@ -90,9 +90,12 @@ def add_ours_slot(model: nn.Module, spec: AdapterSpec, seed: int) -> int:
     return slot
 
 
-def peft_model(base: nn.Module, spec: AdapterSpec, ours: nn.Module) -> peft.PeftModel:
-    """A deep copy of ``base`` wrapped by PEFT, holding slot 0 of ``ours`` as "default"."""
-    model = peft.get_peft_model(copy.deepcopy(base), spec.peft())
+def peft_model(
+    base: nn.Module, spec: AdapterSpec, ours: nn.Module, *, copy_base: bool = True
+) -> peft.PeftModel:
+    """``base`` (a deep copy unless ``copy_base`` is False) wrapped by PEFT, holding slot 0
+    of ``ours`` as "default"."""
+    model = peft.get_peft_model(copy.deepcopy(base) if copy_base else base, spec.peft())
     model.eval()
     _copy_weights(ours, 0, model, "default")
     return model

@@ -24,7 +24,7 @@ from loratree.train import TrainConfig, fit, save, setup
 from loratree.train.data import read_jsonl
 from loratree.train.evaluate import eval_loss, exact_match
 
-__all__ = ["QualityRow", "quality_markdown", "quality_rows"]
+__all__ = ["QLORA", "QualityRow", "qlora_gaps", "quality_markdown", "quality_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ PLANE = [(f"LoRA r={r} {name}", r, targets)
          for name, targets in (("q,v", ("q_proj", "v_proj")), ("all-linear", ("all-linear",)))
          for r in (1, 4, 8, 16)]
 LORA_LR, FULL_LR = 1e-3, 5e-5
+QLORA = "QLoRA r=8 all-linear (NF4 base)"
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ def quality_rows(base: nn.Module, tokenizer, *, steps: int, n_train: int = 400,
                 rows.append(_train_and_score(task, label, base, tokenizer, train_path,
                                              eval_path, held_out, steps, Path(tmp),
                                              rank=rank, targets=targets))
+            qlora = copy.deepcopy(base)  # quantized in place by setup; the float base stays
+            rows.append(_train_and_score(task, QLORA, qlora, tokenizer, train_path,
+                                         eval_path, held_out, steps, Path(tmp), rank=8,
+                                         targets=("all-linear",), quantize="nf4"))
+            del qlora
             full = copy.deepcopy(base)
             rows.append(_train_and_score(task, "full fine-tuning", full, tokenizer, train_path,
                                          eval_path, held_out, steps, Path(tmp), method="full"))
@@ -129,3 +135,13 @@ def quality_markdown(rows: list[QualityRow], steps: int) -> tuple[list[str], dic
         full = em.get("full fine-tuning", 0.0)
         ratios[task] = em.get("LoRA r=8 all-linear", 0.0) / full if full else float("inf")
     return lines, ratios
+
+
+def qlora_gaps(rows: list[QualityRow]) -> dict[str, float]:
+    """Per task, QLoRA's held-out EM minus LoRA's (r=8 all-linear, float base), in points."""
+    gaps = {}
+    for task in dict.fromkeys(r.task for r in rows):
+        em = {r.method: r.exact_match for r in rows if r.task == task}
+        if QLORA in em and "LoRA r=8 all-linear" in em:
+            gaps[task] = 100 * (em[QLORA] - em["LoRA r=8 all-linear"])
+    return gaps

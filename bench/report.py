@@ -37,6 +37,7 @@ class Table:
     title: str
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
+    peer_name: str = "PEFT"
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ def render(
     out += [f"- **{k}**: {v}" for k, v in machine.items()]
     out += ["", "## Method", ""] + [f"- {line}" for line in method]
     for table in tables:
-        out += ["", f"## {table.title}", "", "| row | ours | PEFT | ours/PEFT |"]
+        peer = table.peer_name
+        out += ["", f"## {table.title}", "", f"| row | ours | {peer} | ours/{peer} |"]
         out.append("|---|---:|---:|---:|")
         for r in table.rows:
             out.append(

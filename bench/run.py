@@ -15,7 +15,8 @@ from pathlib import Path
 from bench.contenders import load_model, random_ids
 from bench.harness import configure_threads, machine_info
 from bench.lora_rows import file_tables, forward_tables, merge_tables
-from bench.quality import quality_markdown, quality_rows
+from bench.qlora_rows import qlora_tables
+from bench.quality import qlora_gaps, quality_markdown, quality_rows
 from bench.report import Check, Table, render, write_atomic
 from bench.train_rows import train_tables
 
@@ -28,6 +29,8 @@ FULL = {"forward": 20, "ops": 30, "train": 9}
 QUICK = {"forward": 2, "ops": 3, "train": 2}
 QUALITY_TARGET = 0.90
 """Acceptance: LoRA r=8 all-linear reaches 90% of full fine-tuning's held-out exact match."""
+QLORA_GAP = 5.0
+"""Acceptance: QLoRA's held-out exact match is within this many points of LoRA's."""
 
 
 def run(quick: bool, quality_steps: int = 30) -> str:
@@ -54,6 +57,10 @@ def run(quick: bool, quality_steps: int = 30) -> str:
     train, train_checks = train_tables(base, repeats["train"])
     tables += train
     checks += train_checks
+    with tempfile.TemporaryDirectory(prefix="loratree-bench-") as tmp:
+        qlora, qlora_checks = qlora_tables(base, repeats["train"], Path(tmp))
+    tables += qlora
+    checks += qlora_checks
     extra: list[str] = []
     if quality_steps > 0:
         from loratree.models import load_base
@@ -66,6 +73,10 @@ def run(quick: bool, quality_steps: int = 30) -> str:
             checks.append(Check(
                 f"{task}: LoRA r=8 all-linear EM >= {QUALITY_TARGET:.0%} of full fine-tuning's",
                 f"{ratio:.2f}", ratio >= QUALITY_TARGET))
+        for task, gap in qlora_gaps(q_rows).items():
+            checks.append(Check(
+                f"{task}: QLoRA held-out EM within {QLORA_GAP:.0f} points of LoRA's "
+                "(r=8 all-linear)", f"{gap:+.1f} points", abs(gap) <= QLORA_GAP))
 
     elapsed = time.perf_counter() - t0
     load_end = os.getloadavg()[0]

@@ -95,3 +95,46 @@ def test_train_command_end_to_end_and_bad_rows(tmp_path):
     assert failed.returncode == 2 and "bad.jsonl:2" in failed.stderr
     skipped = _cli("train", "--data", str(bad), "--skip-bad-rows", *common)
     assert skipped.returncode == 0, skipped.stderr[-2000:]
+
+
+def test_quantize_then_merge_both_ways_with_reported_errors(tmp_path):
+    from loratree.models import load_base
+    from loratree.models.tiny import tiny_tokenizer
+    from tests.train.driver import write_data
+
+    base = tmp_path / "base"
+    tiny_llama(vocab=64).save_pretrained(base)
+    tiny_tokenizer(64).save_pretrained(base)
+    _, held_out = write_data(tmp_path / "data")
+    done = _cli("quantize", str(base), str(tmp_path / "q"), "--exclude", "k_proj")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bits per parameter" in done.stdout
+    qmodel, _ = load_base(tmp_path / "q")
+    nf4 = surgery.nf4_layers(qmodel)
+    assert nf4 and not any(n.endswith("k_proj") for n in nf4)
+
+    surgery.inject(qmodel, LoraConfig(rank=4, targets=("all-linear",)))
+    randomize_slot(qmodel, 0, std=0.05)
+    save_adapter(qmodel, tmp_path / "adapter")
+    ids = torch.randint(0, 64, (2, 9))
+    expected = qmodel(ids).logits
+
+    to_float = _cli("merge", str(tmp_path / "q"), str(tmp_path / "adapter"),
+                    str(tmp_path / "merged-float"), "--eval-data", str(held_out))
+    assert to_float.returncode == 0, to_float.stderr[-2000:]
+    assert "to float: weight error against the float merge max" in to_float.stdout
+    assert f"eval loss on {held_out}" in to_float.stdout
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-float")
+    torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4, rtol=0)
+
+    to_nf4 = _cli("merge", str(tmp_path / "q"), str(tmp_path / "adapter"),
+                  str(tmp_path / "merged-nf4"), "--to", "nf4")
+    assert to_nf4.returncode == 0, to_nf4.stderr[-2000:]
+    assert "to nf4: weight error" in to_nf4.stdout
+    requantized, _ = load_base(tmp_path / "merged-nf4")
+    assert surgery.nf4_layers(requantized).keys() == nf4.keys()
+    assert not surgery.lora_layers(requantized)
+
+    refused = _cli("merge", str(base), str(tmp_path / "adapter"), str(tmp_path / "x"),
+                   "--to", "nf4")
+    assert refused.returncode == 2 and "--to nf4 needs an NF4 base" in refused.stderr

@@ -115,7 +115,10 @@ def dequantize_blockwise(q: Tensor, absmax: Tensor, block: int) -> Tensor:
 
     Shape: q (m,) uint8, absmax (ceil(m / block),) -> (m,) fp32.
     """
-    return _times_scales(dynamic_code().to(q.device)[q.long()], absmax, block)
+    vals = dynamic_code().to(q.device)[q.long()]
+    out = torch.empty_like(vals)
+    _times_scales(vals, absmax, block, out)
+    return out
 
 
 def _nf4_codes(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
@@ -219,9 +222,15 @@ def quantize(w: Tensor, block: int = 64, double: bool = True) -> NF4Weight:
 
 @cache
 def _pair_table(device: torch.device) -> Tensor:
-    """Both NF4 values of every byte: row b is (NF4[b >> 4], NF4[b & 15]). Shape (256, 2)."""
+    """Both NF4 values of every byte, as one 8-byte word per byte.
+
+    Row b holds (NF4[b >> 4], NF4[b & 15]) as two float32 reinterpreted as one int64, so
+    a single 1-D ``index_select`` per packed byte yields both values (a 2-D gather is
+    several times slower on CPU). Shape (256,) int64.
+    """
     b = torch.arange(256)
-    return torch.stack([NF4_CODE[b >> 4], NF4_CODE[b & 15]], dim=1).to(device)
+    pairs = torch.stack([NF4_CODE[b >> 4], NF4_CODE[b & 15]], dim=1).contiguous()
+    return pairs.view(torch.int64).view(-1).to(device)
 
 
 def dequantize(q: NF4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -236,18 +245,24 @@ def dequantize(q: NF4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
     out = torch.empty(n, dtype=dtype, device=q.packed.device)
     for start in range(0, n, CHUNK):
         stop = min(start + CHUNK, n)
-        vals = table[q.packed[start // 2:(stop + 1) // 2].long()].view(-1)[: stop - start]
-        out[start:stop] = _times_scales(vals, scales[start // block:], block)
+        words = table.index_select(0, q.packed[start // 2:(stop + 1) // 2].int())
+        vals = words.view(torch.float32)[: stop - start]
+        _times_scales(vals, scales[start // block:], block, out[start:stop])
     return out.view(q.shape)
 
 
-def _times_scales(vals: Tensor, scales: Tensor, block: int) -> Tensor:
-    """Each value times its block's scale. Shape: (m,), (>= ceil(m / block),) -> (m,)."""
+def _times_scales(vals: Tensor, scales: Tensor, block: int, out: Tensor) -> None:
+    """``out = vals * scale of its block`` (cast to out's dtype).
+
+    Shape: vals (m,) fp32, scales (>= ceil(m / block),), out (m,).
+    """
     m = vals.numel()
     full = m // block * block
-    if full == m:
-        return (vals.view(-1, block) * scales[: m // block].view(-1, 1)).view(-1)
-    out = torch.empty_like(vals)
-    out[:full] = (vals[:full].view(-1, block) * scales[: full // block].view(-1, 1)).view(-1)
-    out[full:] = vals[full:] * scales[full // block]
-    return out
+    rows = full // block
+    if out.dtype == vals.dtype:
+        torch.mul(vals[:full].view(rows, block), scales[:rows].view(-1, 1),
+                  out=out[:full].view(rows, block))
+    else:
+        out[:full] = (vals[:full].view(rows, block) * scales[:rows].view(-1, 1)).view(-1)
+    if full < m:
+        out[full:] = vals[full:] * scales[rows]
