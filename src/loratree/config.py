@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["LoraConfig", "QuantConfig"]
+__all__ = ["LoraConfig", "PrefixConfig", "QuantConfig"]
 
 InitKind = Literal["kaiming", "gaussian"]
 
@@ -118,6 +118,57 @@ class QuantConfig:
             problems.append(f"double must be a bool, got {self.double!r}")
         if problems:
             raise ValueError("invalid QuantConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PrefixPositions = Literal["shift", "keep"]
+PrefixInit = Literal["vocab", "random"]
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    """One prefix-tuning adapter: ``n_virtual`` trained key/value vectors per attention layer.
+
+    The model is frozen; every token attends to the prefix before the prompt.
+    """
+
+    n_virtual: int = 20
+    """Virtual tokens P: the prefix length (PEFT's ``num_virtual_tokens``)."""
+    projection: bool = False
+    """Train through the paper's reparametrization: an embedding of P vectors, then a
+    two-layer MLP (Linear, tanh, Linear) to every layer's keys and values. Folded into
+    plain vectors when saved."""
+    encoder_hidden: int | None = None
+    """Hidden width of that MLP (default: the key/value width, as PEFT)."""
+    init: PrefixInit = "vocab"
+    """"vocab": start from the model's own keys and values for P random vocabulary tokens
+    (the paper's advice: real activations train faster and more stably than noise);
+    "random": N(0, 1) as PEFT does."""
+    positions: PrefixPositions = "shift"
+    """Positions of the prompt tokens: "shift" starts them at P, as PEFT does (so adapters
+    move between PEFT and loratree unchanged); "keep" starts them at 0, exactly as with no
+    prefix. Saved adapters record "keep" in an extra config key that PEFT ignores."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.n_virtual, int) or isinstance(self.n_virtual, bool) or (
+            self.n_virtual < 1
+        ):
+            problems.append(f"n_virtual must be a positive int, got {self.n_virtual!r}")
+        if not isinstance(self.projection, bool):
+            problems.append(f"projection must be a bool, got {self.projection!r}")
+        if self.encoder_hidden is not None and (
+            not isinstance(self.encoder_hidden, int) or self.encoder_hidden < 1
+        ):
+            problems.append(f"encoder_hidden must be a positive int, got {self.encoder_hidden!r}")
+        if self.init not in ("vocab", "random"):
+            problems.append(f"init must be 'vocab' or 'random', got {self.init!r}")
+        if self.positions not in ("shift", "keep"):
+            problems.append(f"positions must be 'shift' or 'keep', got {self.positions!r}")
+        if problems:
+            raise ValueError("invalid PrefixConfig: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,6 +27,7 @@ from loratree.adapters.peft_format import (
     peft_key,
     read_config,
 )
+from loratree.adapters.prefix_files import PEFT_TYPE, load_prefix, save_prefix
 from loratree.adapters.safetensors_io import read_safetensors
 from loratree.config import LoraConfig
 from loratree.errors import (
@@ -37,7 +38,7 @@ from loratree.errors import (
 )
 from loratree.fsio import atomic_write
 from loratree.layers import LoraEmbedding, SlotContext
-from loratree.surgery import adaptable_modules, find_targets, inject, lora_layers
+from loratree.surgery import adaptable_modules, find_targets, inject, lora_layers, prefix_bank
 from loratree.surgery.inject import wrap
 from loratree.surgery.targets import pattern_value
 
@@ -61,7 +62,13 @@ class AdapterFile:
 def save_adapter(
     model: nn.Module, path: str | Path, slot: int = 0, *, base_model: str | None = None
 ) -> Path:
-    """Write slot ``slot`` of the model as a PEFT adapter directory; returns the path."""
+    """Write slot ``slot`` of the model as a PEFT adapter directory; returns the path.
+
+    A LoRA slot is written as a PEFT LoRA adapter, a prefix slot as PEFT prefix-tuning.
+    """
+    bank = prefix_bank(model)
+    if bank is not None and bank.encoder(slot) is not None:
+        return save_prefix(model, path, slot, base_model=base_model)
     path = Path(path)
     layers = {n: m for n, m in lora_layers(model).items() if m.specs[slot].rank > 0}
     if not layers:
@@ -139,6 +146,9 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False)
     the shapes those modules need. Nothing in the model changes unless every check passes.
     """
     path = Path(path)
+    raw = read_config(path)
+    if raw.get("peft_type") == PEFT_TYPE:
+        return load_prefix(model, path, raw, trainable=trainable)
     adapter = read_adapter(path)
     _validate_against(model, adapter, path.name)
     report = inject(model, adapter.config, trainable=trainable, names=tuple(adapter.weights))

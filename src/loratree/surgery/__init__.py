@@ -10,6 +10,13 @@ from loratree.surgery.inject import (
 )
 from loratree.surgery.merge import merge, merge_and_unload, switch, unload, unmerge
 from loratree.surgery.plan import DEFAULT_RANKS, STANDARD_TARGETS, PlanRow, adapter_size, rank_plane
+from loratree.surgery.prefix import (
+    add_prefix,
+    geometry,
+    prefix_bank,
+    remove_prefixes,
+    slot_count,
+)
 from loratree.surgery.quantize import (
     MergeErrorReport,
     QuantizeReport,
@@ -29,17 +36,22 @@ __all__ = [
     "adaptable_modules",
     "adapter_parameters",
     "adapter_size",
+    "add_prefix",
     "context",
     "export_merged",
     "find_targets",
+    "geometry",
     "inject",
     "lora_layers",
     "merge",
     "merge_and_unload",
     "nf4_layers",
+    "prefix_bank",
     "quantize",
     "rank_plane",
+    "remove_prefixes",
     "set_trainable",
+    "slot_count",
     "switch",
     "unload",
     "unmerge",

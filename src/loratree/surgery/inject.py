@@ -19,6 +19,7 @@ from loratree.layers import (
     SlotContext,
     SlotSpec,
 )
+from loratree.surgery.prefix import prefix_bank, prefix_parameters, slot_count
 from loratree.surgery.targets import Conv1D, find_targets, pattern_value
 
 __all__ = [
@@ -58,10 +59,13 @@ def lora_layers(model: nn.Module) -> dict[str, LoraModule]:
 
 
 def context(model: nn.Module) -> SlotContext:
-    """The slot context shared by the model's LoRA layers."""
+    """The slot context shared by the model's LoRA layers and prefix adapters."""
     for layer in lora_layers(model).values():
         return layer.ctx
-    raise ValueError("the model has no LoRA layers; inject an adapter first")
+    bank = prefix_bank(model)
+    if bank is not None:
+        return bank.ctx
+    raise ValueError("the model has no adapters; inject or load one first")
 
 
 def wrap(base: nn.Module, ctx: SlotContext, name: str) -> LoraModule:
@@ -88,8 +92,13 @@ def inject(
     names. Everything but this slot's parameters is frozen when ``trainable``.
     """
     existing = lora_layers(model)
-    ctx = next(iter(existing.values())).ctx if existing else SlotContext()
-    slot = next(iter(existing.values())).n_slots if existing else 0
+    bank = prefix_bank(model)
+    ctx = (next(iter(existing.values())).ctx if existing
+           else bank.ctx if bank is not None else SlotContext())
+    slot = slot_count(model)  # one numbering with prefix adapters
+    for layer in existing.values():
+        while layer.n_slots < slot:
+            layer.add_slot(SlotSpec(0, 1.0))
     if names:
         targets = find_targets(model, tuple(f"re:{re.escape(n)}" for n in names))
     else:
@@ -109,6 +118,8 @@ def inject(
         else:
             spec = SlotSpec(0, 1.0)
         layer.add_slot(spec, config.init)
+    if bank is not None:
+        bank.pad_to(slot + 1)
     if trainable:
         set_trainable(model, slot)
     return InjectionReport(
@@ -121,9 +132,10 @@ def inject(
 
 
 def adapter_parameters(model: nn.Module, slot: int | None = None) -> Iterator[nn.Parameter]:
-    """The LoRA parameters of one slot (or of all slots): the one way to find them.
+    """The adapter parameters of one slot (or of all slots): the one way to find them.
 
-    Empty slots (rank 0: the adapter does not reach that layer) have none.
+    LoRA factors, and a prefix adapter's encoder. Empty slots (rank 0: the adapter does
+    not reach that layer) have none.
     """
     for layer in lora_layers(model).values():
         slots = range(layer.n_slots) if slot is None else (slot,)
@@ -131,6 +143,10 @@ def adapter_parameters(model: nn.Module, slot: int | None = None) -> Iterator[nn
             if layer.specs[s].rank > 0:
                 yield layer.lora_a[s]
                 yield layer.lora_b[s]
+    bank = prefix_bank(model)
+    if bank is not None:
+        for s in bank.slots() if slot is None else (slot,):
+            yield from prefix_parameters(model, s)
 
 
 def set_trainable(model: nn.Module, *slots: int) -> None:

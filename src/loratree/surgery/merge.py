@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from loratree.surgery.inject import lora_layers, replace_module
+from loratree.surgery.prefix import remove_prefixes
 
 __all__ = ["merge", "merge_and_unload", "switch", "unload", "unmerge"]
 
@@ -46,10 +47,12 @@ def switch(model: nn.Module, slot: int) -> None:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every LoRA layer, restoring the original modules (unmerging first)."""
+    """Remove every adapter, restoring the original modules (LoRA unmerged first) and
+    taking prefix adapters and their hook off."""
     for name, layer in lora_layers(model).items():
         layer.unmerge()
         replace_module(model, name, layer.base)
+    remove_prefixes(model)
     return model
 
 
