@@ -138,3 +138,36 @@ def test_quantize_then_merge_both_ways_with_reported_errors(tmp_path):
     refused = _cli("merge", str(base), str(tmp_path / "adapter"), str(tmp_path / "x"),
                    "--to", "nf4")
     assert refused.returncode == 2 and "--to nf4 needs an NF4 base" in refused.stderr
+
+
+def test_train_method_prefix_writes_a_peft_prefix_adapter(tmp_path):
+    import json
+
+    import peft
+
+    from loratree.models.tiny import tiny_tokenizer
+    from tests.train.driver import write_data
+
+    base = tmp_path / "base"
+    tiny_llama(vocab=64).save_pretrained(base)
+    tiny_tokenizer(64).save_pretrained(base)
+    train, held_out = write_data(tmp_path / "data")
+    out = tmp_path / "prefix"
+    done = _cli("train", "--model", str(base), "--data", str(train), "--eval", str(held_out),
+                "--out", str(out), "--method", "prefix", "--virtual-tokens", "4",
+                "--prefix-projection", "--max-steps", "3", "--batch-size", "4",
+                "--eval-examples", "2", "--max-new-tokens", "4", "--save-every", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 4
+    assert config["prefix_projection"] is True
+    assert (out / "checkpoints" / "step-00000003").is_dir()
+    model = AutoModelForCausalLM.from_pretrained(base)
+    theirs = peft.PeftModel.from_pretrained(model, out).eval()
+    ids = torch.randint(0, 60, (1, 6))
+    ours = AutoModelForCausalLM.from_pretrained(base)
+    from loratree.adapters import load_adapter
+
+    load_adapter(ours, out)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=0)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from loratree.cli.main import build_parser
@@ -51,7 +53,8 @@ def test_python_api_trains_from_records(tmp_path):
               tokenizer=tiny_tokenizer(64))
 
 
-@pytest.mark.parametrize("method,precision", [("full", "fp32"), ("lora", "bf16")])
+@pytest.mark.parametrize("method,precision", [("full", "fp32"), ("lora", "bf16"),
+                                              ("prefix", "fp32"), ("prefix", "bf16")])
 def test_full_fine_tuning_and_bf16_runs_learn(tmp_path, method, precision):
     from loratree.models.tiny import tiny_llama, tiny_tokenizer
     from loratree.train import train
@@ -69,3 +72,6 @@ def test_full_fine_tuning_and_bf16_runs_learn(tmp_path, method, precision):
     if method == "full":
         assert all(p.requires_grad for p in model.parameters())
         assert (tmp_path / "a" / "model" / "config.json").is_file()
+    if method == "prefix":
+        config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+        assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 20

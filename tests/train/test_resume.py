@@ -88,3 +88,36 @@ def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(tmp_path):
     assert ckpt.latest_checkpoint(stopped / "checkpoints").name == "step-00000005"
     _driver(stopped, "--resume")
     assert _losses(stopped) == _losses(straight)
+
+
+def test_prefix_run_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from loratree.models.tiny import tiny_llama, tiny_tokenizer
+    from loratree.train import TrainConfig, fit, save, setup
+    from tests.train.driver import write_data
+
+    train_path, _ = write_data(tmp_path / "data")
+
+    def config(out):
+        return TrainConfig(data=str(train_path), out=str(tmp_path / out), method="prefix",
+                           virtual_tokens=3, prefix_projection=True, max_steps=4,
+                           batch_size=4, lr=1e-2, save_every=2, warmup_steps=1)
+
+    def run(out, stop_after=None, resume=False):
+        r = setup(config(out), model=tiny_llama(vocab=64), tokenizer=tiny_tokenizer(64))
+
+        def stop(step, loss):
+            if step == stop_after:
+                raise KeyboardInterrupt
+
+        try:
+            fit(r, resume=resume, progress=False, on_step=stop)
+        except KeyboardInterrupt:
+            return None
+        return load_file(save(r) / "adapter_model.safetensors")["prompt_embeddings"]
+
+    straight = run("a")
+    assert run("b", stop_after=2) is None
+    resumed = run("b", resume=True)
+    assert torch.equal(straight, resumed)

@@ -16,13 +16,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo_out", help="where data, adapters and plots go")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
     p.add_argument("--steps", type=int, default=40, help="training steps per task")
+    p.add_argument("--method", choices=["lora", "prefix"], default="lora",
+                   help="adapter kind: LoRA r=8 on all linear layers, or prefix-tuning")
+    p.add_argument("--virtual-tokens", type=int, default=20,
+                   help="prefix length per layer with --method prefix (default 20)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    results = run_demo(args.out, tasks=tasks, steps=args.steps)
+    results = run_demo(args.out, tasks=tasks, steps=args.steps, method=args.method,
+                       virtual_tokens=args.virtual_tokens)
     print(f"\n{'task':<10}{'base EM':>10}{'adapter EM':>12}  adapter")
     for r in results:
         print(f"{r.task:<10}{100 * r.base_exact_match:>9.0f}%{100 * r.adapter_exact_match:>11.0f}%"

@@ -1,8 +1,9 @@
 """``make demo``: adapters for the bundled tasks on the embedded SmolLM2, base vs adapter.
 
 One base model stays in memory. For each task: score the base model's held-out exact
-match, train a LoRA adapter (PEFT format, with its loss plot), score it again, unload it,
-and go on to the next task. The result is a table and a few answers before and after.
+match, train an adapter (LoRA or prefix; PEFT format, with its loss plot), score it
+again, unload it, and go on to the next task. The result is a table and a few answers
+before and after.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class DemoResult:
     adapter: Path
 
 
+PREFIX_LR = 1e-2
+DEFAULT_LR = {"lora": 1e-3, "prefix": PREFIX_LR}
+
+
 def run_demo(
     out: str | Path = "demo_out",
     *,
@@ -41,10 +46,17 @@ def run_demo(
     n_train: int = 400,
     n_eval: int = 50,
     rank: int = 8,
-    lr: float = 1e-3,
+    lr: float | None = None,
+    method: str = "lora",
+    virtual_tokens: int = 20,
     progress: bool = True,
 ) -> list[DemoResult]:
-    """Train one adapter per task and compare held-out exact match with the base model."""
+    """Train one adapter per task and compare held-out exact match with the base model.
+
+    ``method`` is "lora" (rank ``rank``, all linear layers) or "prefix" (``virtual_tokens``
+    per layer). ``lr`` defaults to what suits the method: 1e-3 for LoRA, PREFIX_LR for
+    prefix-tuning, which moves raw key/value vectors and needs larger steps.
+    """
     out = Path(out)
     data = write_tasks(out / "data", n_train, n_eval, names=tasks)
     model, tokenizer = load_base(None)
@@ -55,7 +67,8 @@ def run_demo(
         base_em, base_pairs = exact_match(model, tokenizer, rows, max_new_tokens=24)
         config = TrainConfig(
             data=str(train_path), eval_data=str(eval_path), out=str(out / "adapters" / task),
-            rank=rank, alpha=2.0 * rank, targets=("all-linear",), lr=lr, max_steps=steps,
+            method=method, virtual_tokens=virtual_tokens, rank=rank, alpha=2.0 * rank,
+            targets=("all-linear",), lr=lr or DEFAULT_LR[method], max_steps=steps,
             warmup_steps=max(steps // 10, 1), batch_size=8, max_length=96,
             eval_every=steps, save_every=steps, keep_last=1, eval_examples=0,
         )

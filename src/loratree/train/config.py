@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from loratree.config import LoraConfig
+from loratree.config import LoraConfig, PrefixConfig
 
 __all__ = ["TrainConfig"]
 
-Method = Literal["lora", "full"]
+Method = Literal["lora", "prefix", "full"]
 Precision = Literal["fp32", "bf16"]
 Quantize = Literal["nf4"]
 
@@ -31,12 +31,19 @@ class TrainConfig:
     model: str | None = None
     """HF directory or .gguf file; None for the embedded SmolLM2."""
     method: Method = "lora"
-    """"lora", or "full" fine-tuning (every weight trainable: the far corner of the plane)."""
+    """"lora"; "prefix" (prefix-tuning: trained key/value vectors per attention layer); or
+    "full" fine-tuning (every weight trainable: the far corner of the plane)."""
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("all-linear",)
     use_rslora: bool = False
+    virtual_tokens: int = 20
+    """Prefix-tuning: virtual tokens per attention layer."""
+    prefix_projection: bool = False
+    """Prefix-tuning: train through the MLP reparametrization (folded on save)."""
+    prefix_positions: Literal["shift", "keep"] = "shift"
+    """Prefix-tuning: prompt positions start at the prefix length (PEFT's) or at 0."""
     max_length: int = 256
     """Examples longer than this many tokens are truncated (and counted)."""
     batch_size: int = 8
@@ -65,14 +72,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
         problems = _number_problems(self)
-        if self.method not in ("lora", "full"):
-            problems.append(f"method must be 'lora' or 'full', got {self.method!r}")
+        if self.method not in ("lora", "prefix", "full"):
+            problems.append(f"method must be 'lora', 'prefix' or 'full', got {self.method!r}")
+        if self.prefix_positions not in ("shift", "keep"):
+            problems.append(f"prefix_positions must be 'shift' or 'keep', got "
+                            f"{self.prefix_positions!r}")
         if self.precision not in ("fp32", "bf16"):
             problems.append(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.quantize not in (None, "nf4"):
             problems.append(f"quantize must be 'nf4' or None, got {self.quantize!r}")
-        elif self.quantize and self.method != "lora":
-            problems.append("quantize='nf4' needs method='lora': a 4-bit base stays frozen")
+        elif self.quantize and self.method == "full":
+            problems.append("quantize='nf4' needs an adapter method: a 4-bit base stays frozen")
         if not problems and self.batch_size % self.grad_accum:
             problems.append(
                 f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}"
@@ -83,6 +93,10 @@ class TrainConfig:
     def lora(self) -> LoraConfig:
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                           targets=self.targets, use_rslora=self.use_rslora)
+
+    def prefix(self) -> PrefixConfig:
+        return PrefixConfig(n_virtual=self.virtual_tokens, projection=self.prefix_projection,
+                            positions=self.prefix_positions)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,7 +116,7 @@ class TrainConfig:
 
 def _number_problems(c: TrainConfig) -> list[str]:
     problems = []
-    positive = ("rank", "max_length", "batch_size", "grad_accum", "max_steps",
+    positive = ("rank", "virtual_tokens", "max_length", "batch_size", "grad_accum", "max_steps",
                 "eval_every", "save_every", "keep_last", "max_new_tokens")
     for name in positive:
         value = getattr(c, name)

@@ -1,10 +1,11 @@
 """Training, read top-down: ``setup`` builds a run, ``fit`` trains it, ``save`` writes it.
 
-``train(config)`` is all three. A run trains one LoRA adapter (slot 0) or, with
-``method="full"``, every weight. It is deterministic for a seed, checkpoints atomically
-every ``save_every`` steps and on SIGTERM/SIGINT, resumes exactly, and stops with an error
-naming the step if the loss or a gradient goes non-finite. Under ``torchrun`` each process
-takes every world-th example of each batch and rank 0 alone writes files.
+``train(config)`` is all three. A run trains one adapter in slot 0 (LoRA, or with
+``method="prefix"`` a prefix) or, with ``method="full"``, every weight. It is
+deterministic for a seed, checkpoints atomically every ``save_every`` steps and on
+SIGTERM/SIGINT, resumes exactly, and stops with an error naming the step if the loss or a
+gradient goes non-finite. Under ``torchrun`` each process takes every world-th example of
+each batch and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -113,6 +114,13 @@ def setup(config: TrainConfig, *, model: nn.Module | None = None,
     if config.method == "lora":
         report = surgery.inject(model, config.lora())
         logger.info("%s", report)
+    elif config.method == "prefix":
+        slot = surgery.add_prefix(model, config.prefix())
+        n = sum(p.numel() for p in surgery.adapter_parameters(model, slot))
+        total = sum(p.numel() for p in model.parameters())
+        logger.info("slot %d: prefix of %d virtual tokens; trainable %s of %s parameters "
+                    "(%.3f%%)", slot, config.virtual_tokens, f"{n:,}", f"{total:,}",
+                    100 * n / total)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -207,7 +215,7 @@ def save(run: Run) -> Path:
     ``out/model``, and the loss plot; rank 0 only."""
     if not run.dist.main:
         return run.out
-    if run.config.method == "lora":
+    if run.config.method != "full":
         save_adapter(run.model, run.out, 0, base_model=run.config.model)
     else:
         save_model(run.model, run.tokenizer, run.out / "model")
@@ -241,7 +249,7 @@ def _checkpoint(run: Run, position: ckpt.Position) -> None:
     if not run.dist.main:
         return
     write = ((lambda p: save_adapter(run.model, p, 0, base_model=run.config.model))
-             if run.config.method == "lora" else None)
+             if run.config.method != "full" else None)
     ckpt.save_checkpoint(run.checkpoints, position, dict(run.params), run.optimizer,
                          run.scheduler, keep_last=run.config.keep_last, write_adapter=write)
 
