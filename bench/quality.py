@@ -19,6 +19,7 @@ from torch import nn
 
 from bench.report import human_bytes
 from loratree import surgery
+from loratree.demo.run import PREFIX_LR
 from loratree.demo.tasks import TASKS, write_tasks
 from loratree.train import TrainConfig, fit, save, setup
 from loratree.train.data import read_jsonl
@@ -33,6 +34,7 @@ PLANE = [(f"LoRA r={r} {name}", r, targets)
          for r in (1, 4, 8, 16)]
 LORA_LR, FULL_LR = 1e-3, 5e-5
 QLORA = "QLoRA r=8 all-linear (NF4 base)"
+PREFIX = "prefix-tuning, 20 virtual tokens"
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ def quality_rows(base: nn.Module, tokenizer, *, steps: int, n_train: int = 400,
                                          eval_path, held_out, steps, Path(tmp), rank=8,
                                          targets=("all-linear",), quantize="nf4"))
             del qlora
+            rows.append(_train_and_score(task, PREFIX, base, tokenizer, train_path, eval_path,
+                                         held_out, steps, Path(tmp), method="prefix",
+                                         virtual_tokens=20, lr=PREFIX_LR))
             full = copy.deepcopy(base)
             rows.append(_train_and_score(task, "full fine-tuning", full, tokenizer, train_path,
                                          eval_path, held_out, steps, Path(tmp), method="full"))
@@ -79,7 +84,7 @@ def _config(train_path: Path, eval_path: Path, out: Path, steps: int, **kw) -> T
         data=str(train_path), eval_data=str(eval_path), out=str(out), max_steps=steps,
         warmup_steps=max(steps // 10, 1), batch_size=8, max_length=96, eval_every=steps,
         save_every=steps, keep_last=1, eval_examples=0, alpha=2.0 * rank,
-        lr=FULL_LR if kw.get("method") == "full" else LORA_LR, **kw,
+        **{"lr": FULL_LR if kw.get("method") == "full" else LORA_LR, **kw},
     )
 
 
@@ -93,7 +98,7 @@ def _train_and_score(task, label, model, tokenizer, train_path, eval_path, held_
     save(run)
     trainable = sum(p.numel() for p in run.params.values())
     size = (out / "adapter_model.safetensors").stat().st_size if kw.get("method") != "full" \
-        else None
+        else None  # LoRA and prefix adapters are files; full fine-tuning is a model
     row = _score(task, label, model, tokenizer, train_path, eval_path, held_out, trainable,
                  size, time.perf_counter() - started)
     if kw.get("method") != "full":
@@ -120,7 +125,8 @@ def quality_markdown(rows: list[QualityRow], steps: int) -> tuple[list[str], dic
     """Markdown lines of the table, and per task the EM ratio LoRA r8 all-linear / full FT."""
     lines = [
         "## Quality on the demo tasks (SmolLM2, same data and step budget)", "",
-        f"{steps} steps of batch 8 per run; LoRA lr {LORA_LR}, full fine-tuning lr {FULL_LR}; "
+        f"{steps} steps of batch 8 per run; LoRA lr {LORA_LR}, prefix-tuning lr {PREFIX_LR}, "
+        f"full fine-tuning lr {FULL_LR}; "
         "alpha = 2 r; held-out exact match of greedy answers and eval loss on the same rows.",
         "", "| task | method | held-out EM | eval loss | trainable params | adapter file | "
         "train+eval time |", "|---|---|---:|---:|---:|---:|---:|",

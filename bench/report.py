@@ -10,7 +10,7 @@ from typing import Literal
 
 __all__ = ["Check", "Row", "Table", "render", "write_atomic"]
 
-Unit = Literal["ms", "pct", "share", "ratio", "bytes"]
+Unit = Literal["ms", "pct", "share", "ratio", "bytes", "count"]
 MIN_PEER_OVERHEAD = 0.005
 """Below this PEFT overhead (0.5%), a ratio of overheads is noise and is not shown."""
 
@@ -60,6 +60,8 @@ def fmt(value: float | None, unit: Unit) -> str:
         return f"{value * 100:.2f}%"
     if unit == "ratio":
         return f"{value:.3f}"
+    if unit == "count":
+        return f"{int(value):,}"
     return human_bytes(value)
 
 

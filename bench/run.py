@@ -15,6 +15,7 @@ from pathlib import Path
 from bench.contenders import load_model, random_ids
 from bench.harness import configure_threads, machine_info
 from bench.lora_rows import file_tables, forward_tables, merge_tables
+from bench.prefix_rows import prefix_tables
 from bench.qlora_rows import qlora_tables
 from bench.quality import qlora_gaps, quality_markdown, quality_rows
 from bench.report import Check, Table, render, write_atomic
@@ -61,6 +62,10 @@ def run(quick: bool, quality_steps: int = 30) -> str:
         qlora, qlora_checks = qlora_tables(base, repeats["train"], Path(tmp))
     tables += qlora
     checks += qlora_checks
+    with tempfile.TemporaryDirectory(prefix="loratree-bench-") as tmp:
+        prefix, prefix_checks = prefix_tables(base, repeats["train"], Path(tmp))
+    tables += prefix
+    checks += prefix_checks
     extra: list[str] = []
     if quality_steps > 0:
         from loratree.models import load_base

@@ -34,7 +34,7 @@ class DemoResult:
     adapter: Path
 
 
-PREFIX_LR = 1e-2
+PREFIX_LR = 3e-2
 DEFAULT_LR = {"lora": 1e-3, "prefix": PREFIX_LR}
 
 
