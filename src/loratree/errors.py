@@ -9,10 +9,15 @@ from __future__ import annotations
 __all__ = [
     "AdapterConfigError",
     "AdapterFileError",
+    "AdapterInUseError",
+    "AdapterNameError",
+    "AdapterNotFoundError",
+    "CacheFullError",
     "CorruptFileError",
     "MissingKeyError",
     "NonFiniteError",
     "QuantizedBaseError",
+    "RankTooLargeError",
     "ShapeMismatchError",
     "TargetError",
     "UnexpectedKeyError",
@@ -62,3 +67,26 @@ class QuantizedBaseError(ValueError):
     Merging into 4-bit weights re-quantizes them, so every merge or switch would add
     rounding error. Export instead: ``loratree.surgery.export_merged``.
     """
+
+
+class AdapterNameError(ValueError):
+    """An adapter name is not allowed: it could lead outside the store, or is malformed."""
+
+
+class AdapterNotFoundError(KeyError):
+    """No adapter of that name is in the store (or the cache, or the model's slots)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of its argument
+        return str(self.args[0]) if self.args else "adapter not found"
+
+
+class CacheFullError(RuntimeError):
+    """The cache cannot hold what was asked: pinned and in-use adapters fill its budget."""
+
+
+class AdapterInUseError(RuntimeError):
+    """The adapter serves a running request, so it cannot be evicted or replaced now."""
+
+
+class RankTooLargeError(ValueError):
+    """The adapter's rank exceeds the slot table's configured maximum."""

@@ -27,7 +27,7 @@ from loratree.adapters.peft_format import (
     peft_key,
     read_config,
 )
-from loratree.adapters.prefix_files import PEFT_TYPE, load_prefix, save_prefix
+from loratree.adapters.prefix_files import PEFT_TYPE, load_prefix, read_prefix, save_prefix
 from loratree.adapters.safetensors_io import read_safetensors
 from loratree.config import LoraConfig
 from loratree.errors import (
@@ -42,7 +42,7 @@ from loratree.surgery import adaptable_modules, find_targets, inject, lora_layer
 from loratree.surgery.inject import wrap
 from loratree.surgery.targets import pattern_value
 
-__all__ = ["AdapterFile", "load_adapter", "read_adapter", "save_adapter"]
+__all__ = ["AdapterFile", "check_adapter_dir", "load_adapter", "read_adapter", "save_adapter"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,17 @@ def read_adapter(path: str | Path) -> AdapterFile:
             )
         weights[module] = (a, b)
     return AdapterFile(config, weights, base_weights, raw)
+
+
+def check_adapter_dir(path: str | Path) -> str:
+    """Read and check an adapter directory of either kind, without a model; its kind."""
+    path = Path(path)
+    raw = read_config(path)
+    if raw.get("peft_type") == PEFT_TYPE:
+        read_prefix(path, raw)
+        return "prefix"
+    read_adapter(path)
+    return "lora"
 
 
 def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False) -> int:

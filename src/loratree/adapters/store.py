@@ -1,0 +1,232 @@
+"""A directory of named adapters: safe names, atomic adds and replaces, metadata listing.
+
+Layout under the store root::
+
+    .objects/<id>/adapter_config.json, adapter_model.safetensors   one immutable version
+    <name>  -> .objects/<id>                                       a relative symlink
+
+A name may hold ``/`` (tree paths: ``support/en/formal``), so ``<name>`` may sit in
+sub-directories. Adding writes a new version under ``.objects``, fsyncs it, then swaps the
+name's symlink with one atomic rename: a reader that resolves the name sees the old
+version or the new one, whole, never a half-written directory and never a gap. A replaced
+version is deleted only after ``GRACE_S``, so a reader midway through it can finish.
+
+Names are checked before any path is built from them (letters, digits, ``-``, ``_``,
+``.``, ``/`` between parts; no empty, ``.`` or ``..`` part, no leading dot, at most
+``MAX_NAME`` characters), and every resolved path must stay inside ``.objects``: a
+symlink planted in the store that leads elsewhere is refused, not followed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from loratree.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_config
+from loratree.adapters.prefix_files import PEFT_TYPE
+from loratree.errors import AdapterFileError, AdapterNameError, AdapterNotFoundError
+from loratree.fsio import fsync_dir, fsync_tree
+
+__all__ = ["MAX_NAME", "AdapterInfo", "AdapterStore", "check_name"]
+
+MAX_NAME = 200
+OBJECTS = ".objects"
+FILES = (CONFIG_NAME, WEIGHTS_NAME, "routing.json")
+"""What a version holds: the PEFT files, and loratree's routing centroid when present."""
+GRACE_S = 60.0
+"""How long a replaced version stays readable for readers that resolved it before."""
+_PART = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+
+
+def check_name(name: object) -> str:
+    """Return ``name`` if it is a valid adapter name; raise ``AdapterNameError`` if not."""
+    if not isinstance(name, str):
+        raise AdapterNameError(f"adapter name must be a string, got {type(name).__name__}")
+    if not name:
+        raise AdapterNameError("adapter name is empty")
+    if len(name) > MAX_NAME:
+        raise AdapterNameError(f"adapter name is longer than {MAX_NAME} characters")
+    for part in name.split("/"):
+        if part in ("", ".", ".."):
+            raise AdapterNameError(f"adapter name {name!r}: empty, '.' or '..' part")
+        if not _PART.fullmatch(part):
+            raise AdapterNameError(
+                f"adapter name {name!r}: parts take letters, digits, '-', '_' and '.', and "
+                "do not start with '.'")
+    return name
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the store knows about one adapter, from its config and files."""
+
+    name: str
+    kind: str
+    """"lora" or "prefix"."""
+    rank: int
+    """LoRA: the largest rank over its layers; prefix: the number of virtual tokens."""
+    targets: tuple[str, ...]
+    size: int
+    """Bytes on disk."""
+    base_model: str | None
+    path: Path
+    """The immutable version directory the name pointed to when this was read."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "rank": self.rank,
+                "targets": list(self.targets), "size": self.size,
+                "base_model": self.base_model}
+
+
+class AdapterStore:
+    """Named adapters under one root directory (created if missing)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.objects = self.root / OBJECTS
+        self.objects.mkdir(parents=True, exist_ok=True)
+
+    def path_of(self, name: str) -> Path:
+        """The version directory ``name`` points to now.
+
+        Raises:
+            AdapterNameError: the name is malformed or resolves outside the store.
+            AdapterNotFoundError: no adapter of that name.
+        """
+        link = self.root / check_name(name)
+        if not os.path.lexists(link):
+            raise AdapterNotFoundError(f"no adapter named {name!r} in {self.root}")
+        target = link.resolve()
+        if target.parent != self.objects:
+            raise AdapterNameError(f"adapter {name!r} leads outside the store; refused")
+        if not target.is_dir():
+            raise AdapterNotFoundError(f"adapter {name!r} points at a missing version")
+        return target
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            self.path_of(name)  # type: ignore[arg-type]
+        except (AdapterNameError, AdapterNotFoundError):
+            return False
+        return True
+
+    def info(self, name: str) -> AdapterInfo:
+        path = self.path_of(name)
+        return _info(name, path, read_config(path))
+
+    def list(self) -> list[AdapterInfo]:
+        """Every adapter, sorted by name (entries that do not resolve into the store are
+        skipped)."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            rel = Path(dirpath).relative_to(self.root)
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for entry in sorted(filenames + dirnames):
+                if not os.path.islink(Path(dirpath) / entry):
+                    continue
+                name = str(rel / entry) if str(rel) != "." else entry
+                try:
+                    found.append(self.info(name))
+                except (AdapterNameError, AdapterNotFoundError, AdapterFileError):
+                    continue
+        return sorted(found, key=lambda i: i.name)
+
+    def add(self, name: str, source: str | Path) -> AdapterInfo:
+        """Copy the adapter directory ``source`` in as ``name`` (replacing any old one).
+
+        The files are checked (readable config and safetensors) before anything becomes
+        visible under the name.
+        """
+        check_name(name)
+        source = Path(source)
+        from loratree.adapters.files import check_adapter_dir
+
+        check_adapter_dir(source)
+        version = self.objects / uuid.uuid4().hex
+        tmp = self.objects / f".tmp-{version.name}"
+        tmp.mkdir()
+        try:
+            for f in FILES:
+                if (source / f).is_file():
+                    shutil.copyfile(source / f, tmp / f)
+            fsync_tree(tmp)
+            os.rename(tmp, version)
+            fsync_dir(self.objects)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self._point(name, version)
+
+    def save(self, name: str, model: nn.Module, slot: int = 0, **kw: Any) -> AdapterInfo:
+        """Save slot ``slot`` of ``model`` into the store as ``name``."""
+        from loratree.adapters.files import save_adapter
+
+        check_name(name)
+        staging = self.objects / f".tmp-{uuid.uuid4().hex}"
+        try:
+            save_adapter(model, staging, slot, **kw)
+            return self.add(name, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def remove(self, name: str) -> None:
+        """Delete ``name`` (its version directory goes after the grace period)."""
+        self.path_of(name)
+        (self.root / name).unlink()
+        fsync_dir((self.root / name).parent)
+        self.collect()
+
+    def _point(self, name: str, version: Path) -> AdapterInfo:
+        parent = self.root
+        for part in name.split("/")[:-1]:  # never follow a planted link out of the store
+            parent = parent / part
+            if os.path.islink(parent) or (parent.exists() and not parent.is_dir()):
+                shutil.rmtree(version, ignore_errors=True)
+                raise AdapterNameError(f"adapter {name!r}: {part!r} on its path is not a "
+                                       "plain directory of the store")
+            parent.mkdir(exist_ok=True)
+        link = parent / name.split("/")[-1]
+        if os.path.lexists(link) and not os.path.islink(link):
+            shutil.rmtree(version, ignore_errors=True)
+            raise AdapterNameError(f"{name!r} is a directory of adapters, not an adapter")
+        tmp_link = link.parent / f".{link.name}.{version.name}.tmp"
+        os.symlink(os.path.relpath(version, link.parent), tmp_link)
+        os.replace(tmp_link, link)  # atomic: readers see the old version or the new one
+        fsync_dir(link.parent)
+        self.collect()
+        return self.info(name)
+
+    def collect(self, grace_s: float | None = None) -> int:
+        """Delete versions no name points to, once older than ``grace_s`` (default
+        ``GRACE_S``), so a reader that resolved a name just before it was replaced can
+        still finish reading. Returns how many were deleted."""
+        grace = GRACE_S if grace_s is None else grace_s
+        live = {i.path.name for i in self.list()}
+        now, removed = time.time(), 0
+        for version in self.objects.iterdir():
+            if version.name in live or version.name.startswith(".tmp-"):
+                continue
+            if now - version.stat().st_mtime >= grace:
+                shutil.rmtree(version, ignore_errors=True)
+                removed += 1
+        return removed
+
+
+def _info(name: str, path: Path, raw: dict[str, Any]) -> AdapterInfo:
+    size = sum((path / f).stat().st_size for f in FILES if (path / f).is_file())
+    base = raw.get("base_model_name_or_path")
+    if raw.get("peft_type") == PEFT_TYPE:
+        return AdapterInfo(name, "prefix", int(raw.get("num_virtual_tokens", 0)), (), size,
+                           base, path)
+    ranks = [raw.get("r", 0), *(raw.get("rank_pattern") or {}).values()]
+    targets = raw.get("target_modules") or ()
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    return AdapterInfo(name, "lora", int(max(ranks)), targets, size, base, path)
