@@ -1,0 +1,223 @@
+"""A RAM cache of loaded adapters under a byte budget: LRU eviction, pinning, in-use guard.
+
+Adapters differ in size by orders of magnitude (rank, targets, prefix length), so the
+budget is in bytes, not a count. An entry is evictable only when it is neither pinned nor
+in use by a running request (``acquire`` / ``release``, or ``with cache.use(name)``).
+When room is needed the least recently used evictable entry goes first; if pinned and
+in-use entries leave no room, ``CacheFullError`` says so and nothing is evicted.
+
+A cached entry remembers the store version it was read from: when the store's name points
+to a newer version, the next ``get`` reloads it (a miss), so replacing an adapter in the
+store reaches the cache without a restart.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from loratree.adapters.files import AdapterFile, read_adapter
+from loratree.adapters.peft_format import read_config
+from loratree.adapters.prefix_files import PEFT_TYPE, PrefixFile, read_prefix
+from loratree.adapters.store import AdapterStore
+from loratree.errors import AdapterInUseError, CacheFullError
+
+__all__ = ["AdapterCache", "CacheStats", "LoadedAdapter"]
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """One adapter's tensors in RAM, checked, ready to copy into a slot."""
+
+    name: str
+    version: str
+    kind: str
+    """"lora" or "prefix"."""
+    rank: int
+    """LoRA: largest rank over its layers; prefix: its number of virtual tokens."""
+    nbytes: int
+    lora: AdapterFile | None = None
+    prefix: PrefixFile | None = None
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int
+    evictions: int
+    bytes: int
+    """Bytes held now."""
+    loaded_bytes: int
+    """Bytes read from the store in all."""
+    entries: int
+
+
+@dataclass
+class _Entry:
+    adapter: LoadedAdapter
+    pins: int = 0
+    users: int = 0
+
+
+class AdapterCache:
+    """Loaded adapters of one store, at most ``budget_bytes`` of tensors in all."""
+
+    def __init__(self, store: AdapterStore, budget_bytes: int) -> None:
+        if budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be positive, got {budget_bytes}")
+        self.store, self.budget = store, int(budget_bytes)
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU first
+        self._lock = threading.RLock()
+        self._bytes = self._hits = self._misses = self._evictions = self._loaded = 0
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- lookups ----------------------------------------------------------------------
+    def get(self, name: str) -> LoadedAdapter:
+        """The adapter, from RAM when it is there (a hit) or read from the store (a miss)."""
+        version = self.store.path_of(name).name
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None and entry.adapter.version == version:
+                self._entries.move_to_end(name)
+                self._hits += 1
+                return entry.adapter
+        adapter = _load(self.store, name)  # outside the lock: reading can take a while
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None and entry.adapter.version == adapter.version:
+                self._entries.move_to_end(name)  # another thread loaded it meanwhile
+                self._hits += 1
+                return entry.adapter
+            self._misses += 1
+            self._loaded += adapter.nbytes
+            old = self._entries.pop(name, None)
+            if old is not None:
+                self._bytes -= old.adapter.nbytes
+            self._make_room(adapter.nbytes, name)
+            new = _Entry(adapter)
+            if old is not None:
+                new.pins, new.users = old.pins, old.users
+            self._entries[name] = new
+            self._bytes += adapter.nbytes
+            return adapter
+
+    def prefetch(self, name: str) -> Future[LoadedAdapter]:
+        """Start loading ``name`` in the background; ``get`` will then hit."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="loratree-prefetch")
+        return self._pool.submit(self.get, name)
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._entries
+
+    # -- in use and pinned ---------------------------------------------------------------
+    def acquire(self, name: str) -> LoadedAdapter:
+        """Get ``name`` and mark it in use (not evictable) until ``release``."""
+        with self._lock:
+            adapter = self.get(name)
+            self._entries[name].users += 1
+            return adapter
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.users == 0:
+                raise RuntimeError(f"release of {name!r}, which is not in use")
+            entry.users -= 1
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[LoadedAdapter]:
+        adapter = self.acquire(name)
+        try:
+            yield adapter
+        finally:
+            self.release(name)
+
+    def pin(self, name: str) -> LoadedAdapter:
+        """Keep ``name`` in RAM until ``unpin`` (loading it now if needed)."""
+        with self._lock:
+            adapter = self.get(name)
+            self._entries[name].pins += 1
+            return adapter
+
+    def unpin(self, name: str) -> None:
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.pins == 0:
+                raise RuntimeError(f"unpin of {name!r}, which is not pinned")
+            entry.pins -= 1
+
+    def evict(self, name: str) -> None:
+        """Drop ``name`` now; refused while it is pinned or in use."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                return
+            if entry.pins or entry.users:
+                raise AdapterInUseError(f"{name!r} is pinned or in use; not evicted")
+            self._drop(name)
+
+    # -- introspection -------------------------------------------------------------------
+    @property
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(self._hits, self._misses, self._evictions, self._bytes,
+                              self._loaded, len(self._entries))
+
+    def names(self) -> list[str]:
+        """Cached names, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    # -- internals -----------------------------------------------------------------------
+    def _make_room(self, need: int, name: str) -> None:
+        if need > self.budget:
+            raise CacheFullError(f"{name!r} needs {need:,} bytes; the cache budget is "
+                                 f"{self.budget:,}")
+        free = self.budget - self._bytes
+        victims = []
+        for other, entry in self._entries.items():  # LRU first
+            if free >= need:
+                break
+            if entry.pins or entry.users:
+                continue
+            victims.append(other)
+            free += entry.adapter.nbytes
+        if free < need:
+            held = sum(e.adapter.nbytes for e in self._entries.values() if e.pins or e.users)
+            raise CacheFullError(
+                f"no room for {name!r} ({need:,} bytes): pinned and in-use adapters hold "
+                f"{held:,} of {self.budget:,} bytes")
+        for other in victims:
+            self._drop(other)
+            self._evictions += 1
+
+    def _drop(self, name: str) -> None:
+        entry = self._entries.pop(name)
+        self._bytes -= entry.adapter.nbytes
+
+
+def _load(store: AdapterStore, name: str) -> LoadedAdapter:
+    path = store.path_of(name)
+    raw = read_config(path)
+    if raw.get("peft_type") == PEFT_TYPE:
+        prefix = read_prefix(path, raw)
+        return LoadedAdapter(name, path.name, "prefix", prefix.n_virtual,
+                             prefix.vectors.numel() * prefix.vectors.element_size(),
+                             prefix=prefix)
+    lora = read_adapter(path)
+    nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                 for a, b in lora.weights.values())
+    nbytes += sum(t.numel() * t.element_size() for t in lora.base_weights.values())
+    rank = max((a.shape[0] for a, _ in lora.weights.values()), default=0)
+    return LoadedAdapter(name, path.name, "lora", rank, nbytes, lora=lora)
