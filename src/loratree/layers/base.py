@@ -128,6 +128,31 @@ class LoraModule(nn.Module):
                 )
             dst.copy_(src)
 
+    @torch.no_grad()
+    def set_slot(self, slot: int, spec: SlotSpec, a: Tensor | None = None,
+                 b: Tensor | None = None) -> None:
+        """Put another adapter in ``slot``: its spec and factors (shared, not copied).
+
+        ``spec.rank == 0`` empties the slot (the adapter skips this layer). A merged slot
+        cannot be replaced: unmerge or switch first.
+        """
+        self._check_slot(slot)
+        if self.merged == slot:
+            raise RuntimeError(f"{self.module_name}: slot {slot} is merged; unmerge first")
+        dtype, device = self.factor_like()
+        if spec.rank == 0:
+            a = torch.empty(self.a_shape(0), dtype=dtype, device=device)
+            b = torch.empty(self.b_shape(0), dtype=dtype, device=device)
+        elif a is None or b is None:
+            raise ValueError(f"{self.module_name}: slot {slot} of rank {spec.rank} needs A and B")
+        for name, t, want in (("A", a, self.a_shape(spec.rank)), ("B", b, self.b_shape(spec.rank))):
+            if tuple(t.shape) != tuple(want):
+                raise ValueError(f"{self.module_name}: lora {name} for slot {slot} must be "
+                                 f"{tuple(want)}, got {tuple(t.shape)}")
+        self.lora_a[slot] = nn.Parameter(a.to(device=device, dtype=dtype), requires_grad=False)
+        self.lora_b[slot] = nn.Parameter(b.to(device=device, dtype=dtype), requires_grad=False)
+        self.specs[slot] = spec
+
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)

@@ -6,15 +6,18 @@ from loratree.surgery.inject import (
     context,
     inject,
     lora_layers,
+    reserve_slots,
     set_trainable,
 )
 from loratree.surgery.merge import merge, merge_and_unload, switch, unload, unmerge
 from loratree.surgery.plan import DEFAULT_RANKS, STANDARD_TARGETS, PlanRow, adapter_size, rank_plane
 from loratree.surgery.prefix import (
     add_prefix,
+    clear_prefix,
     geometry,
     prefix_bank,
     remove_prefixes,
+    set_prefix,
     slot_count,
 )
 from loratree.surgery.quantize import (
@@ -37,6 +40,7 @@ __all__ = [
     "adapter_parameters",
     "adapter_size",
     "add_prefix",
+    "clear_prefix",
     "context",
     "export_merged",
     "find_targets",
@@ -50,6 +54,8 @@ __all__ = [
     "quantize",
     "rank_plane",
     "remove_prefixes",
+    "reserve_slots",
+    "set_prefix",
     "set_trainable",
     "slot_count",
     "switch",

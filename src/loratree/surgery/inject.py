@@ -29,6 +29,7 @@ __all__ = [
     "inject",
     "lora_layers",
     "replace_module",
+    "reserve_slots",
     "set_trainable",
     "wrap",
 ]
@@ -129,6 +130,33 @@ def inject(
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
     )
+
+
+def reserve_slots(model: nn.Module, n: int, targets: tuple[str, ...] = ("all-linear",),
+                  exclude: tuple[str, ...] = ()) -> list[int]:
+    """Add ``n`` empty slots (rank 0 everywhere) after wrapping ``targets``; their indices.
+
+    A serving slot table fills them with adapters later (``LoraModule.set_slot``), so the
+    layers any adapter may touch must be wrapped now.
+    """
+    existing = lora_layers(model)
+    bank = prefix_bank(model)
+    ctx = (next(iter(existing.values())).ctx if existing
+           else bank.ctx if bank is not None else SlotContext())
+    first = slot_count(model)
+    for name, base in find_targets(model, targets, exclude).items():
+        if name not in existing:
+            layer = wrap(base, ctx, name)
+            replace_module(model, name, layer)
+            existing[name] = layer
+    for layer in existing.values():
+        while layer.n_slots < first + n:
+            layer.add_slot(SlotSpec(0, 1.0))
+    if bank is not None:
+        bank.pad_to(first + n)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return list(range(first, first + n))
 
 
 def adapter_parameters(model: nn.Module, slot: int | None = None) -> Iterator[nn.Parameter]:

@@ -28,10 +28,12 @@ from loratree.ops import prefix as ops
 __all__ = [
     "BANK",
     "add_prefix",
+    "clear_prefix",
     "geometry",
     "prefix_bank",
     "prefix_parameters",
     "remove_prefixes",
+    "set_prefix",
     "slot_count",
 ]
 
@@ -114,6 +116,29 @@ def add_prefix(
     else:
         encoder.requires_grad_(False)
     return slot
+
+
+def set_prefix(model: nn.Module, slot: int, vectors: Tensor, positions: str = "shift") -> None:
+    """Put fixed prefix vectors (P, L * 2 * H * D) in ``slot`` (shared, not copied), for
+    serving; the slot must exist (``reserve_slots``)."""
+    geo = geometry(model)
+    if slot >= slot_count(model):
+        raise ValueError(f"slot {slot} does not exist; the model has {slot_count(model)}")
+    if vectors.shape[1] != geo.width:
+        raise ValueError(f"prefix width {vectors.shape[1]} != the model's {geo.width}")
+    bank = _ensure_bank(model, geo)
+    encoder = PrefixEncoder(vectors.shape[0], geo, projection=False)
+    param = next(p for p in model.parameters() if p.is_floating_point())
+    encoder.vectors = nn.Parameter(vectors.to(device=param.device, dtype=param.dtype),
+                                   requires_grad=False)
+    bank.add(encoder, slot, positions)
+
+
+def clear_prefix(model: nn.Module, slot: int) -> None:
+    """Take the prefix out of ``slot`` (the slot stays, empty)."""
+    bank = prefix_bank(model)
+    if bank is not None and bank.encoder(slot) is not None:
+        bank.remove(slot)
 
 
 def prefix_parameters(model: nn.Module, slot: int) -> list[nn.Parameter]:

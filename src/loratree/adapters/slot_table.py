@@ -1,0 +1,223 @@
+"""The model's active slots, filled from the RAM cache: activate, switch, merge, release.
+
+A fixed number of slots is reserved on the model once (every target layer wrapped, every
+slot empty). ``activate(name)`` puts a cached adapter in a slot by pointing the slot at the
+cache's tensors (no copy on CPU; one copy to the model's device otherwise), so activating
+an adapter already in RAM is a few pointer swaps per layer. A slot's adapter stays
+``acquire``-d in the cache, so the cache never evicts what a slot uses. When every slot is
+taken, the least recently used slot that no running request holds is reused.
+
+Two ways to run what the slots hold:
+
+- unmerged: rows pick slots through the slot context (many adapters in one batch);
+- merged: one LoRA adapter folded into the weights (zero overhead), switched to another
+  by W += dW_new - dW_old (``merge``). ``plan`` picks the mode for a batch.
+
+Slot -1 is always the base model alone (PEFT's ``__base__``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from dataclasses import dataclass
+
+from torch import nn
+
+from loratree import surgery
+from loratree.adapters.cache import AdapterCache, LoadedAdapter
+from loratree.errors import AdapterInUseError, RankTooLargeError, TargetError
+from loratree.layers import SlotSpec
+from loratree.surgery.targets import pattern_value
+
+__all__ = ["BASE", "Plan", "SlotTable"]
+
+logger = logging.getLogger(__name__)
+
+BASE = "__base__"
+"""The name of "no adapter": the base model, slot -1."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a batch runs: ``merged`` (one adapter folded in) or ``unmerged`` (per-row slots)."""
+
+    mode: str
+    slots: tuple[int, ...]
+
+
+@dataclass
+class _Slot:
+    index: int
+    name: str | None = None
+    users: int = 0
+    last_used: int = 0
+    layers: tuple[str, ...] = ()
+    kind: str = ""
+    version: str = ""
+
+
+class SlotTable:
+    """``n_slots`` adapter slots on ``model`` for adapters of at most ``max_rank`` (LoRA)
+    or ``max_prefix`` virtual tokens (prefix)."""
+
+    def __init__(self, model: nn.Module, cache: AdapterCache, n_slots: int = 8,
+                 max_rank: int = 64, max_prefix: int = 64,
+                 targets: tuple[str, ...] = ("all-linear",)) -> None:
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+        self.model, self.cache = model, cache
+        self.max_rank, self.max_prefix = max_rank, max_prefix
+        indices = surgery.reserve_slots(model, n_slots, targets)
+        self.layers = surgery.lora_layers(model)
+        self.ctx = surgery.context(model)
+        self._slots = [_Slot(i) for i in indices]
+        self._by_name: dict[str, _Slot] = {}
+        self._clock = itertools.count(1)
+        self._lock = threading.RLock()
+        self.merged: str | None = None
+
+    # -- activation ------------------------------------------------------------------------
+    def activate(self, name: str) -> int:
+        """The slot holding ``name``, filling one first if needed (-1 for ``__base__``)."""
+        if name == BASE:
+            return -1
+        with self._lock:
+            slot = self._by_name.get(name)
+            if slot is not None and slot.version == self.cache.store.path_of(name).name:
+                slot.last_used = next(self._clock)
+                return slot.index
+            adapter = self.cache.acquire(name)  # held while a slot holds it: never evicted
+            try:
+                self._check_size(adapter)
+                target = slot if slot is not None and slot.users == 0 else self._free_slot()
+                if target.name is not None and target.name == self.merged:
+                    self.unmerge()
+                self._clear(target)
+                self._fill(target, adapter)
+            except BaseException:
+                self.cache.release(name)
+                raise
+            target.last_used = next(self._clock)
+            return target.index
+
+    def acquire(self, name: str) -> int:
+        """Activate ``name`` and hold its slot for a running request until ``release``."""
+        with self._lock:
+            index = self.activate(name)
+            if index >= 0:
+                self._slot(index).users += 1
+            return index
+
+    def release(self, index: int) -> None:
+        if index < 0:
+            return
+        with self._lock:
+            slot = self._slot(index)
+            if slot.users == 0:
+                raise RuntimeError(f"slot {index} is not held")
+            slot.users -= 1
+
+    def slot_of(self, name: str) -> int | None:
+        """The slot ``name`` is active in, or None."""
+        if name == BASE:
+            return -1
+        slot = self._by_name.get(name)
+        return slot.index if slot is not None else None
+
+    def active(self) -> dict[str, int]:
+        return {s.name: s.index for s in self._slots if s.name is not None}
+
+    # -- merged mode -----------------------------------------------------------------------
+    def merge(self, name: str) -> int:
+        """Fold ``name`` into the weights (switching from the merged one, if any)."""
+        with self._lock:
+            index = self.activate(name)
+            if index < 0:
+                self.unmerge()
+                return -1
+            if self._by_name[name].kind == "prefix":
+                raise ValueError(f"{name!r} is a prefix adapter; only LoRA can be merged")
+            surgery.switch(self.model, index)
+            self.merged = name
+            return index
+
+    def unmerge(self) -> None:
+        with self._lock:
+            surgery.unmerge(self.model)
+            self.merged = None
+
+    def plan(self, names: list[str], merge_min_tokens: int = 16,
+             new_tokens: int = 0) -> Plan:
+        """Activate every name of a batch and choose how to run it.
+
+        Merged when the whole batch uses one LoRA adapter and it is merged already, or will
+        run for at least ``merge_min_tokens`` new tokens (enough decode steps to repay the
+        switch); otherwise unmerged, with per-row slots (the merged adapter, if any, is
+        subtracted for rows that do not use it).
+        """
+        slots = tuple(self.activate(n) for n in names)
+        only = names[0] if len(set(names)) == 1 else None
+        if only is not None and only != BASE and self._by_name[only].kind == "lora" and (
+                self.merged == only or new_tokens >= merge_min_tokens):
+            self.merge(only)
+            return Plan("merged", slots)
+        return Plan("unmerged", slots)
+
+    # -- internals -------------------------------------------------------------------------
+    def _slot(self, index: int) -> _Slot:
+        for s in self._slots:
+            if s.index == index:
+                return s
+        raise ValueError(f"slot {index} is not in the table")
+
+    def _check_size(self, adapter: LoadedAdapter) -> None:
+        if adapter.kind == "lora" and adapter.rank > self.max_rank:
+            raise RankTooLargeError(f"{adapter.name!r} has rank {adapter.rank}; the slots "
+                                    f"take at most {self.max_rank}")
+        if adapter.kind == "prefix" and adapter.rank > self.max_prefix:
+            raise RankTooLargeError(f"{adapter.name!r} has {adapter.rank} virtual tokens; "
+                                    f"the slots take at most {self.max_prefix}")
+
+    def _free_slot(self) -> _Slot:
+        free = [s for s in self._slots if s.name is None]
+        if free:
+            return free[0]
+        idle = [s for s in self._slots if s.users == 0 and s.name != self.merged]
+        if not idle:
+            raise AdapterInUseError(f"all {len(self._slots)} slots serve running requests")
+        return min(idle, key=lambda s: s.last_used)
+
+    def _clear(self, slot: _Slot) -> None:
+        if slot.name is None:
+            return
+        empty = SlotSpec(0, 1.0)
+        for name in slot.layers:
+            self.layers[name].set_slot(slot.index, empty)
+        surgery.clear_prefix(self.model, slot.index)
+        del self._by_name[slot.name]
+        self.cache.release(slot.name)
+        slot.name, slot.layers, slot.kind, slot.version = None, (), "", ""
+
+    def _fill(self, slot: _Slot, adapter: LoadedAdapter) -> None:
+        if adapter.kind == "prefix":
+            assert adapter.prefix is not None
+            surgery.set_prefix(self.model, slot.index, adapter.prefix.vectors,
+                               adapter.prefix.positions)
+            slot.layers = ()
+        else:
+            assert adapter.lora is not None
+            config = adapter.lora.config
+            missing = sorted(set(adapter.lora.weights) - set(self.layers))
+            if missing:
+                raise TargetError(f"{adapter.name!r} adapts {missing[:3]}, which the slot "
+                                  "table does not wrap; widen its targets")
+            for module, (a, b) in adapter.lora.weights.items():
+                spec = SlotSpec(a.shape[0], float(pattern_value(config.alpha_pattern, module,
+                                                                config.alpha)),
+                                0.0, config.use_rslora)
+                self.layers[module].set_slot(slot.index, spec, a, b)
+            slot.layers = tuple(adapter.lora.weights)
+        slot.name, slot.kind, slot.version = adapter.name, adapter.kind, adapter.version
+        self._by_name[adapter.name] = slot
