@@ -134,6 +134,8 @@ class SlotTable:
         """Fold ``name`` into the weights (switching from the merged one, if any)."""
         with self._lock:
             index = self.activate(name)
+            if name == self.merged:
+                return index
             if index < 0:
                 self.unmerge()
                 return -1

@@ -30,7 +30,9 @@ __all__ = [
     "add_prefix",
     "clear_prefix",
     "geometry",
+    "mark_external",
     "prefix_bank",
+    "prefix_extent",
     "prefix_parameters",
     "remove_prefixes",
     "set_prefix",
@@ -43,6 +45,26 @@ BANK = "loratree_prefix"
 """Attribute (submodule name) of the bank on the model."""
 _STATE = "_loratree_prefix_state"
 """Attribute of a cache that already holds a prefix: (prefix mask, per-row starts)."""
+EXTERNAL = "external"
+"""A cache marked with ``mark_external`` is managed by its owner (a serving engine that
+composes rows' caches, masks and positions itself): the hook leaves such calls alone."""
+
+
+def prefix_extent(cache: Any) -> tuple[int, int]:
+    """For a one-row cache filled through the hook: (prefix entries in it, the position
+    its first prompt token got). (0, 0) when the row had no prefix."""
+    state = getattr(cache, _STATE, None)
+    if state is None or state == EXTERNAL:
+        return 0, 0
+    prefix_mask, starts = state
+    return int(prefix_mask.shape[1]), int(starts[0])
+
+
+def mark_external(cache: Any) -> Any:
+    """Mark ``cache`` as holding its rows' prefixes already, with mask and positions given
+    by the caller: the prefix hook then passes calls through untouched."""
+    setattr(cache, _STATE, EXTERNAL)
+    return cache
 
 
 def geometry(model: nn.Module) -> PrefixGeometry:
@@ -215,6 +237,8 @@ def _inject(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tupl
     batch, seq = ref.shape[0], ref.shape[1]
     cache = kwargs.get("past_key_values")
     state = getattr(cache, _STATE, None) if cache is not None else None
+    if state == EXTERNAL:
+        return None
     if state is None:
         slots = _row_slots(bank.ctx, batch)
         if not any(s >= 0 and bank.encoder(s) is not None for s in slots):

@@ -1,0 +1,368 @@
+"""Batched generation for many adapters at once, with continuous batching.
+
+``Engine.submit(request)`` returns a ``Handle`` at once: iterate it for text as it is
+produced, or call ``result()``. One loop (``step``; ``start`` runs it on a thread) does, per
+iteration:
+
+1. admit waiting requests while the batch has room: activate each one's adapter in the
+   slot table (held until the request ends), prefill its prompt alone (a prefix adapter
+   enters its cache here), sample its first token, and join its cache to the batch's,
+   right-aligned (``BatchKV``);
+2. run one decode step for every running row: one forward of the batch, each row through
+   its own slot (LoRA, prefix, or -1 for the base model), or with the batch's single
+   adapter merged into the weights when the slot table's plan says so;
+3. sample each row's next token with its own settings and generator, stream the new text,
+   and retire rows that hit a stop string, the end-of-sequence token, their token budget,
+   or were cancelled; their slots are released at once.
+
+Positions are tracked per row, so a row's tokens are at the positions they would have
+alone, whatever joined before or after it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from loratree.adapters.slot_table import BASE, SlotTable
+from loratree.ops.sampling import sample
+from loratree.serve.kv import BatchKV
+from loratree.surgery.prefix import prefix_extent
+
+__all__ = ["Completion", "Engine", "Handle", "Request"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: a prompt (text, or token ids) for one adapter."""
+
+    prompt: str | Sequence[int]
+    adapter: str = BASE
+    """A store name, ``__base__`` for the bare model."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    """0: greedy."""
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            problems.append(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an int >= 0, got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if problems:
+            raise ValueError("invalid Request: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: tuple[int, ...]
+    finish_reason: str
+    """"stop" (stop string or end of sequence), "length", "cancelled" or "error"."""
+    adapter: str
+    prompt_tokens: int
+    error: str | None = None
+    first_token_s: float = 0.0
+    """Seconds from submit to the first token."""
+    total_s: float = 0.0
+
+
+_DONE = object()
+
+
+class Handle:
+    """A submitted request: iterate for text deltas, or wait for the ``result()``."""
+
+    def __init__(self, request_id: int, request: Request) -> None:
+        self.id, self.request = request_id, request
+        self._queue: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._result: Completion | None = None
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.logits: list[torch.Tensor] = []
+        """Each step's logits for this request, when the engine keeps them (tests)."""
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            yield item
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} is still running")
+        assert self._result is not None
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop generating; the request ends with finish_reason "cancelled"."""
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self._queue.put(text)
+
+    def _finish(self, completion: Completion) -> None:
+        self._result = completion
+        self._done.set()
+        self._queue.put(_DONE)
+
+
+@dataclass
+class _Row:
+    handle: Handle
+    slot: int
+    prompt_len: int
+    next_pos: int
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    first_token_s: float = 0.0
+
+
+class Engine:
+    """Generation for requests that each name an adapter, batched together.
+
+    ``max_batch`` bounds the running rows; ``static`` admits new requests only when the
+    batch is empty (the baseline continuous batching is measured against).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: object, table: SlotTable, *,
+                 max_batch: int = 8, static: bool = False, keep_logits: bool = False,
+                 merge_min_tokens: int = 16) -> None:
+        self.model, self.tokenizer, self.table = model, tokenizer, table
+        self.max_batch, self.static, self.keep_logits = max_batch, static, keep_logits
+        self.merge_min_tokens = merge_min_tokens
+        self.device = next(model.parameters()).device
+        self._waiting: deque[Handle] = deque()
+        self._rows: list[_Row] = []
+        self._kv: BatchKV | None = None
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.modes: dict[str, int] = {"merged": 0, "unmerged": 0}
+        """Decode steps run in each mode."""
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    # -- submitting ------------------------------------------------------------------------
+    def submit(self, request: Request) -> Handle:
+        handle = Handle(next(self._ids), request)
+        with self._lock:
+            self._waiting.append(handle)
+        self._wake.set()
+        return handle
+
+    def generate(self, request: Request) -> Completion:
+        """Submit and wait (runs the loop here if no thread runs it)."""
+        handle = self.submit(request)
+        if self._thread is None:
+            while not handle.done:
+                self.step()
+        return handle.result()
+
+    # -- the loop --------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Run the loop on a daemon thread until ``close``."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="loratree-engine",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._rows)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self.busy():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # never let one bad step kill the server's loop
+                logger.exception("engine step failed")
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit, decode one token for every running row, retire finished rows."""
+        self._admit()
+        self._retire()
+        if self._rows:
+            self._decode()
+            self._retire()
+
+    # -- admitting -------------------------------------------------------------------------
+    def _admit(self) -> None:
+        if self.static and self._rows:
+            return
+        while len(self._rows) < self.max_batch:
+            with self._lock:
+                if not self._waiting:
+                    return
+                handle = self._waiting.popleft()
+            if handle.cancelled:
+                self._end(handle, "cancelled", [], "", 0)
+                continue
+            try:
+                self._prefill(handle)
+            except Exception as e:  # a bad request fails alone
+                logger.warning("request %d failed: %s", handle.id, e)
+                self._end(handle, "error", [], "", 0, error=f"{type(e).__name__}: {e}")
+
+    def _prefill(self, handle: Handle) -> None:
+        req = handle.request
+        ids = self._encode(req.prompt)
+        slot = self.table.acquire(req.adapter)
+        try:
+            input_ids = torch.tensor([ids], device=self.device)
+            with self.table.ctx.use(slot):
+                out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 use_cache=True)
+            prefix_len, start = prefix_extent(out.past_key_values)
+            generator = None
+            if req.seed is not None:
+                generator = torch.Generator().manual_seed(req.seed)
+            row = _Row(handle, slot, len(ids), start + len(ids), generator)
+            kv = BatchKV.from_cache(out.past_key_values,
+                                    torch.ones(1, prefix_len + len(ids), dtype=torch.long,
+                                               device=self.device))
+        except BaseException:
+            self.table.release(slot)
+            raise
+        self._kv = kv if self._kv is None else self._kv.join(kv)
+        self._rows.append(row)
+        self._take(row, out.logits[0, -1])
+
+    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    # -- decoding --------------------------------------------------------------------------
+    def _decode(self) -> None:
+        assert self._kv is not None
+        rows = self._rows
+        names = [r.handle.request.adapter for r in rows]
+        plan = self.table.plan(names, self.merge_min_tokens,
+                               min(r.handle.request.max_new_tokens - len(r.tokens) for r in rows))
+        self.modes[plan.mode] += 1
+        slots: int | torch.Tensor = (
+            plan.slots[0] if plan.mode == "merged"
+            else torch.tensor([r.slot for r in rows], device=self.device))
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
+        mask = torch.cat([self._kv.mask, torch.ones(len(rows), 1, dtype=torch.long,
+                                                    device=self.device)], dim=1)
+        positions = torch.tensor([[r.next_pos] for r in rows], device=self.device)
+        with self.table.ctx.use(slots):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=self._kv.cache(), use_cache=True)
+        self._kv = self._kv.append(out.past_key_values)
+        for i, row in enumerate(rows):
+            row.next_pos += 1
+            self._take(row, out.logits[i, -1])
+
+    def _take(self, row: _Row, logits: torch.Tensor) -> None:
+        req = row.handle.request
+        if self.keep_logits:
+            row.handle.logits.append(logits.float().cpu())
+        token = sample(logits, req.temperature, req.top_k, req.top_p, row.generator)
+        if not row.tokens:
+            row.first_token_s = time.perf_counter() - row.handle.submitted
+        row.tokens.append(token)
+
+    def _retire(self) -> None:
+        keep = []
+        for i, row in enumerate(self._rows):
+            reason, text = self._status(row)
+            if reason is None:
+                keep.append(i)
+                continue
+            self.table.release(row.slot)
+            self._end(row.handle, reason, row.tokens, text, row.prompt_len,
+                      first=row.first_token_s)
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[i] for i in keep]
+        self._kv = self._kv.select(keep) if keep and self._kv is not None else None
+
+    def _status(self, row: _Row) -> tuple[str | None, str]:
+        """(finish reason or None, the text so far); streams the new text."""
+        req = row.handle.request
+        ended_by_eos = row.tokens and row.tokens[-1] in self.eos
+        tokens = row.tokens[:-1] if ended_by_eos else row.tokens
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for s in req.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                self._stream(row, text[:cut], final=True)
+                return "stop", text[:cut]
+        if row.handle.cancelled:
+            return "cancelled", text
+        if ended_by_eos:
+            self._stream(row, text, final=True)
+            return "stop", text
+        if len(row.tokens) >= req.max_new_tokens:
+            self._stream(row, text, final=True)
+            return "length", text
+        self._stream(row, text, final=False, hold=max((len(s) for s in req.stop), default=1) - 1)
+        return None, text
+
+    def _stream(self, row: _Row, text: str, *, final: bool, hold: int = 0) -> None:
+        """Send the text not yet sent, holding back a possible start of a stop string and
+        an incomplete character."""
+        upto = len(text) if final else max(len(row.text), len(text) - hold)
+        if not final:
+            while upto > len(row.text) and text[upto - 1] == "\ufffd":
+                upto -= 1
+        if upto > len(row.text):
+            row.handle._emit(text[len(row.text):upto])
+            row.text = text[:upto]
+
+    def _end(self, handle: Handle, reason: str, tokens: list[int], text: str,
+             prompt_len: int, *, first: float = 0.0, error: str | None = None) -> None:
+        total = time.perf_counter() - handle.submitted
+        handle._finish(Completion(text, tuple(tokens), reason, handle.request.adapter,
+                                  prompt_len, error, first, total))

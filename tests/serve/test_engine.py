@@ -1,0 +1,182 @@
+"""The engine: a continuously batched mix of adapters equals each request alone (and PEFT),
+with sampling, stop strings, streaming, cancellation and bad requests handled."""
+
+import copy
+
+import peft
+import pytest
+import torch
+
+from loratree import surgery
+from loratree.adapters import AdapterStore, load_adapter
+from loratree.adapters.cache import AdapterCache
+from loratree.adapters.slot_table import BASE, SlotTable
+from loratree.config import LoraConfig, PrefixConfig
+from loratree.models.tiny import tiny_llama, tiny_tokenizer
+from loratree.serve import Engine, Request
+from tests.conftest import randomize_slot
+
+VOCAB = 64
+LORAS = {
+    "qv-r2": LoraConfig(rank=2, alpha=4, targets=("q_proj", "v_proj")),
+    "all-r4": LoraConfig(rank=4, alpha=8, targets=("all-linear",)),
+}
+
+
+def _model():
+    """A tiny Llama whose greedy output depends visibly on the adapter (weights x5)."""
+    model = tiny_llama(vocab=VOCAB)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    store = AdapterStore(tmp_path_factory.mktemp("store"))
+    for i, (name, cfg) in enumerate(LORAS.items()):
+        model = _model()
+        surgery.inject(model, cfg)
+        randomize_slot(model, 0, std=0.3, seed=i)
+        store.save(name, model, 0)
+    model = _model()
+    geo = surgery.geometry(model)
+    g = torch.Generator().manual_seed(5)
+    surgery.add_prefix(model, PrefixConfig(n_virtual=3), vectors=torch.randn(3, geo.width,
+                                                                             generator=g))
+    store.save("prefix", model, 0)
+    return store
+
+
+def _engine(store, **kw):
+    model = _model()
+    table = SlotTable(model, AdapterCache(store, 10**7), n_slots=4, max_rank=8)
+    return Engine(model, tiny_tokenizer(VOCAB), table, keep_logits=True, **kw)
+
+
+def _reference(store, name, prompt, n):
+    """Greedy decoding without any cache: the full sequence through a fresh model."""
+    model = _model()
+    if name != BASE:
+        load_adapter(model, store.path_of(name))
+    ids, logits = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            out = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            logits.append(out)
+            ids.append(int(out.argmax()))
+    return ids[len(prompt):], logits
+
+
+PROMPTS = [[5, 9, 13, 2 + 1, 40], [7, 7, 8], [30, 31, 32, 33, 34, 35, 36], [11, 50]]
+
+
+def test_continuous_batch_of_mixed_adapters_equals_each_alone(store):
+    engine = _engine(store)
+    plan = [("qv-r2", PROMPTS[0], 8), ("prefix", PROMPTS[1], 4), (BASE, PROMPTS[2], 9),
+            ("all-r4", PROMPTS[3], 6), ("prefix", PROMPTS[3], 5), ("qv-r2", PROMPTS[1], 3)]
+    handles = [engine.submit(Request(p, adapter=a, max_new_tokens=n)) for a, p, n in plan[:2]]
+    for _ in range(2):
+        engine.step()
+    handles += [engine.submit(Request(p, adapter=a, max_new_tokens=n)) for a, p, n in plan[2:4]]
+    for _ in range(3):
+        engine.step()               # the prefix request leaves while others run on
+    handles += [engine.submit(Request(p, adapter=a, max_new_tokens=n)) for a, p, n in plan[4:]]
+    while engine.busy():
+        engine.step()
+    for (name, prompt, n), h in zip(plan, handles, strict=True):
+        done = h.result()
+        tokens, logits = _reference(store, name, prompt, n)
+        assert list(done.tokens) == tokens, name
+        assert done.finish_reason == "length"
+        torch.testing.assert_close(torch.stack(h.logits), torch.stack(logits), atol=1e-4,
+                                   rtol=0)
+    assert engine.modes["unmerged"] > 0
+    assert engine.table.cache.stats.misses == 3
+
+
+def test_lora_rows_match_peft_mixed_batch_inference(store):
+    engine = _engine(store)
+    names = ["qv-r2", "all-r4", "qv-r2"]
+    handles = [engine.submit(Request(PROMPTS[i], adapter=n, max_new_tokens=4))
+               for i, n in enumerate(names)]
+    while engine.busy():
+        engine.step()
+    base = _model()
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), store.path_of("qv-r2"),
+                                            adapter_name="qv-r2")
+    theirs.load_adapter(store.path_of("all-r4"), adapter_name="all-r4")
+    theirs.eval()
+    seqs = [PROMPTS[i] + list(h.result().tokens) for i, h in enumerate(handles)]
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])  # right padding
+    mask = (torch.arange(width)[None] < torch.tensor([len(s) for s in seqs])[:, None]).long()
+    with torch.no_grad():
+        logits = theirs(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    for i, h in enumerate(handles):
+        n = len(PROMPTS[i])
+        want = logits[i, n - 1:n - 1 + 4]
+        torch.testing.assert_close(torch.stack(h.logits), want, atol=1e-4, rtol=0)
+
+
+def test_one_adapter_batch_runs_merged_with_the_same_tokens(store):
+    engine = _engine(store, merge_min_tokens=4)
+    handles = [engine.submit(Request(p, adapter="all-r4", max_new_tokens=6)) for p in PROMPTS]
+    while engine.busy():
+        engine.step()
+    assert engine.modes["merged"] > 0
+    for p, h in zip(PROMPTS, handles, strict=True):
+        tokens, _ = _reference(store, "all-r4", p, 6)
+        assert list(h.result().tokens) == tokens
+
+
+def test_sampling_is_reproducible_per_request_whatever_the_batch(store):
+    def run(batch_with_others):
+        engine = _engine(store)
+        req = Request(PROMPTS[0], adapter="qv-r2", max_new_tokens=8, temperature=1.0,
+                      top_k=20, top_p=0.9, seed=123)
+        others = [Request(p, adapter="prefix", max_new_tokens=8, temperature=0.7, seed=i)
+                  for i, p in enumerate(PROMPTS)] if batch_with_others else []
+        handles = [engine.submit(r) for r in [*others[:2], req, *others[2:]]]
+        while engine.busy():
+            engine.step()
+        return handles[2 if batch_with_others else 0].result().tokens
+
+    assert run(False) == run(True)
+
+
+def test_stop_strings_streaming_cancel_and_errors(store):
+    engine = _engine(store)
+    tokens, _ = _reference(store, "qv-r2", PROMPTS[0], 8)
+    words = [f"w{t}" for t in tokens]
+    stop = words[3]
+    h_stop = engine.submit(Request(PROMPTS[0], adapter="qv-r2", max_new_tokens=8, stop=(stop,)))
+    h_cancel = engine.submit(Request(PROMPTS[1], adapter="prefix", max_new_tokens=50))
+    h_bad = engine.submit(Request(PROMPTS[2], adapter="no-such-adapter"))
+    h_rank = engine.submit(Request(PROMPTS[2], adapter="../etc"))
+    engine.step()
+    h_cancel.cancel()
+    while engine.busy():
+        engine.step()
+    done = h_stop.result()
+    full = " ".join(words)
+    assert done.finish_reason == "stop" and done.text == full[:full.find(stop)]
+    assert "".join(h_stop) == done.text
+    assert h_cancel.result().finish_reason == "cancelled"
+    bad = h_bad.result()
+    assert bad.finish_reason == "error" and "no-such-adapter" in bad.error
+    assert h_rank.result().finish_reason == "error" and "AdapterNameError" in h_rank.result().error
+    assert engine.table.active() and all(s.users == 0 for s in engine.table._slots)
+
+
+def test_threaded_engine_streams(store):
+    engine = _engine(store).start()
+    try:
+        h = engine.submit(Request(PROMPTS[3], adapter="all-r4", max_new_tokens=5))
+        text = "".join(h)
+        assert text == h.result(timeout=30).text and len(h.result().tokens) == 5
+    finally:
+        engine.close()
