@@ -180,3 +180,31 @@ def test_threaded_engine_streams(store):
         assert text == h.result(timeout=30).text and len(h.result().tokens) == 5
     finally:
         engine.close()
+
+
+def test_auto_routes_to_the_adapter_whose_prompts_resemble_the_request(store, tmp_path):
+    import random
+
+    from loratree.adapters.routing import Router, prompt_features, write_centroid
+
+    rng = random.Random(0)
+
+    def prompts(lo, hi, n):
+        return [[rng.randint(lo, hi) for _ in range(rng.randint(3, 8))] for _ in range(n)]
+
+    model = _model()
+    routed = AdapterStore(tmp_path / "routed")
+    # two "tasks" with their own small vocabularies (a random model's features cannot
+    # tell wide random token ranges apart; the demo tasks are measured in bench)
+    for name, (lo, hi) in {"low": (3, 8), "high": (50, 55)}.items():
+        routed.add(name, store.path_of("qv-r2" if name == "low" else "all-r4"))
+        write_centroid(routed.path_of(name), prompt_features(model, prompts(lo, hi, 40)))
+    router = Router(routed, model)
+    held_out = [("low", p) for p in prompts(3, 8, 20)] + [("high", p) for p in prompts(50, 55, 20)]
+    hits = sum(router.route(p).adapter == want for want, p in held_out)
+    assert hits / len(held_out) >= 0.9
+
+    table = SlotTable(model, AdapterCache(routed, 10**7), n_slots=2, max_rank=8)
+    engine = Engine(model, tiny_tokenizer(VOCAB), table)
+    done = engine.generate(Request(held_out[0][1], adapter="auto", max_new_tokens=3))
+    assert done.adapter == "low" and len(done.tokens) == 3

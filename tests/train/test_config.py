@@ -48,6 +48,8 @@ def test_python_api_trains_from_records(tmp_path):
                    eval_rows=records, progress=False)
     assert result.steps == 2 and "eval_loss" in result.eval
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    routing = json.loads((tmp_path / "a" / "routing.json").read_text())
+    assert routing["n_prompts"] == 2 and len(routing["centroid"]) == 32
     with pytest.raises(ValueError, match="no training data"):
         train(TrainConfig(out=str(tmp_path / "b")), model=tiny_llama(vocab=64),
               tokenizer=tiny_tokenizer(64))

@@ -33,12 +33,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from loratree.adapters.routing import Router
 from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.ops.sampling import sample
 from loratree.serve.kv import BatchKV
 from loratree.surgery.prefix import prefix_extent
 
-__all__ = ["Completion", "Engine", "Handle", "Request"]
+__all__ = ["AUTO", "Completion", "Engine", "Handle", "Request"]
+
+AUTO = "auto"
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,8 @@ class Request:
 
     prompt: str | Sequence[int]
     adapter: str = BASE
-    """A store name, ``__base__`` for the bare model."""
+    """A store name, ``__base__`` for the bare model, or ``auto``: the adapter whose
+    training prompts this prompt most resembles (``adapters.routing``)."""
     max_new_tokens: int = 64
     temperature: float = 0.0
     """0: greedy."""
@@ -138,6 +142,7 @@ class Handle:
 @dataclass
 class _Row:
     handle: Handle
+    adapter: str
     slot: int
     prompt_len: int
     next_pos: int
@@ -156,8 +161,9 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: object, table: SlotTable, *,
                  max_batch: int = 8, static: bool = False, keep_logits: bool = False,
-                 merge_min_tokens: int = 16) -> None:
+                 merge_min_tokens: int = 16, router: Router | None = None) -> None:
         self.model, self.tokenizer, self.table = model, tokenizer, table
+        self.router = router
         self.max_batch, self.static, self.keep_logits = max_batch, static, keep_logits
         self.merge_min_tokens = merge_min_tokens
         self.device = next(model.parameters()).device
@@ -251,7 +257,12 @@ class Engine:
     def _prefill(self, handle: Handle) -> None:
         req = handle.request
         ids = self._encode(req.prompt)
-        slot = self.table.acquire(req.adapter)
+        adapter = req.adapter
+        if adapter == AUTO:
+            if self.router is None:
+                self.router = Router(self.table.cache.store, self.model)
+            adapter = self.router.route(ids).adapter
+        slot = self.table.acquire(adapter)
         try:
             input_ids = torch.tensor([ids], device=self.device)
             with self.table.ctx.use(slot):
@@ -261,7 +272,7 @@ class Engine:
             generator = None
             if req.seed is not None:
                 generator = torch.Generator().manual_seed(req.seed)
-            row = _Row(handle, slot, len(ids), start + len(ids), generator)
+            row = _Row(handle, adapter, slot, len(ids), start + len(ids), generator)
             kv = BatchKV.from_cache(out.past_key_values,
                                     torch.ones(1, prefix_len + len(ids), dtype=torch.long,
                                                device=self.device))
@@ -285,7 +296,7 @@ class Engine:
     def _decode(self) -> None:
         assert self._kv is not None
         rows = self._rows
-        names = [r.handle.request.adapter for r in rows]
+        names = [r.adapter for r in rows]
         plan = self.table.plan(names, self.merge_min_tokens,
                                min(r.handle.request.max_new_tokens - len(r.tokens) for r in rows))
         self.modes[plan.mode] += 1
@@ -322,7 +333,7 @@ class Engine:
                 continue
             self.table.release(row.slot)
             self._end(row.handle, reason, row.tokens, text, row.prompt_len,
-                      first=row.first_token_s)
+                      first=row.first_token_s, adapter=row.adapter)
         if len(keep) == len(self._rows):
             return
         self._rows = [self._rows[i] for i in keep]
@@ -362,7 +373,9 @@ class Engine:
             row.text = text[:upto]
 
     def _end(self, handle: Handle, reason: str, tokens: list[int], text: str,
-             prompt_len: int, *, first: float = 0.0, error: str | None = None) -> None:
+             prompt_len: int, *, first: float = 0.0, error: str | None = None,
+             adapter: str | None = None) -> None:
         total = time.perf_counter() - handle.submitted
-        handle._finish(Completion(text, tuple(tokens), reason, handle.request.adapter,
-                                  prompt_len, error, first, total))
+        handle._finish(Completion(text, tuple(tokens), reason,
+                                  adapter or handle.request.adapter, prompt_len, error, first,
+                                  total))

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from loratree import surgery
 from loratree.adapters import save_adapter
+from loratree.adapters.routing import prompt_features, write_centroid
 from loratree.models import load_base, save_model
 from loratree.train import checkpoint as ckpt
 from loratree.train import distributed
@@ -217,12 +218,31 @@ def save(run: Run) -> Path:
         return run.out
     if run.config.method != "full":
         save_adapter(run.model, run.out, 0, base_model=run.config.model)
+        _save_centroid(run)
     else:
         save_model(run.model, run.tokenizer, run.out / "model")
     from loratree.plots import plot_losses
 
     plot_losses(read_metrics(run.metrics.path), run.out / "loss.png")
     return run.out
+
+
+ROUTING_PROMPTS = 256
+"""Training prompts whose base-model features make the adapter's routing centroid."""
+
+
+def _save_centroid(run: Run) -> None:
+    """``routing.json`` beside the adapter: where ``adapter="auto"`` requests go (serve)."""
+    prompts = []
+    for e in run.train_data.examples[:ROUTING_PROMPTS]:
+        first = next((i for i, lab in enumerate(e.labels) if lab != -100), len(e.labels))
+        if first > 0:
+            prompts.append(e.input_ids[:first])
+    if prompts:
+        was_training = run.model.training
+        run.model.eval()
+        write_centroid(run.out, prompt_features(run.model, prompts))
+        run.model.train(was_training)
 
 
 def _rows(given: Iterable[Mapping] | RowSet | None, path: str | None,
