@@ -171,3 +171,50 @@ def test_train_method_prefix_writes_a_peft_prefix_adapter(tmp_path):
     load_adapter(ours, out)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=0)
+
+
+def _served(tmp_path):
+    from loratree.adapters import AdapterStore
+    from loratree.models.tiny import tiny_tokenizer
+
+    base = tmp_path / "base"
+    model = tiny_llama(vocab=64)
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(base)
+    tiny_tokenizer(64).save_pretrained(base)
+    surgery.inject(model, LoraConfig(rank=2, targets=("q_proj", "v_proj")))
+    randomize_slot(model, 0, std=0.5)
+    AdapterStore(tmp_path / "store").save("team/a", model, 0)
+    return base, model
+
+
+def test_generate_streams_the_adapters_greedy_tokens(tmp_path):
+    base, model = _served(tmp_path)
+    ids = [5, 6, 7]
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False,
+                              pad_token_id=0)[0, 3:].tolist()
+    out = _cli("generate", "w5 w6 w7", "--raw", "--model", str(base), "--store",
+               str(tmp_path / "store"), "--adapter", "team/a", "--max-new-tokens", "4")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [f"w{t}" for t in want]
+    assert "team/a: 4 tokens, length" in out.stderr
+    missing = _cli("generate", "w5", "--raw", "--model", str(base), "--store",
+                   str(tmp_path / "store"), "--adapter", "nope")
+    assert missing.returncode == 2 and "nope" in missing.stderr
+
+
+def test_chat_switches_adapters_and_reports_the_switch_time(tmp_path):
+    base, _ = _served(tmp_path)
+    stdin = "w5 w6\n/adapters\n/adapter team/a\nw7\n/adapter ../x\n/base\nw8\n/quit\n"
+    out = subprocess.run(
+        [sys.executable, "-m", "loratree.cli.main", "chat", "--model", str(base), "--store",
+         str(tmp_path / "store"), "--max-new-tokens", "3"],
+        input=stdin, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("__base__> ") for line in lines)
+    assert any(line.startswith("team/a> ") for line in lines)
+    assert any("team/a  lora r=2" in line for line in lines)
+    assert any(line.startswith("(switched to team/a in ") for line in lines)
+    assert any("cannot switch" in line for line in lines)

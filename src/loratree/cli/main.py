@@ -6,12 +6,22 @@ import argparse
 import logging
 import sys
 
-from loratree.cli import demo_cmd, inspect_cmd, merge_cmd, quantize_cmd, train_cmd
+from loratree.cli import (
+    chat_cmd,
+    demo_cmd,
+    generate_cmd,
+    inspect_cmd,
+    merge_cmd,
+    quantize_cmd,
+    train_cmd,
+)
 
 __all__ = ["main"]
 
 _COMMANDS = {
+    "chat": chat_cmd,
     "demo": demo_cmd,
+    "generate": generate_cmd,
     "inspect": inspect_cmd,
     "merge": merge_cmd,
     "quantize": quantize_cmd,
@@ -39,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         print(f"loratree {args.command}: error: {e}", file=sys.stderr)
         return 2
 

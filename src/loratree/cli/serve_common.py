@@ -1,0 +1,46 @@
+"""What ``generate`` and ``chat`` share: a base model, a store, a cache, slots, an engine."""
+
+from __future__ import annotations
+
+import argparse
+
+from loratree.adapters import AdapterStore
+from loratree.adapters.cache import AdapterCache
+from loratree.adapters.slot_table import SlotTable
+from loratree.models import load_base
+from loratree.serve import Engine
+
+__all__ = ["add_engine_args", "build_engine", "parse_stop"]
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="base model: HF directory, .gguf, or embedded (default)")
+    p.add_argument("--store", default="adapters",
+                   help="adapter store directory (default: ./adapters)")
+    p.add_argument("--cache-mb", type=float, default=512.0,
+                   help="RAM budget of the adapter cache in MiB (default 512)")
+    p.add_argument("--slots", type=int, default=4, help="active adapter slots (default 4)")
+    p.add_argument("--max-rank", type=int, default=64, help="largest LoRA rank a slot takes")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true",
+                   help="send the prompt as plain text, without the chat template")
+
+
+def build_engine(args: argparse.Namespace) -> tuple[Engine, object]:
+    model, tokenizer = load_base(args.model)
+    if tokenizer is None:
+        raise ValueError("generation needs a tokenizer; the model directory has none")
+    store = AdapterStore(args.store)
+    cache = AdapterCache(store, int(args.cache_mb * 2**20))
+    table = SlotTable(model, cache, n_slots=args.slots, max_rank=args.max_rank)
+    return Engine(model, tokenizer, table), tokenizer
+
+
+def parse_stop(values: list[str]) -> tuple[str, ...]:
+    return tuple(v.encode().decode("unicode_escape") for v in values)
