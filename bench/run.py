@@ -19,6 +19,7 @@ from bench.prefix_rows import prefix_tables
 from bench.qlora_rows import qlora_tables
 from bench.quality import qlora_gaps, quality_markdown, quality_rows
 from bench.report import Check, Table, render, write_atomic
+from bench.serve_rows import serve_tables
 from bench.train_rows import train_tables
 
 __all__ = ["main", "run"]
@@ -34,7 +35,7 @@ QLORA_GAP = 5.0
 """Acceptance: QLoRA's held-out exact match is within this many points of LoRA's."""
 
 
-def run(quick: bool, quality_steps: int = 30) -> str:
+def run(quick: bool, quality_steps: int = 30, serve: bool = True) -> str:
     """Run every benchmark group and return the markdown report."""
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]
@@ -66,6 +67,13 @@ def run(quick: bool, quality_steps: int = 30) -> str:
         prefix, prefix_checks = prefix_tables(base, repeats["train"], Path(tmp))
     tables += prefix
     checks += prefix_checks
+    if serve:
+        from loratree.models import load_base
+
+        _, tokenizer = load_base(None)
+        served, serve_checks = serve_tables(base, tokenizer, repeats["train"])
+        tables += served
+        checks += serve_checks
     extra: list[str] = []
     if quality_steps > 0:
         from loratree.models import load_base
@@ -117,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke check")
+    parser.add_argument("--no-serve", action="store_true", help="skip the serving tables")
     parser.add_argument("--quality-steps", type=int, default=30,
                         help="training steps per quality-table run (0 skips the table)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    text = run(args.quick, args.quality_steps)
+    text = run(args.quick, args.quality_steps, serve=not args.no_serve)
     path = write_atomic(args.out, text)
     log.info("wrote %s", path)
     return 0

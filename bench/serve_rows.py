@@ -1,0 +1,303 @@
+"""Serving rows: decode throughput with mixed adapters, activation / load / switch times,
+an arrival benchmark (continuous vs static batching), and routing accuracy.
+
+Ours runs through the real stack (store -> cache -> slot table -> engine); PEFT holds the
+same adapters (loaded from the same files) and generates with ``adapter_names=``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import peft
+import torch
+from torch import nn
+
+from bench.contenders import ALL_R16, QV_R8, AdapterSpec, add_ours_slot, random_ids
+from bench.harness import interleaved
+from bench.report import Check, Row, Table
+from loratree import surgery
+from loratree.adapters import AdapterStore
+from loratree.adapters.cache import AdapterCache
+from loratree.adapters.routing import Router, prompt_features, write_centroid
+from loratree.adapters.slot_table import BASE, SlotTable
+from loratree.serve import Engine, Request
+
+__all__ = ["serve_tables"]
+
+log = logging.getLogger(__name__)
+
+BATCH, PROMPT, NEW = 8, 32, 24
+N_ADAPTERS = 8
+
+
+def serve_tables(base: nn.Module, tokenizer, repeats: int) -> tuple[list[Table], list[Check]]:
+    tables, checks = [], []
+    with tempfile.TemporaryDirectory(prefix="loratree-serve-") as tmp:
+        for spec in (QV_R8, ALL_R16):
+            store = _store(base, spec, Path(tmp) / spec.label.replace(" ", "_"))
+            t, c = _throughput(base, tokenizer, store, spec, repeats)
+            tables.append(t)
+            checks += c
+        store = AdapterStore(Path(tmp) / QV_R8.label.replace(" ", "_"))
+        t, c = _switching(base, store, repeats)
+        tables.append(t)
+        checks += c
+        t, c = _arrivals(base, tokenizer, Path(tmp) / "arrivals")
+        tables.append(t)
+        checks += c
+    t, c = _routing(base, tokenizer)
+    tables.append(t)
+    checks += c
+    return tables, checks
+
+
+def _store(base: nn.Module, spec: AdapterSpec, root: Path, n: int = N_ADAPTERS) -> AdapterStore:
+    store = AdapterStore(root)
+    model = copy.deepcopy(base)
+    for i in range(n):
+        slot = add_ours_slot(model, spec, seed=100 + i)
+        store.save(f"a{i}", model, slot)
+    return store
+
+
+def _peft(base: nn.Module, store: AdapterStore, names: list[str]) -> peft.PeftModel:
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), store.path_of(names[0]),
+                                           adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(store.path_of(name), adapter_name=name)
+    return model.eval()
+
+
+def _engine(base: nn.Module, tokenizer, store: AdapterStore, **kw) -> Engine:
+    model = copy.deepcopy(base)
+    table = SlotTable(model, AdapterCache(store, 2**30), n_slots=N_ADAPTERS, max_rank=16)
+    return Engine(model, tokenizer, table, max_batch=BATCH, **kw)
+
+
+def _throughput(base, tokenizer, store, spec, repeats):
+    names = [f"a{i}" for i in range(N_ADAPTERS)]
+    ids = random_ids(base, BATCH, PROMPT, seed=11)
+    prompts = [row.tolist() for row in ids]
+    engine = _engine(base, tokenizer, store)
+    theirs = _peft(base, store, names)
+    mask = torch.ones_like(ids)
+
+    def ours(adapters: list[str]) -> Callable[[], None]:
+        def run() -> None:
+            handles = [engine.submit(Request(p, adapter=a, max_new_tokens=NEW))
+                       for p, a in zip(prompts, adapters, strict=True)]
+            while engine.busy():
+                engine.step()
+            assert all(len(h.result().tokens) == NEW for h in handles)
+        return run
+
+    def peer(adapters: list[str] | None) -> Callable[[], None]:
+        def run() -> None:
+            kw = {} if adapters is None else {"adapter_names": adapters}
+            with torch.inference_mode():
+                if adapters is None:
+                    with theirs.disable_adapter():
+                        theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW,
+                                        min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+                else:
+                    theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW,
+                                    min_new_tokens=NEW, do_sample=False, pad_token_id=0, **kw)
+        return run
+
+    fns = {"ours one": ours([names[0]] * BATCH), "ours mixed": ours(names),
+           "ours none": ours([BASE] * BATCH), "PEFT one": peer([names[0]] * BATCH),
+           "PEFT mixed": peer(names), "PEFT none": peer(None)}
+    rounds = max(3, repeats // 2)
+    log.info("serve throughput %s: %d contenders x %d rounds", spec.label, len(fns), rounds)
+    t = interleaved(fns, rounds, warmup=1)
+    tokens = BATCH * NEW
+    tps = {k: tokens / v.median for k, v in t.items()}
+    rows = [Row(f"tokens/s, batch {BATCH}, {label}", tps[f"ours {key}"], tps[f"PEFT {key}"],
+                "count") for key, label in (("one", "all on one adapter"),
+                                            ("mixed", f"{N_ADAPTERS} different adapters"),
+                                            ("none", "no adapter"))]
+    mixed_vs_one = tps["ours mixed"] / tps["ours one"]
+    rows.append(Row("mixed / one adapter", mixed_vs_one, tps["PEFT mixed"] / tps["PEFT one"],
+                    "ratio"))
+    table = Table(
+        f"Serving throughput, {N_ADAPTERS} adapters {spec.label}",
+        rows,
+        [f"{BATCH} requests of {PROMPT} prompt tokens, {NEW} greedy new tokens each, submitted "
+         "together; tokens/s = generated tokens / wall time of the whole batch (prefill "
+         "included). Ours: the engine (continuous batching, per-row slots; a one-adapter "
+         "batch runs merged). PEFT: `generate(adapter_names=...)` for the mixed batch, "
+         "`set_adapter` for one, `disable_adapter` for none."],
+    )
+    checks = [
+        Check(f"{spec.label}: mixed-adapter throughput >= 0.85x one adapter's",
+              f"{mixed_vs_one:.2f}", mixed_vs_one >= 0.85),
+        Check(f"{spec.label}: mixed-adapter throughput >= 1.3x PEFT's mixed batch",
+              f"{tps['ours mixed'] / tps['PEFT mixed']:.2f}",
+              tps["ours mixed"] >= 1.3 * tps["PEFT mixed"]),
+    ]
+    engine.table.cache.close()
+    return table, checks
+
+
+def _switching(base, store, repeats):
+    names = [f"a{i}" for i in range(N_ADAPTERS)]
+    model = copy.deepcopy(base)
+    cache = AdapterCache(store, 2**30)
+    table = SlotTable(model, cache, n_slots=2, max_rank=16)
+    for n in names:
+        cache.get(n)  # all in RAM; only 2 slots, so activating refills a slot
+    theirs = _peft(base, store, names)
+    cycle = iter(range(10**9))
+
+    def activate() -> None:
+        table.activate(names[next(cycle) % len(names)])
+
+    def peft_set() -> None:
+        theirs.set_adapter(names[next(cycle) % len(names)])
+
+    def load_ours() -> None:
+        name = names[next(cycle) % len(names)]
+        if table.slot_of(name) is None and name in cache:
+            cache.evict(name)
+        table.activate(name)
+
+    extra = iter(range(10**9))
+
+    def load_peft() -> None:
+        name = f"x{next(extra)}"
+        theirs.load_adapter(store.path_of(names[0]), adapter_name=name)
+        theirs.delete_adapter(name)
+
+    merged = iter(range(10**9))
+
+    def switch_ours() -> None:
+        table.merge(names[next(merged) % 2])
+
+    def switch_peft() -> None:
+        theirs.unmerge_adapter()
+        theirs.set_adapter(names[next(merged) % 2])
+        theirs.merge_adapter()
+
+    reps = max(repeats * 3, 10)
+    log.info("serve switching: %d rounds", reps)
+    act = interleaved({"ours": activate, "PEFT": peft_set}, reps, warmup=2, rotate=False)
+    load = interleaved({"ours": load_ours, "PEFT": load_peft}, reps, warmup=2, rotate=False)
+    theirs.set_adapter(names[0])
+    theirs.merge_adapter()
+    sw = interleaved({"ours": switch_ours, "PEFT": switch_peft}, reps, warmup=2, rotate=False)
+    med = {k: {n: v.median for n, v in d.items()} for k, d in
+           (("act", act), ("load", load), ("sw", sw))}
+    rows = [
+        Row("activate an adapter already in RAM", med["act"]["ours"], med["act"]["PEFT"], "ms"),
+        Row("load an adapter from disk", med["load"]["ours"], med["load"]["PEFT"], "ms"),
+        Row("switch the merged adapter", med["sw"]["ours"], med["sw"]["PEFT"], "ms"),
+    ]
+    table_ = Table(
+        f"Adapter activation and switching ({QV_R8.label})", rows,
+        ["Ours: slot table over the cache with 2 slots and 8 cached adapters (activation "
+         "refills a slot); load = cache miss (evicted first) + activation, i.e. read, check "
+         "and install; switch = W += dW_new - dW_old. PEFT: `set_adapter`; `load_adapter` "
+         "(then `delete_adapter`); `unmerge_adapter` + `set_adapter` + `merge_adapter`."])
+    checks = [
+        Check("activate an adapter in RAM < 1 ms", f"{1e3 * med['act']['ours']:.3f} ms",
+              med["act"]["ours"] < 1e-3),
+        Check("load an r=8 q,v adapter from disk < 50 ms",
+              f"{1e3 * med['load']['ours']:.1f} ms", med["load"]["ours"] < 0.05),
+        Check("merged switch <= 0.5x PEFT's unmerge + merge",
+              f"{med['sw']['ours'] / med['sw']['PEFT']:.2f}",
+              med["sw"]["ours"] <= 0.5 * med["sw"]["PEFT"]),
+    ]
+    return table_, checks
+
+
+def _arrivals(base, tokenizer, root, n_adapters=20, n_requests=32, rate_per_s=2.0):
+    store = _store(base, QV_R8, root, n_adapters)
+    one = store.info("a0").size
+    rng = random.Random(3)
+    plan = [(rng.expovariate(rate_per_s), f"a{rng.randrange(n_adapters)}",
+             rng.randint(8, 24)) for _ in range(n_requests)]
+    prompts = [random_ids(base, 1, PROMPT, seed=200 + i)[0].tolist() for i in range(n_requests)]
+    results = {}
+    for mode in ("continuous", "static"):
+        model = copy.deepcopy(base)
+        cache = AdapterCache(store, 4 * one + 1024)
+        table = SlotTable(model, cache, n_slots=4, max_rank=16)
+        engine = Engine(model, tokenizer, table, max_batch=4, static=mode == "static").start()
+        handles = []
+        started = time.perf_counter()
+
+        def feed(handles=handles, engine=engine):
+            for (gap, name, n), p in zip(plan, prompts, strict=True):
+                time.sleep(gap)
+                handles.append(engine.submit(Request(p, adapter=name, max_new_tokens=n)))
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        feeder.join()
+        latencies = [h.result(timeout=3600).total_s for h in handles]
+        wall = time.perf_counter() - started
+        engine.close()
+        tokens = sum(len(h.result().tokens) for h in handles)
+        lat = sorted(latencies)
+        results[mode] = {"tps": tokens / wall, "p50": statistics.median(lat),
+                         "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+                         "evictions": cache.stats.evictions}
+        log.info("arrivals %s: %s", mode, results[mode])
+    c, s = results["continuous"], results["static"]
+    rows = [Row("throughput, tokens/s", c["tps"], s["tps"], "count"),
+            Row("latency p50", c["p50"], s["p50"], "ms"),
+            Row("latency p99", c["p99"], s["p99"], "ms"),
+            Row("cache evictions", c["evictions"], s["evictions"], "count")]
+    table = Table(
+        f"Arrivals: {n_requests} requests for {n_adapters} adapters, RAM for 4", rows,
+        [f"Requests arrive as a Poisson process ({rate_per_s}/s), each for a random one of "
+         f"{n_adapters} q,v r=8 adapters, {PROMPT}-token prompt, 8-24 new tokens; cache "
+         "budget 4 adapters, 4 slots, batch <= 4. Continuous: requests join between decode "
+         "steps. Static: a batch runs to its end before the next is formed. Latency = "
+         "submit to last token."],
+        peer_name="static")
+    return table, [Check("arrivals: continuous batching p99 latency < static's",
+                         f"{c['p99']:.1f} s vs {s['p99']:.1f} s", c["p99"] < s["p99"])]
+
+
+def _routing(base, tokenizer):
+    from loratree.demo.tasks import TASKS, write_tasks
+    from loratree.train.chat import encode_prompt, prompt_messages
+    from loratree.train.data import read_jsonl
+
+    with tempfile.TemporaryDirectory(prefix="loratree-route-") as tmp:
+        data = write_tasks(Path(tmp) / "data", 200, 50, names=tuple(TASKS))
+        store = AdapterStore(Path(tmp) / "store")
+        model = copy.deepcopy(base)
+        dummy = add_ours_slot(model, QV_R8, seed=1)
+        held = []
+        for task, (train_path, eval_path) in data.items():
+            info = store.save(task, model, dummy)
+            rows = read_jsonl(train_path).rows
+            feats = prompt_features(model, [encode_prompt(prompt_messages(r), tokenizer)
+                                            for r in rows])
+            write_centroid(info.path, feats)
+            held += [(task, encode_prompt(prompt_messages(r), tokenizer))
+                     for r in read_jsonl(eval_path).rows]
+        surgery.unload(model)
+        router = Router(store, model)
+        per_task = {}
+        for task, prompt in held:
+            per_task.setdefault(task, []).append(router.route(prompt).adapter == task)
+    acc = {t: sum(v) / len(v) for t, v in per_task.items()}
+    overall = sum(sum(v) for v in per_task.values()) / len(held)
+    rows = [Row(f"routing accuracy, {t}", a, None, "share") for t, a in acc.items()]
+    rows.append(Row("routing accuracy, all held-out prompts", overall, None, "share"))
+    return Table("Routing between fine-tunes (adapter=\"auto\")", rows,
+                 ["Centroids from 200 training prompts per demo task (SmolLM2's mean-pooled "
+                  "last hidden state, no adapter), held-out prompts routed by centred cosine "
+                  "similarity; no extra model."]), []
