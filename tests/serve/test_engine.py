@@ -1,8 +1,6 @@
 """The engine: a continuously batched mix of adapters equals each request alone (and PEFT),
 with sampling, stop strings, streaming, cancellation and bad requests handled."""
 
-import copy
-
 import peft
 import pytest
 import torch
@@ -96,6 +94,27 @@ def test_continuous_batch_of_mixed_adapters_equals_each_alone(store):
                                    rtol=0)
     assert engine.modes["unmerged"] > 0
     assert engine.table.cache.stats.misses == 3
+    # the LoRA and base rows against PEFT's mixed-batch inference on their full sequences
+    theirs = _peft(store)
+    lora_rows = [(a, p, h) for (a, p, _), h in zip(plan, handles, strict=True) if a != "prefix"]
+    seqs = [p + list(h.result().tokens) for _, p, h in lora_rows]
+    width = max(len(q) for q in seqs)
+    ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs])
+    mask = (torch.arange(width)[None] < torch.tensor([len(q) for q in seqs])[:, None]).long()
+    with torch.no_grad():
+        logits = theirs(input_ids=ids, attention_mask=mask,
+                        adapter_names=[a for a, _, _ in lora_rows]).logits
+    for i, (_, p, h) in enumerate(lora_rows):
+        got = torch.stack(h.logits)
+        torch.testing.assert_close(got, logits[i, len(p) - 1:len(p) - 1 + len(got)],
+                                   atol=1e-4, rtol=0)
+
+
+def _peft(store):
+    theirs = peft.PeftModel.from_pretrained(_model(), store.path_of("qv-r2"),
+                                            adapter_name="qv-r2")
+    theirs.load_adapter(store.path_of("all-r4"), adapter_name="all-r4")
+    return theirs.eval()
 
 
 def test_lora_rows_match_peft_mixed_batch_inference(store):
@@ -105,11 +124,7 @@ def test_lora_rows_match_peft_mixed_batch_inference(store):
                for i, n in enumerate(names)]
     while engine.busy():
         engine.step()
-    base = _model()
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), store.path_of("qv-r2"),
-                                            adapter_name="qv-r2")
-    theirs.load_adapter(store.path_of("all-r4"), adapter_name="all-r4")
-    theirs.eval()
+    theirs = _peft(store)
     seqs = [PROMPTS[i] + list(h.result().tokens) for i, h in enumerate(handles)]
     width = max(len(s) for s in seqs)
     ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])  # right padding
