@@ -35,6 +35,7 @@ __all__ = ["BASE", "Plan", "SlotTable"]
 
 logger = logging.getLogger(__name__)
 
+_EMPTY = SlotSpec(0, 1.0)
 BASE = "__base__"
 """The name of "no adapter": the base model, slot -1."""
 
@@ -94,7 +95,8 @@ class SlotTable:
                 target = slot if slot is not None and slot.users == 0 else self._free_slot()
                 if target.name is not None and target.name == self.merged:
                     self.unmerge()
-                self._clear(target)
+                keep = set(adapter.lora.weights) if adapter.lora is not None else set()
+                self._clear(target, overwritten=keep)
                 self._fill(target, adapter)
             except BaseException:
                 self.cache.release(name)
@@ -191,12 +193,14 @@ class SlotTable:
             raise AdapterInUseError(f"all {len(self._slots)} slots serve running requests")
         return min(idle, key=lambda s: s.last_used)
 
-    def _clear(self, slot: _Slot) -> None:
+    def _clear(self, slot: _Slot, overwritten: set[str] = frozenset()) -> None:
+        """Empty the slot, except layers the next adapter overwrites anyway."""
         if slot.name is None:
             return
-        empty = SlotSpec(0, 1.0)
+        empty = _EMPTY
         for name in slot.layers:
-            self.layers[name].set_slot(slot.index, empty)
+            if name not in overwritten:
+                self.layers[name].set_slot(slot.index, empty)
         surgery.clear_prefix(self.model, slot.index)
         del self._by_name[slot.name]
         self.cache.release(slot.name)

@@ -128,29 +128,33 @@ class LoraModule(nn.Module):
                 )
             dst.copy_(src)
 
-    @torch.no_grad()
     def set_slot(self, slot: int, spec: SlotSpec, a: Tensor | None = None,
                  b: Tensor | None = None) -> None:
-        """Put another adapter in ``slot``: its spec and factors (shared, not copied).
+        """Put another adapter in ``slot``: its spec and factors (shared, not copied, when
+        dtype and device already match).
 
         ``spec.rank == 0`` empties the slot (the adapter skips this layer). A merged slot
-        cannot be replaced: unmerge or switch first.
+        cannot be replaced: unmerge or switch first. This is the serving hot path (one call
+        per layer per activation), so it swaps the parameters' tensors in place.
         """
-        self._check_slot(slot)
         if self.merged == slot:
             raise RuntimeError(f"{self.module_name}: slot {slot} is merged; unmerge first")
-        dtype, device = self.factor_like()
+        pa, pb = self.lora_a[slot], self.lora_b[slot]
         if spec.rank == 0:
-            a = torch.empty(self.a_shape(0), dtype=dtype, device=device)
-            b = torch.empty(self.b_shape(0), dtype=dtype, device=device)
+            a, b = pa.new_empty(self.a_shape(0)), pb.new_empty(self.b_shape(0))
         elif a is None or b is None:
             raise ValueError(f"{self.module_name}: slot {slot} of rank {spec.rank} needs A and B")
-        for name, t, want in (("A", a, self.a_shape(spec.rank)), ("B", b, self.b_shape(spec.rank))):
-            if tuple(t.shape) != tuple(want):
-                raise ValueError(f"{self.module_name}: lora {name} for slot {slot} must be "
-                                 f"{tuple(want)}, got {tuple(t.shape)}")
-        self.lora_a[slot] = nn.Parameter(a.to(device=device, dtype=dtype), requires_grad=False)
-        self.lora_b[slot] = nn.Parameter(b.to(device=device, dtype=dtype), requires_grad=False)
+        else:
+            for name, t, want in (("A", a, self.a_shape(spec.rank)),
+                                  ("B", b, self.b_shape(spec.rank))):
+                if t.shape != want:
+                    raise ValueError(f"{self.module_name}: lora {name} for slot {slot} must "
+                                     f"be {tuple(want)}, got {tuple(t.shape)}")
+            if a.dtype != pa.dtype or a.device != pa.device:
+                a, b = a.to(pa), b.to(pb)
+        pa.data, pb.data = a, b
+        pa.requires_grad_(False)
+        pb.requires_grad_(False)
         self.specs[slot] = spec
 
     # -- forward ------------------------------------------------------------------------
