@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["Check", "Row", "Table", "render", "write_atomic"]
+__all__ = ["Check", "Row", "Table", "render", "splice", "write_atomic"]
 
 Unit = Literal["ms", "pct", "share", "ratio", "bytes", "count"]
 MIN_PEER_OVERHEAD = 0.005
@@ -99,6 +99,48 @@ def render(
     out += ["", "## Acceptance checks", "", "| target | measured | met |", "|---|---|---|"]
     out += [f"| {c.target} | {c.measured} | {'yes' if c.passed else 'NO'} |" for c in checks]
     return "\n".join(out) + "\n"
+
+
+def _sections(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """(text before the first "## " heading, [(heading, body)] in order)."""
+    head, *parts = text.split("\n## ")
+    out = []
+    for part in parts:
+        title, _, body = part.partition("\n")
+        out.append((title.strip(), body))
+    return head, out
+
+
+def splice(old: str, new: str, note: str) -> str:
+    """``old`` with the tables of ``new`` put in place of same-titled ones (new titles go
+    before the quality and acceptance sections), its checks replacing same-target checks
+    and appended otherwise, and ``note`` added to the method list."""
+    head, old_parts = _sections(old)
+    _, new_parts = _sections(new)
+    fixed = {"Machine", "Method", "Acceptance checks"}
+    fresh = {t: b for t, b in new_parts if t not in fixed}
+    parts, placed = [], set()
+    for title, body in old_parts:
+        if title in fresh:
+            body = fresh[title]
+            placed.add(title)
+        elif title == "Method":
+            body = body.rstrip("\n") + f"\n- {note}\n"
+        parts.append((title, body))
+    tail_at = next((i for i, (t, _) in enumerate(parts)
+                    if t == "Acceptance checks" or t.startswith("Quality")), len(parts))
+    parts[tail_at:tail_at] = [(t, b) for t, b in fresh.items() if t not in placed]
+    checks = _check_rows(dict(old_parts).get("Acceptance checks", ""))
+    checks.update(_check_rows(dict(new_parts).get("Acceptance checks", "")))
+    table = ["", "| target | measured | met |", "|---|---|---|", *checks.values(), ""]
+    parts = [(t, "\n".join(table) if t == "Acceptance checks" else b) for t, b in parts]
+    return head + "".join(f"\n## {t}\n{b}" for t, b in parts)
+
+
+def _check_rows(body: str) -> dict[str, str]:
+    rows = [line for line in body.splitlines()
+            if line.startswith("| ") and not line.startswith(("| target ", "|---"))]
+    return {line.split(" | ")[0]: line for line in rows}
 
 
 def write_atomic(path: str | Path, text: str) -> Path:

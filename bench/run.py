@@ -18,9 +18,10 @@ from bench.lora_rows import file_tables, forward_tables, merge_tables
 from bench.prefix_rows import prefix_tables
 from bench.qlora_rows import qlora_tables
 from bench.quality import qlora_gaps, quality_markdown, quality_rows
-from bench.report import Check, Table, render, write_atomic
+from bench.report import Check, Table, render, splice, write_atomic
 from bench.serve_rows import serve_tables
 from bench.train_rows import train_tables
+from loratree.models import load_base
 
 __all__ = ["main", "run"]
 
@@ -31,12 +32,13 @@ FULL = {"forward": 20, "ops": 30, "train": 9}
 QUICK = {"forward": 2, "ops": 3, "train": 2}
 QUALITY_TARGET = 0.90
 """Acceptance: LoRA r=8 all-linear reaches 90% of full fine-tuning's held-out exact match."""
+GROUPS = ("forward", "merge", "files", "train", "qlora", "prefix", "serve", "quality")
 QLORA_GAP = 5.0
 """Acceptance: QLoRA's held-out exact match is within this many points of LoRA's."""
 
 
-def run(quick: bool, quality_steps: int = 30, serve: bool = True) -> str:
-    """Run every benchmark group and return the markdown report."""
+def run(quick: bool, quality_steps: int = 30, groups: tuple[str, ...] = GROUPS) -> str:
+    """Run the benchmark groups named (all by default) and return the markdown report."""
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]
     threads = configure_threads()
@@ -50,46 +52,42 @@ def run(quick: bool, quality_steps: int = 30, serve: bool = True) -> str:
 
     tables: list[Table] = []
     checks: list[Check] = []
-    forward, forward_checks = forward_tables(base, ids, repeats["forward"])
-    tables += forward
-    checks += forward_checks
-    tables += merge_tables(base, repeats["ops"])
-    with tempfile.TemporaryDirectory(prefix="loratree-bench-") as tmp:
-        tables += file_tables(base, Path(tmp))
-    train, train_checks = train_tables(base, repeats["train"])
-    tables += train
-    checks += train_checks
-    with tempfile.TemporaryDirectory(prefix="loratree-bench-") as tmp:
-        qlora, qlora_checks = qlora_tables(base, repeats["train"], Path(tmp))
-    tables += qlora
-    checks += qlora_checks
-    with tempfile.TemporaryDirectory(prefix="loratree-bench-") as tmp:
-        prefix, prefix_checks = prefix_tables(base, repeats["train"], Path(tmp))
-    tables += prefix
-    checks += prefix_checks
-    if serve:
-        from loratree.models import load_base
 
-        _, tokenizer = load_base(None)
+    def want(group: str) -> bool:
+        return group in groups
+
+    if want("forward"):
+        forward, forward_checks = forward_tables(base, ids, repeats["forward"])
+        tables += forward
+        checks += forward_checks
+    if want("merge"):
+        tables += merge_tables(base, repeats["ops"])
+    if want("files"):
+        with tempfile.TemporaryDirectory(prefix="loratree-bench-") as tmp:
+            tables += file_tables(base, Path(tmp))
+    if want("train"):
+        train, train_checks = train_tables(base, repeats["train"])
+        tables += train
+        checks += train_checks
+    if want("qlora"):
+        with tempfile.TemporaryDirectory(prefix="loratree-bench-") as tmp:
+            qlora, qlora_checks = qlora_tables(base, repeats["train"], Path(tmp))
+        tables += qlora
+        checks += qlora_checks
+    if want("prefix"):
+        with tempfile.TemporaryDirectory(prefix="loratree-bench-") as tmp:
+            prefix, prefix_checks = prefix_tables(base, repeats["train"], Path(tmp))
+        tables += prefix
+        checks += prefix_checks
+    tokenizer = load_base(None)[1] if want("serve") or want("quality") else None
+    if want("serve"):
         served, serve_checks = serve_tables(base, tokenizer, repeats["train"])
         tables += served
         checks += serve_checks
     extra: list[str] = []
-    if quality_steps > 0:
-        from loratree.models import load_base
-
-        _, tokenizer = load_base(None)
-        q_rows = quality_rows(base, tokenizer, steps=quality_steps,
-                              n_eval=10 if quick else 30)
-        extra, ratios = quality_markdown(q_rows, quality_steps)
-        for task, ratio in ratios.items():
-            checks.append(Check(
-                f"{task}: LoRA r=8 all-linear EM >= {QUALITY_TARGET:.0%} of full fine-tuning's",
-                f"{ratio:.2f}", ratio >= QUALITY_TARGET))
-        for task, gap in qlora_gaps(q_rows).items():
-            checks.append(Check(
-                f"{task}: QLoRA held-out EM within {QLORA_GAP:.0f} points of LoRA's "
-                "(r=8 all-linear)", f"{gap:+.1f} points", abs(gap) <= QLORA_GAP))
+    if want("quality") and quality_steps > 0:
+        extra, quality_checks = _quality(base, tokenizer, quality_steps, quick)
+        checks += quality_checks
 
     elapsed = time.perf_counter() - t0
     load_end = os.getloadavg()[0]
@@ -121,16 +119,41 @@ def run(quick: bool, quality_steps: int = 30, serve: bool = True) -> str:
     return render("loratree benchmarks", machine_info(), method, tables, checks, extra)
 
 
+def _quality(base, tokenizer, steps: int, quick: bool) -> tuple[list[str], list[Check]]:
+    q_rows = quality_rows(base, tokenizer, steps=steps, n_eval=10 if quick else 30)
+    extra, ratios = quality_markdown(q_rows, steps)
+    checks = [Check(f"{task}: LoRA r=8 all-linear EM >= {QUALITY_TARGET:.0%} of full "
+                    "fine-tuning's", f"{ratio:.2f}", ratio >= QUALITY_TARGET)
+              for task, ratio in ratios.items()]
+    checks += [Check(f"{task}: QLoRA held-out EM within {QLORA_GAP:.0f} points of LoRA's "
+                     "(r=8 all-linear)", f"{gap:+.1f} points", abs(gap) <= QLORA_GAP)
+               for task, gap in qlora_gaps(q_rows).items()]
+    return extra, checks
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--quick", action="store_true", help="few repeats, for a smoke check")
-    parser.add_argument("--no-serve", action="store_true", help="skip the serving tables")
+    parser.add_argument("--only", default=",".join(GROUPS),
+                        help=f"comma-separated groups to run, of: {','.join(GROUPS)}")
+    parser.add_argument("--update", action="store_true",
+                        help="splice the groups run into the existing --out report (its other "
+                             "tables and checks stay) instead of replacing it")
     parser.add_argument("--quality-steps", type=int, default=30,
                         help="training steps per quality-table run (0 skips the table)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    text = run(args.quick, args.quality_steps, serve=not args.no_serve)
+    groups = tuple(g.strip() for g in args.only.split(",") if g.strip())
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        parser.error(f"unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+    text = run(args.quick, args.quality_steps, groups)
+    if args.update and args.out.exists():
+        text = splice(args.out.read_text(encoding="utf-8"), text,
+                      note=f"Groups {', '.join(groups)} rerun on "
+                           f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC "
+                           f"(`python -m bench.run --only {','.join(groups)} --update`).")
     path = write_atomic(args.out, text)
     log.info("wrote %s", path)
     return 0

@@ -93,7 +93,8 @@ def _throughput(base, tokenizer, store, spec, repeats):
 
     def ours(adapters: list[str]) -> Callable[[], None]:
         def run() -> None:
-            handles = [engine.submit(Request(p, adapter=a, max_new_tokens=NEW))
+            handles = [engine.submit(Request(p, adapter=a, max_new_tokens=NEW,
+                                                   ignore_eos=True))
                        for p, a in zip(prompts, adapters, strict=True)]
             while engine.busy():
                 engine.step()

@@ -187,6 +187,20 @@ def test_stop_strings_streaming_cancel_and_errors(store):
     assert engine.table.active() and all(s.users == 0 for s in engine.table._slots)
 
 
+def test_end_of_sequence_stops_a_request_unless_it_ignores_eos(store):
+    tokens, _ = _reference(store, "qv-r2", PROMPTS[0], 8)
+    engine = _engine(store)
+    engine.eos = {tokens[2]}
+    stopped = engine.submit(Request(PROMPTS[0], adapter="qv-r2", max_new_tokens=8))
+    kept = engine.submit(Request(PROMPTS[0], adapter="qv-r2", max_new_tokens=8, ignore_eos=True))
+    while engine.busy():
+        engine.step()
+    cut = tokens.index(tokens[2]) + 1
+    assert stopped.result().finish_reason == "stop"
+    assert list(stopped.result().tokens) == tokens[:cut]
+    assert kept.result().finish_reason == "length" and list(kept.result().tokens) == tokens
+
+
 def test_threaded_engine_streams(store):
     engine = _engine(store).start()
     try:

@@ -37,6 +37,7 @@ from loratree.adapters.routing import Router
 from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.ops.sampling import sample
 from loratree.serve.kv import BatchKV
+from loratree.surgery.cache_api import cache_kwarg
 from loratree.surgery.prefix import prefix_extent
 
 __all__ = ["AUTO", "Completion", "Engine", "Handle", "Request"]
@@ -61,6 +62,9 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token, up to ``max_new_tokens`` (as vLLM's
+    option of that name; for benchmarks and fixed-length outputs)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -309,7 +313,7 @@ class Engine:
         positions = torch.tensor([[r.next_pos] for r in rows], device=self.device)
         with self.table.ctx.use(slots):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=self._kv.cache(), use_cache=True)
+                             use_cache=True, **{cache_kwarg(self.model): self._kv.cache()})
         self._kv = self._kv.append(out.past_key_values)
         for i, row in enumerate(rows):
             row.next_pos += 1
@@ -342,7 +346,7 @@ class Engine:
     def _status(self, row: _Row) -> tuple[str | None, str]:
         """(finish reason or None, the text so far); streams the new text."""
         req = row.handle.request
-        ended_by_eos = row.tokens and row.tokens[-1] in self.eos
+        ended_by_eos = bool(row.tokens) and row.tokens[-1] in self.eos and not req.ignore_eos
         tokens = row.tokens[:-1] if ended_by_eos else row.tokens
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         for s in req.stop:

@@ -24,6 +24,7 @@ from loratree.config import PrefixConfig
 from loratree.layers import LoraModule, SlotContext, SlotSpec
 from loratree.layers.prefix import PrefixBank, PrefixEncoder, PrefixGeometry
 from loratree.ops import prefix as ops
+from loratree.surgery.cache_api import cache_kwarg, pop_cache
 
 __all__ = [
     "BANK",
@@ -198,7 +199,7 @@ def _vocab_vectors(model: nn.Module, bank: PrefixBank, n: int) -> Tensor:
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab, (1, n), device=device)
     with bank.ctx.use(-1):
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        cache = model(input_ids=ids, use_cache=True).past_key_values  # an alias of .cache
     geo = bank.geometry
     parts = []
     for layer in cache.layers[: geo.n_layers]:
@@ -235,7 +236,8 @@ def _inject(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tupl
     if ref is None:
         return None
     batch, seq = ref.shape[0], ref.shape[1]
-    cache = kwargs.get("past_key_values")
+    kwargs = dict(kwargs)  # returning None leaves the caller's arguments as they were
+    cache = pop_cache(kwargs)
     state = getattr(cache, _STATE, None) if cache is not None else None
     if state == EXTERNAL:
         return None
@@ -249,7 +251,7 @@ def _inject(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tupl
         cache = cache if cache is not None else DynamicCache()
         state = _fill(model, bank, cache, slots, ref.device)
         setattr(cache, _STATE, state)
-        kwargs["past_key_values"] = cache
+    kwargs[cache_kwarg(model)] = cache
     prefix_mask, starts = state
     p = prefix_mask.shape[1]
     before = cache.get_seq_length() - p  # prompt tokens already in the cache
