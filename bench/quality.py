@@ -110,7 +110,7 @@ def _train_and_score(task, label, model, tokenizer, train_path, eval_path, held_
 
 def _score(task, label, model, tokenizer, train_path, eval_path, held_out, trainable, size,
            seconds) -> QualityRow:
-    from loratree.train.chat import encode
+    from loratree.models.chat import encode
     from loratree.train.data import pad_token_id
 
     em, _ = exact_match(model, tokenizer, held_out, max_new_tokens=24)

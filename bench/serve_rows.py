@@ -272,7 +272,7 @@ def _arrivals(base, tokenizer, root, n_adapters=20, n_requests=32, rate_per_s=2.
 
 def _routing(base, tokenizer):
     from loratree.demo.tasks import TASKS, write_tasks
-    from loratree.train.chat import encode_prompt, prompt_messages
+    from loratree.models.chat import encode_prompt, prompt_messages
     from loratree.train.data import read_jsonl
 
     with tempfile.TemporaryDirectory(prefix="loratree-route-") as tmp:

@@ -10,6 +10,7 @@ from loratree.adapters import AdapterStore, load_adapter
 from loratree.adapters.cache import AdapterCache
 from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.config import LoraConfig, PrefixConfig
+from loratree.errors import NonFiniteError
 from loratree.models.tiny import tiny_llama, tiny_tokenizer
 from loratree.serve import Engine, Request
 from tests.conftest import randomize_slot
@@ -237,3 +238,79 @@ def test_auto_routes_to_the_adapter_whose_prompts_resemble_the_request(store, tm
     engine = Engine(model, tiny_tokenizer(VOCAB), table)
     done = engine.generate(Request(held_out[0][1], adapter="auto", max_new_tokens=3))
     assert done.adapter == "low" and len(done.tokens) == 3
+
+
+def test_an_adapter_with_non_finite_logits_fails_only_its_own_requests(store, tmp_path):
+    model = _model()
+    surgery.inject(model, LORAS["qv-r2"])
+    randomize_slot(model, 0, std=0.3, seed=9)
+    for m in surgery.lora_layers(model).values():
+        with torch.no_grad():
+            m.lora_b[0].fill_(3e38)  # finite weights whose output overflows to inf
+    bad_store = AdapterStore(tmp_path)
+    for name in LORAS:
+        bad_store.save(name, *_copy_of(store, name))
+    bad_store.save("overflow", model, 0)
+    table = SlotTable(_model(), AdapterCache(bad_store, 10**7), n_slots=4, max_rank=8)
+    engine = Engine(table.model, tiny_tokenizer(VOCAB), table)
+    bad = engine.submit(Request(PROMPTS[0], adapter="overflow", max_new_tokens=5))
+    good = [engine.submit(Request(p, adapter="qv-r2", max_new_tokens=5)) for p in PROMPTS[:2]]
+    while engine.busy():
+        engine.step()
+    failed = bad.result()
+    assert failed.finish_reason == "error" and isinstance(failed.exception, NonFiniteError)
+    assert "overflow" in failed.error
+    for p, h in zip(PROMPTS, good, strict=False):
+        assert list(h.result().tokens) == _reference(store, "qv-r2", p, 5)[0]
+
+
+def test_a_failing_step_fails_running_requests_and_the_loop_goes_on(store):
+    engine = _engine(store)
+    forward = engine.model.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("device lost")
+        return forward(*args, **kwargs)
+
+    engine.model.forward = flaky
+    engine.start()
+    try:
+        first = [engine.submit(Request(p, adapter="qv-r2", max_new_tokens=6)) for p in PROMPTS[:2]]
+        results = [h.result(timeout=30) for h in first]
+        assert any(r.finish_reason == "error" and "device lost" in r.error for r in results)
+        assert engine.failed_steps == 1 and engine.last_error == "RuntimeError: device lost"
+        later = engine.submit(Request(PROMPTS[2], adapter="qv-r2", max_new_tokens=4))
+        assert later.result(timeout=30).tokens == tuple(_reference(store, "qv-r2", PROMPTS[2],
+                                                                   4)[0])
+        assert engine.consecutive_failures == 0 and engine.alive
+        assert all(s.users == 0 for s in engine.table._slots)
+    finally:
+        engine.close()
+
+
+def _copy_of(store, name):
+    model = _model()
+    slot = load_adapter(model, store.path_of(name))
+    return model, slot
+
+
+def test_requests_wait_for_a_slot_when_every_slot_is_busy(store):
+    """2 slots and a cache with room for exactly 2 adapters: a third adapter's request
+    waits until a running one ends, then switches in; nothing fails."""
+    sizes = {n: store.info(n).size for n in ("qv-r2", "all-r4", "prefix")}
+    model = _model()
+    cache = AdapterCache(store, 2 * max(sizes.values()))
+    table = SlotTable(model, cache, n_slots=2, max_rank=8)
+    engine = Engine(model, tiny_tokenizer(VOCAB), table, max_batch=4)
+    plan = [("qv-r2", PROMPTS[0], 6), ("all-r4", PROMPTS[1], 3), ("prefix", PROMPTS[2], 4),
+            ("qv-r2", PROMPTS[3], 2)]
+    handles = [engine.submit(Request(p, adapter=a, max_new_tokens=n)) for a, p, n in plan]
+    while engine.busy():
+        engine.step()
+    for (a, p, n), h in zip(plan, handles, strict=True):
+        assert h.result().finish_reason == "length", h.result().error
+        assert list(h.result().tokens) == _reference(store, a, p, n)[0]
+    assert cache.stats.bytes <= cache.budget

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from loratree.models import EMBEDDED_NAME, cache_root, embedded_gguf_path
-from loratree.train.chat import Conversation, Message, encode_messages, render
+from loratree.models.chat import Conversation, Message, encode_messages, render
 from loratree.train.data import (
     DataError,
     Example,
@@ -295,7 +295,7 @@ def test_truncation_and_dropping_are_counted(tiny, caplog: pytest.LogCaptureFixt
     short = {"prompt": "w5", "completion": "w6"}  # <|user|> w5 <|assistant|> w6 </s>: 5 tokens
     rows = from_records([short, TINY_CHAT])  # TINY_CHAT: 3 + 5 + 2 + 3 = 13 tokens
     assert encode(rows, tiny, 13).lengths == [5, 13]
-    with caplog.at_level(logging.WARNING, logger="loratree.train.chat"):
+    with caplog.at_level(logging.WARNING, logger="loratree.models.chat"):
         encoded = encode(rows, tiny, 6)
     assert (encoded.truncated, encoded.dropped, encoded.lengths) == (1, 0, [5, 6])
     assert encoded.examples[1].labels == [-100] * 4 + [7, 8]

@@ -57,6 +57,9 @@ class _Slot:
     layers: tuple[str, ...] = ()
     kind: str = ""
     version: str = ""
+    held: bool = False
+    """Whether the slot holds its adapter in the cache (released before a refill, so a
+    cache with room for exactly the slots' adapters can still switch)."""
 
 
 class SlotTable:
@@ -89,18 +92,25 @@ class SlotTable:
             if slot is not None and slot.version == self.cache.store.path_of(name).name:
                 slot.last_used = next(self._clock)
                 return slot.index
-            adapter = self.cache.acquire(name)  # held while a slot holds it: never evicted
+            target = slot if slot is not None and slot.users == 0 else self._free_slot()
+            if target.name is not None and target.name == self.merged:
+                self.unmerge()
+            self._let_go(target)
+            try:
+                adapter = self.cache.acquire(name)  # held while in a slot: never evicted
+            except BaseException:
+                self._clear(target)
+                raise
             try:
                 self._check_size(adapter)
-                target = slot if slot is not None and slot.users == 0 else self._free_slot()
-                if target.name is not None and target.name == self.merged:
-                    self.unmerge()
                 keep = set(adapter.lora.weights) if adapter.lora is not None else set()
                 self._clear(target, overwritten=keep)
                 self._fill(target, adapter)
             except BaseException:
                 self.cache.release(name)
+                self._clear(target)
                 raise
+            target.held = True
             target.last_used = next(self._clock)
             return target.index
 
@@ -188,10 +198,16 @@ class SlotTable:
         free = [s for s in self._slots if s.name is None]
         if free:
             return free[0]
-        idle = [s for s in self._slots if s.users == 0 and s.name != self.merged]
+        idle = [s for s in self._slots if s.users == 0]
         if not idle:
             raise AdapterInUseError(f"all {len(self._slots)} slots serve running requests")
-        return min(idle, key=lambda s: s.last_used)
+        return min(idle, key=lambda s: (s.name == self.merged, s.last_used))
+
+    def _let_go(self, slot: _Slot) -> None:
+        """Release the slot's hold on its adapter in the cache, keeping its weights."""
+        if slot.held and slot.name is not None:
+            self.cache.release(slot.name)
+        slot.held = False
 
     def _clear(self, slot: _Slot, overwritten: set[str] = frozenset()) -> None:
         """Empty the slot, except layers the next adapter overwrites anyway."""
@@ -202,8 +218,9 @@ class SlotTable:
             if name not in overwritten:
                 self.layers[name].set_slot(slot.index, empty)
         surgery.clear_prefix(self.model, slot.index)
-        del self._by_name[slot.name]
-        self.cache.release(slot.name)
+        if self._by_name.get(slot.name) is slot:
+            del self._by_name[slot.name]
+        self._let_go(slot)
         slot.name, slot.layers, slot.kind, slot.version = None, (), "", ""
 
     def _fill(self, slot: _Slot, adapter: LoadedAdapter) -> None:

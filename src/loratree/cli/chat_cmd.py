@@ -12,8 +12,8 @@ import time
 
 from loratree.adapters.slot_table import BASE
 from loratree.cli.serve_common import add_engine_args, build_engine, parse_stop
+from loratree.models.chat import Message, encode_prompt
 from loratree.serve import Request
-from loratree.train.chat import Message, encode_prompt
 
 __all__ = ["add_parser", "run"]
 

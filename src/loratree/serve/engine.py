@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,7 @@ from torch import nn
 
 from loratree.adapters.routing import Router
 from loratree.adapters.slot_table import BASE, SlotTable
+from loratree.errors import AdapterInUseError, CacheFullError, NonFiniteError
 from loratree.ops.sampling import sample
 from loratree.serve.kv import BatchKV
 from loratree.surgery.cache_api import cache_kwarg
@@ -94,6 +95,9 @@ class Completion:
     first_token_s: float = 0.0
     """Seconds from submit to the first token."""
     total_s: float = 0.0
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
+    """What failed the request, when ``finish_reason`` is "error" (its type tells a server
+    which status to answer with)."""
 
 
 _DONE = object()
@@ -102,8 +106,10 @@ _DONE = object()
 class Handle:
     """A submitted request: iterate for text deltas, or wait for the ``result()``."""
 
-    def __init__(self, request_id: int, request: Request) -> None:
+    def __init__(self, request_id: int, request: Request,
+                 on_event: Callable[[], None] | None = None) -> None:
         self.id, self.request = request_id, request
+        self._on_event = on_event
         self._queue: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self._result: Completion | None = None
@@ -133,14 +139,37 @@ class Handle:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def poll(self) -> tuple[list[str], bool]:
+        """Without waiting: (the text deltas produced since the last poll, whether the
+        request has ended). For event loops, with ``on_event`` waking them."""
+        deltas, ended = [], False
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return deltas, ended
+            if item is _DONE:
+                ended = True
+            else:
+                deltas.append(item)
+
     def _emit(self, text: str) -> None:
         if text:
             self._queue.put(text)
+            self._notify()
 
     def _finish(self, completion: Completion) -> None:
         self._result = completion
         self._done.set()
         self._queue.put(_DONE)
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event()
+            except Exception:  # a listener's failure must not stop the engine
+                logger.exception("request %d: event listener failed", self.id)
 
 
 @dataclass
@@ -154,6 +183,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     first_token_s: float = 0.0
+    error: BaseException | None = None
 
 
 class Engine:
@@ -181,12 +211,19 @@ class Engine:
         self._stopping = False
         self.modes: dict[str, int] = {"merged": 0, "unmerged": 0}
         """Decode steps run in each mode."""
+        self.failed_steps = 0
+        """Loop iterations that raised; their running requests failed with the error."""
+        self.consecutive_failures = 0
+        self.last_error: str | None = None
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
 
     # -- submitting ------------------------------------------------------------------------
-    def submit(self, request: Request) -> Handle:
-        handle = Handle(next(self._ids), request)
+    def submit(self, request: Request,
+               on_event: Callable[[], None] | None = None) -> Handle:
+        """Queue ``request``; ``on_event`` (if given) is called from the engine's thread
+        whenever the handle has new text or has ended."""
+        handle = Handle(next(self._ids), request, on_event)
         with self._lock:
             self._waiting.append(handle)
         self._wake.set()
@@ -220,6 +257,16 @@ class Engine:
         with self._lock:
             return bool(self._waiting or self._rows)
 
+    def load(self) -> tuple[int, int]:
+        """(requests waiting to be admitted, requests running)."""
+        with self._lock:
+            return len(self._waiting), len(self._rows)
+
+    @property
+    def alive(self) -> bool:
+        """False once a started loop's thread has died."""
+        return self._thread is None or self._thread.is_alive() or self._stopping
+
     def _loop(self) -> None:
         while not self._stopping:
             if not self.busy():
@@ -228,8 +275,26 @@ class Engine:
                 continue
             try:
                 self.step()
-            except Exception:  # never let one bad step kill the server's loop
+            except Exception as e:  # never let one bad step kill the server's loop
                 logger.exception("engine step failed")
+                self.failed_steps += 1
+                self.consecutive_failures += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                self._fail_running(e)
+            else:
+                self.consecutive_failures = 0
+
+    def _fail_running(self, error: BaseException) -> None:
+        """End every running request with ``error`` and drop the batch's cache, so a failed
+        step never leaves requests hanging."""
+        rows, self._rows, self._kv = self._rows, [], None
+        for row in rows:
+            try:
+                self.table.release(row.slot)
+            except Exception:
+                logger.exception("releasing slot %d failed", row.slot)
+            self._end(row.handle, "error", row.tokens, row.text, row.prompt_len,
+                      first=row.first_token_s, error=error, adapter=row.adapter)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -254,9 +319,16 @@ class Engine:
                 continue
             try:
                 self._prefill(handle)
+            except (AdapterInUseError, CacheFullError) as e:
+                if self._rows:  # room comes back as running rows finish: wait for it
+                    with self._lock:
+                        self._waiting.appendleft(handle)
+                    return
+                logger.warning("request %d failed: %s", handle.id, e)
+                self._end(handle, "error", [], "", 0, error=e)
             except Exception as e:  # a bad request fails alone
                 logger.warning("request %d failed: %s", handle.id, e)
-                self._end(handle, "error", [], "", 0, error=f"{type(e).__name__}: {e}")
+                self._end(handle, "error", [], "", 0, error=e)
 
     def _prefill(self, handle: Handle) -> None:
         req = handle.request
@@ -323,6 +395,11 @@ class Engine:
         req = row.handle.request
         if self.keep_logits:
             row.handle.logits.append(logits.float().cpu())
+        if not bool(torch.isfinite(logits).all()):
+            row.error = NonFiniteError(
+                f"adapter {row.adapter!r} produced non-finite logits at token "
+                f"{len(row.tokens)}")
+            return
         token = sample(logits, req.temperature, req.top_k, req.top_p, row.generator)
         if not row.tokens:
             row.first_token_s = time.perf_counter() - row.handle.submitted
@@ -337,7 +414,7 @@ class Engine:
                 continue
             self.table.release(row.slot)
             self._end(row.handle, reason, row.tokens, text, row.prompt_len,
-                      first=row.first_token_s, adapter=row.adapter)
+                      first=row.first_token_s, adapter=row.adapter, error=row.error)
         if len(keep) == len(self._rows):
             return
         self._rows = [self._rows[i] for i in keep]
@@ -346,6 +423,8 @@ class Engine:
     def _status(self, row: _Row) -> tuple[str | None, str]:
         """(finish reason or None, the text so far); streams the new text."""
         req = row.handle.request
+        if row.error is not None:
+            return "error", row.text
         ended_by_eos = bool(row.tokens) and row.tokens[-1] in self.eos and not req.ignore_eos
         tokens = row.tokens[:-1] if ended_by_eos else row.tokens
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -377,9 +456,10 @@ class Engine:
             row.text = text[:upto]
 
     def _end(self, handle: Handle, reason: str, tokens: list[int], text: str,
-             prompt_len: int, *, first: float = 0.0, error: str | None = None,
+             prompt_len: int, *, first: float = 0.0, error: BaseException | None = None,
              adapter: str | None = None) -> None:
         total = time.perf_counter() - handle.submitted
+        message = None if error is None else f"{type(error).__name__}: {error}"
         handle._finish(Completion(text, tuple(tokens), reason,
-                                  adapter or handle.request.adapter, prompt_len, error, first,
-                                  total))
+                                  adapter or handle.request.adapter, prompt_len, message, first,
+                                  total, error))

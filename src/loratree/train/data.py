@@ -16,7 +16,7 @@ number; ``dataset[7]``, 0-based row index) and what is wrong, or, with
 ``skip_bad_rows=True``, is skipped and counted.
 
 Encoding (:func:`encode`) puts label -100 on every token that is not part of an assistant
-turn (see :mod:`loratree.train.chat`), so the loss is computed on completions only.
+turn (see :mod:`loratree.models.chat`), so the loss is computed on completions only.
 Batching (:func:`batch_order`, :func:`collate`) is deterministic for a (seed, epoch),
 which lets a trainer resume from (epoch, batch index).
 """
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 import torch
 
-from loratree.train.chat import (
+from loratree.models.chat import (
     IGNORE_INDEX,
     ROLES,
     Conversation,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from loratree.train.chat import (
+from loratree.models.chat import (
     Conversation,
     Example,
     encode,

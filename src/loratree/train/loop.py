@@ -27,9 +27,9 @@ from loratree import surgery
 from loratree.adapters import save_adapter
 from loratree.adapters.routing import prompt_features, write_centroid
 from loratree.models import load_base, save_model
+from loratree.models.chat import Encoded, encode
 from loratree.train import checkpoint as ckpt
 from loratree.train import distributed
-from loratree.train.chat import Encoded, encode
 from loratree.train.config import TrainConfig
 from loratree.train.data import RowSet, batch_order, from_records, pad_token_id, read_jsonl
 from loratree.train.evaluate import eval_loss, exact_match

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loratree.errors import NonFiniteError
-from loratree.train.chat import IGNORE_INDEX, Example
+from loratree.models.chat import IGNORE_INDEX, Example
 from loratree.train.data import collate
 
 __all__ = ["autocast", "label_tokens", "loss_sum", "optimizer_step"]
