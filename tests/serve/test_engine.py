@@ -11,37 +11,26 @@ from loratree.adapters.cache import AdapterCache
 from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.config import LoraConfig, PrefixConfig
 from loratree.errors import NonFiniteError
-from loratree.models.tiny import tiny_llama, tiny_tokenizer
+from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
 from tests.conftest import randomize_slot
+from tests.serve.common import VOCAB, solo_reference, tiny_model
 
-VOCAB = 64
 LORAS = {
     "qv-r2": LoraConfig(rank=2, alpha=4, targets=("q_proj", "v_proj")),
     "all-r4": LoraConfig(rank=4, alpha=8, targets=("all-linear",)),
 }
 
 
-def _model():
-    """A tiny Llama whose greedy output depends visibly on the adapter (weights x5)."""
-    model = tiny_llama(vocab=VOCAB)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(5.0)
-    model.generation_config.eos_token_id = None
-    return model
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     store = AdapterStore(tmp_path_factory.mktemp("store"))
     for i, (name, cfg) in enumerate(LORAS.items()):
-        model = _model()
+        model = tiny_model()
         surgery.inject(model, cfg)
         randomize_slot(model, 0, std=0.3, seed=i)
         store.save(name, model, 0)
-    model = _model()
+    model = tiny_model()
     geo = surgery.geometry(model)
     g = torch.Generator().manual_seed(5)
     surgery.add_prefix(model, PrefixConfig(n_virtual=3), vectors=torch.randn(3, geo.width,
@@ -51,23 +40,9 @@ def store(tmp_path_factory):
 
 
 def _engine(store, **kw):
-    model = _model()
+    model = tiny_model()
     table = SlotTable(model, AdapterCache(store, 10**7), n_slots=4, max_rank=8)
     return Engine(model, tiny_tokenizer(VOCAB), table, keep_logits=True, **kw)
-
-
-def _reference(store, name, prompt, n):
-    """Greedy decoding without any cache: the full sequence through a fresh model."""
-    model = _model()
-    if name != BASE:
-        load_adapter(model, store.path_of(name))
-    ids, logits = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            out = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            logits.append(out)
-            ids.append(int(out.argmax()))
-    return ids[len(prompt):], logits
 
 
 PROMPTS = [[5, 9, 13, 2 + 1, 40], [7, 7, 8], [30, 31, 32, 33, 34, 35, 36], [11, 50]]
@@ -88,7 +63,7 @@ def test_continuous_batch_of_mixed_adapters_equals_each_alone(store):
         engine.step()
     for (name, prompt, n), h in zip(plan, handles, strict=True):
         done = h.result()
-        tokens, logits = _reference(store, name, prompt, n)
+        tokens, logits = solo_reference(store, name, prompt, n)
         assert list(done.tokens) == tokens, name
         assert done.finish_reason == "length"
         torch.testing.assert_close(torch.stack(h.logits), torch.stack(logits), atol=1e-4,
@@ -112,7 +87,7 @@ def test_continuous_batch_of_mixed_adapters_equals_each_alone(store):
 
 
 def _peft(store):
-    theirs = peft.PeftModel.from_pretrained(_model(), store.path_of("qv-r2"),
+    theirs = peft.PeftModel.from_pretrained(tiny_model(), store.path_of("qv-r2"),
                                             adapter_name="qv-r2")
     theirs.load_adapter(store.path_of("all-r4"), adapter_name="all-r4")
     return theirs.eval()
@@ -145,7 +120,7 @@ def test_one_adapter_batch_runs_merged_with_the_same_tokens(store):
         engine.step()
     assert engine.modes["merged"] > 0
     for p, h in zip(PROMPTS, handles, strict=True):
-        tokens, _ = _reference(store, "all-r4", p, 6)
+        tokens, _ = solo_reference(store, "all-r4", p, 6)
         assert list(h.result().tokens) == tokens
 
 
@@ -166,7 +141,7 @@ def test_sampling_is_reproducible_per_request_whatever_the_batch(store):
 
 def test_stop_strings_streaming_cancel_and_errors(store):
     engine = _engine(store)
-    tokens, _ = _reference(store, "qv-r2", PROMPTS[0], 8)
+    tokens, _ = solo_reference(store, "qv-r2", PROMPTS[0], 8)
     words = [f"w{t}" for t in tokens]
     stop = words[3]
     h_stop = engine.submit(Request(PROMPTS[0], adapter="qv-r2", max_new_tokens=8, stop=(stop,)))
@@ -189,7 +164,7 @@ def test_stop_strings_streaming_cancel_and_errors(store):
 
 
 def test_end_of_sequence_stops_a_request_unless_it_ignores_eos(store):
-    tokens, _ = _reference(store, "qv-r2", PROMPTS[0], 8)
+    tokens, _ = solo_reference(store, "qv-r2", PROMPTS[0], 8)
     engine = _engine(store)
     engine.eos = {tokens[2]}
     stopped = engine.submit(Request(PROMPTS[0], adapter="qv-r2", max_new_tokens=8))
@@ -222,7 +197,7 @@ def test_auto_routes_to_the_adapter_whose_prompts_resemble_the_request(store, tm
     def prompts(lo, hi, n):
         return [[rng.randint(lo, hi) for _ in range(rng.randint(3, 8))] for _ in range(n)]
 
-    model = _model()
+    model = tiny_model()
     routed = AdapterStore(tmp_path / "routed")
     # two "tasks" with their own small vocabularies (a random model's features cannot
     # tell wide random token ranges apart; the demo tasks are measured in bench)
@@ -241,7 +216,7 @@ def test_auto_routes_to_the_adapter_whose_prompts_resemble_the_request(store, tm
 
 
 def test_an_adapter_with_non_finite_logits_fails_only_its_own_requests(store, tmp_path):
-    model = _model()
+    model = tiny_model()
     surgery.inject(model, LORAS["qv-r2"])
     randomize_slot(model, 0, std=0.3, seed=9)
     for m in surgery.lora_layers(model).values():
@@ -251,7 +226,7 @@ def test_an_adapter_with_non_finite_logits_fails_only_its_own_requests(store, tm
     for name in LORAS:
         bad_store.save(name, *_copy_of(store, name))
     bad_store.save("overflow", model, 0)
-    table = SlotTable(_model(), AdapterCache(bad_store, 10**7), n_slots=4, max_rank=8)
+    table = SlotTable(tiny_model(), AdapterCache(bad_store, 10**7), n_slots=4, max_rank=8)
     engine = Engine(table.model, tiny_tokenizer(VOCAB), table)
     bad = engine.submit(Request(PROMPTS[0], adapter="overflow", max_new_tokens=5))
     good = [engine.submit(Request(p, adapter="qv-r2", max_new_tokens=5)) for p in PROMPTS[:2]]
@@ -261,7 +236,7 @@ def test_an_adapter_with_non_finite_logits_fails_only_its_own_requests(store, tm
     assert failed.finish_reason == "error" and isinstance(failed.exception, NonFiniteError)
     assert "overflow" in failed.error
     for p, h in zip(PROMPTS, good, strict=False):
-        assert list(h.result().tokens) == _reference(store, "qv-r2", p, 5)[0]
+        assert list(h.result().tokens) == solo_reference(store, "qv-r2", p, 5)[0]
 
 
 def test_a_failing_step_fails_running_requests_and_the_loop_goes_on(store):
@@ -281,9 +256,9 @@ def test_a_failing_step_fails_running_requests_and_the_loop_goes_on(store):
         first = [engine.submit(Request(p, adapter="qv-r2", max_new_tokens=6)) for p in PROMPTS[:2]]
         results = [h.result(timeout=30) for h in first]
         assert any(r.finish_reason == "error" and "device lost" in r.error for r in results)
-        assert engine.failed_steps == 1 and engine.last_error == "RuntimeError: device lost"
+        assert engine.faults == 1 and engine.last_error == "RuntimeError: device lost"
         later = engine.submit(Request(PROMPTS[2], adapter="qv-r2", max_new_tokens=4))
-        assert later.result(timeout=30).tokens == tuple(_reference(store, "qv-r2", PROMPTS[2],
+        assert later.result(timeout=30).tokens == tuple(solo_reference(store, "qv-r2", PROMPTS[2],
                                                                    4)[0])
         assert engine.consecutive_failures == 0 and engine.alive
         assert all(s.users == 0 for s in engine.table._slots)
@@ -292,7 +267,7 @@ def test_a_failing_step_fails_running_requests_and_the_loop_goes_on(store):
 
 
 def _copy_of(store, name):
-    model = _model()
+    model = tiny_model()
     slot = load_adapter(model, store.path_of(name))
     return model, slot
 
@@ -301,7 +276,7 @@ def test_requests_wait_for_a_slot_when_every_slot_is_busy(store):
     """2 slots and a cache with room for exactly 2 adapters: a third adapter's request
     waits until a running one ends, then switches in; nothing fails."""
     sizes = {n: store.info(n).size for n in ("qv-r2", "all-r4", "prefix")}
-    model = _model()
+    model = tiny_model()
     cache = AdapterCache(store, 2 * max(sizes.values()))
     table = SlotTable(model, cache, n_slots=2, max_rank=8)
     engine = Engine(model, tiny_tokenizer(VOCAB), table, max_batch=4)
@@ -312,5 +287,5 @@ def test_requests_wait_for_a_slot_when_every_slot_is_busy(store):
         engine.step()
     for (a, p, n), h in zip(plan, handles, strict=True):
         assert h.result().finish_reason == "length", h.result().error
-        assert list(h.result().tokens) == _reference(store, a, p, n)[0]
+        assert list(h.result().tokens) == solo_reference(store, a, p, n)[0]
     assert cache.stats.bytes <= cache.budget

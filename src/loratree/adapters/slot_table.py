@@ -131,6 +131,20 @@ class SlotTable:
                 raise RuntimeError(f"slot {index} is not held")
             slot.users -= 1
 
+    def deactivate(self, name: str) -> bool:
+        """Empty the slot holding ``name`` (releasing it in the cache); False if it is not
+        active. Refused while a running request uses it."""
+        with self._lock:
+            slot = self._by_name.get(name)
+            if slot is None:
+                return False
+            if slot.users:
+                raise AdapterInUseError(f"{name!r} serves {slot.users} running request(s)")
+            if name == self.merged:
+                self.unmerge()
+            self._clear(slot)
+            return True
+
     def slot_of(self, name: str) -> int | None:
         """The slot ``name`` is active in, or None."""
         if name == BASE:

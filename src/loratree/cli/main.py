@@ -13,6 +13,7 @@ from loratree.cli import (
     inspect_cmd,
     merge_cmd,
     quantize_cmd,
+    serve_cmd,
     train_cmd,
 )
 
@@ -25,6 +26,7 @@ _COMMANDS = {
     "inspect": inspect_cmd,
     "merge": merge_cmd,
     "quantize": quantize_cmd,
+    "serve": serve_cmd,
     "train": train_cmd,
 }
 

@@ -10,10 +10,11 @@ from loratree.adapters.slot_table import SlotTable
 from loratree.models import load_base
 from loratree.serve import Engine
 
-__all__ = ["add_engine_args", "build_engine", "parse_stop"]
+__all__ = ["add_engine_args", "add_model_args", "build_engine", "parse_stop"]
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The base model, the store, the cache and the slots."""
     p.add_argument("--model", default=None,
                    help="base model: HF directory, .gguf, or embedded (default)")
     p.add_argument("--store", default="adapters",
@@ -22,6 +23,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="RAM budget of the adapter cache in MiB (default 512)")
     p.add_argument("--slots", type=int, default=4, help="active adapter slots (default 4)")
     p.add_argument("--max-rank", type=int, default=64, help="largest LoRA rank a slot takes")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together at most (default 8)")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Model arguments and one request's sampling settings."""
+    add_model_args(p)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -39,7 +47,7 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, object]:
     store = AdapterStore(args.store)
     cache = AdapterCache(store, int(args.cache_mb * 2**20))
     table = SlotTable(model, cache, n_slots=args.slots, max_rank=args.max_rank)
-    return Engine(model, tokenizer, table), tokenizer
+    return Engine(model, tokenizer, table, max_batch=args.max_batch), tokenizer
 
 
 def parse_stop(values: list[str]) -> tuple[str, ...]:

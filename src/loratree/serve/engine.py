@@ -211,8 +211,9 @@ class Engine:
         self._stopping = False
         self.modes: dict[str, int] = {"merged": 0, "unmerged": 0}
         """Decode steps run in each mode."""
-        self.failed_steps = 0
-        """Loop iterations that raised; their running requests failed with the error."""
+        self.faults = 0
+        """Engine faults: steps that raised (their running requests fail with the error) and
+        admissions that failed for reasons other than the request itself."""
         self.consecutive_failures = 0
         self.last_error: str | None = None
         eos = getattr(tokenizer, "eos_token_id", None)
@@ -277,12 +278,14 @@ class Engine:
                 self.step()
             except Exception as e:  # never let one bad step kill the server's loop
                 logger.exception("engine step failed")
-                self.failed_steps += 1
-                self.consecutive_failures += 1
-                self.last_error = f"{type(e).__name__}: {e}"
+                self._failed(e)
                 self._fail_running(e)
-            else:
-                self.consecutive_failures = 0
+
+    def _failed(self, error: BaseException) -> None:
+        """Record an engine fault (health reports it until a model call succeeds)."""
+        self.faults += 1
+        self.consecutive_failures += 1
+        self.last_error = f"{type(error).__name__}: {error}"
 
     def _fail_running(self, error: BaseException) -> None:
         """End every running request with ``error`` and drop the batch's cache, so a failed
@@ -328,6 +331,8 @@ class Engine:
                 self._end(handle, "error", [], "", 0, error=e)
             except Exception as e:  # a bad request fails alone
                 logger.warning("request %d failed: %s", handle.id, e)
+                if not isinstance(e, ValueError | KeyError | CacheFullError):  # not a request fault
+                    self._failed(e)
                 self._end(handle, "error", [], "", 0, error=e)
 
     def _prefill(self, handle: Handle) -> None:
@@ -355,6 +360,7 @@ class Engine:
         except BaseException:
             self.table.release(slot)
             raise
+        self.consecutive_failures = 0
         self._kv = kv if self._kv is None else self._kv.join(kv)
         self._rows.append(row)
         self._take(row, out.logits[0, -1])
@@ -386,6 +392,7 @@ class Engine:
         with self.table.ctx.use(slots):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              use_cache=True, **{cache_kwarg(self.model): self._kv.cache()})
+        self.consecutive_failures = 0
         self._kv = self._kv.append(out.past_key_values)
         for i, row in enumerate(rows):
             row.next_pos += 1

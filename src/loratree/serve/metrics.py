@@ -58,8 +58,9 @@ class _EngineCollector:
                                 value=waiting)
         yield GaugeMetricFamily("loratree_batch_rows", "requests running in the batch",
                                 value=running)
-        yield CounterMetricFamily("loratree_engine_failed_steps",
-                                  "engine steps that raised", value=self.engine.failed_steps)
+        yield CounterMetricFamily("loratree_engine_faults",
+                                  "engine steps or admissions that failed",
+                                  value=self.engine.faults)
         stats = self.cache.stats
         for name in ("hits", "misses", "evictions"):
             yield CounterMetricFamily(f"loratree_adapter_cache_{name}",

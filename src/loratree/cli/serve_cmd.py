@@ -1,0 +1,56 @@
+"""``loratree serve --store DIR``: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from loratree.cli.serve_common import add_model_args, build_engine
+from loratree.serve.http import ServerConfig, create_app
+from loratree.serve.server import serve_app
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the base model and every stored adapter over "
+                                     "the OpenAI API")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None,
+                   help="the `model` id of the bare base model (default: the model's name)")
+    p.add_argument("--api-key-env", default="LORATREE_API_KEY",
+                   help="environment variable holding the API key; unset: no key needed")
+    p.add_argument("--max-in-flight", type=int, default=64,
+                   help="requests admitted at once; more get 429 (default 64)")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds before a request gets 504 (default 300)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for requests in flight (default 30)")
+    p.add_argument("--max-body-kb", type=int, default=1024,
+                   help="largest request body in KiB; more gets 413 (default 1024)")
+    p.add_argument("--admin", action="store_true",
+                   help="enable POST /admin/adapters/NAME/load and .../unload")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    engine, _ = build_engine(args)
+    name = args.model_name or _model_name(engine.model, args.model)
+    config = ServerConfig(base_name=name, api_key=os.environ.get(args.api_key_env) or None,
+                          max_body_bytes=args.max_body_kb * 1024,
+                          max_in_flight=args.max_in_flight,
+                          request_timeout_s=args.request_timeout, admin=args.admin)
+    app = create_app(engine, config)
+    print(f"serving {name} and the adapters in {args.store} on http://{args.host}:{args.port}"
+          f"/v1 (auth: {'API key' if config.api_key else 'none'})", flush=True)
+    serve_app(app, args.host, args.port, args.drain_timeout, args.log_level)
+    return 0
+
+
+def _model_name(model: object, given: str | None) -> str:
+    if given is None:
+        return "SmolLM2-135M-Instruct"
+    return os.path.basename(os.path.normpath(given)).removesuffix(".gguf") or "base"
