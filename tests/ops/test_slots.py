@@ -55,3 +55,23 @@ def test_map_segments_scatters_back_in_token_order():
     x = torch.arange(4.0).unsqueeze(1)
     out = slots.map_segments(x, slots.segment(index), lambda k, xs: xs * 10 + k)
     assert out.squeeze(1).tolist() == [1.0, 0.0, 20.0, 31.0]
+
+
+@pytest.mark.parametrize("index", [[0, 1, -1, 0, 2, 2, 1], [2, -1, 2, 0], [1, 0]])
+def test_stacked_branch_and_kept_segments_match_per_token_loop(index):
+    index = torch.tensor(index, dtype=torch.long)
+    ranks = (2, 5, 3)
+    x = torch.randn(index.numel(), 6)
+    a = [torch.randn(r, 6) for r in ranks]
+    b = [torch.randn(4, r) for r in ranks]
+    scales = [0.5, 2.0, 1.0]
+    used = sorted({int(k) for k in index if k >= 0})
+    a_cat, b_cat, cols = slots.stacked(a, b, scales, used)
+    got = slots.stacked_branch(x, index, a_cat, b_cat, cols)
+    torch.testing.assert_close(got, _reference(x, a, b, scales, index), atol=1e-5, rtol=0)
+    # keeping only some slots: the others' tokens get nothing
+    kept = used[:1]
+    seg = slots.keep(slots.segment(index), kept)
+    y = slots.expand(torch.zeros(index.numel(), 4), slots.shrink(x, a, seg), b, scales, seg)
+    masked = torch.where(torch.isin(index, torch.tensor(kept)), index, -1)
+    torch.testing.assert_close(y, _reference(x, a, b, scales, masked), atol=1e-5, rtol=0)

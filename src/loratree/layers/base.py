@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from loratree.errors import NonFiniteError, QuantizedBaseError
 from loratree.layers.context import SlotContext
 from loratree.ops import lora as lora_ops
-from loratree.ops.slots import Segments, map_segments
+from loratree.ops.slots import Segments, keep, map_segments
 
 __all__ = ["LoraModule", "SlotSpec"]
 
@@ -43,6 +43,12 @@ class SlotSpec:
     @property
     def scale(self) -> float:
         return lora_ops.scale(self.alpha, self.rank, self.rslora) if self.rank else 0.0
+
+
+STACKED_MAX_TOKENS = 64
+"""At inference, a mixed batch of at most this many tokens (decode steps) runs its slots'
+adapters side by side in two matmuls (``ops.slots.stacked_branch``); larger ones (prefill,
+training) run one matmul pair per slot over that slot's tokens."""
 
 
 class LoraModule(nn.Module):
@@ -156,6 +162,7 @@ class LoraModule(nn.Module):
         pa.requires_grad_(False)
         pb.requires_grad_(False)
         self.specs[slot] = spec
+        self.__dict__.pop("_stacked", None)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -179,8 +186,27 @@ class LoraModule(nn.Module):
             if seg.uniform < 0:
                 return y
             self._check_slot(seg.uniform)
+            if self.specs[seg.uniform].rank == 0:
+                return y
             return self.add_branch(y, x, seg.uniform)
-        return y + self.mixed(flat, seg).reshape(y.shape).to(y.dtype)
+        for slot in seg.slots:
+            self._check_slot(slot)
+        live = tuple(s for s in seg.slots if self.specs[s].rank > 0)
+        if not live:  # none of the batch's adapters touches this layer
+            return y
+        if (not torch.is_grad_enabled() and flat.shape[0] <= STACKED_MAX_TOKENS
+                and self.stackable):
+            out = self.stacked_mixed(flat, ctx.token_slots(rows, flat.shape[0]), live)
+        else:
+            out = self.mixed(flat, seg if len(live) == len(seg.slots) else keep(seg, live))
+        return y + out.reshape(y.shape).to(y.dtype)
+
+    stackable = False
+    """Whether ``stacked_mixed`` is implemented (LoRA on linear layers)."""
+
+    def stacked_mixed(self, flat: Tensor, token_slots: Tensor, slots: tuple[int, ...]) -> Tensor:
+        """Inference with few tokens: the ``slots``' adapters side by side, two matmuls."""
+        raise NotImplementedError
 
     def mixed(self, flat: Tensor, seg: Segments) -> Tensor:
         """LoRA outputs for tokens that use different slots, one matmul per slot."""

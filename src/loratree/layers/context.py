@@ -62,6 +62,15 @@ class SlotContext:
             self._segments[key] = seg
         return seg
 
+    def token_slots(self, batch: int, n_tokens: int) -> Tensor:
+        """The slot of each of the ``n_tokens`` flattened tokens ``(N,)`` (cached)."""
+        key = (batch, n_tokens, "flat")
+        flat = self._segments.get(key)  # type: ignore[call-overload]
+        if flat is None:
+            flat = self._flat_index(batch, n_tokens)
+            self._segments[key] = flat  # type: ignore[index]
+        return flat  # type: ignore[return-value]
+
     def _flat_index(self, batch: int, n_tokens: int) -> Tensor:
         index = self.index
         assert index is not None

@@ -53,6 +53,26 @@ class LoraLinear(LoraModule):
                           alpha=self.specs[slot].scale)  # (N, out)
         return out.view(y.shape)
 
+    stackable = True
+
+    def stacked_mixed(self, flat: Tensor, token_slots: Tensor, slots: tuple[int, ...]) -> Tensor:
+        cached = self.__dict__.get("_stacked")  # dropped by set_slot
+        if cached is None or cached[0] != slots or any(
+                p._version != v for p, v in zip(cached[1], cached[2], strict=True)):
+            params = [self.lora_a[k] for k in slots] + [self.lora_b[k] for k in slots]
+            a = [p.detach() for p in self.lora_a]
+            b = [p.detach() for p in self.lora_b]
+            parts = slot_ops.stacked(a, b, [s.scale for s in self.specs], slots)
+            # a non-finite weight would leak into other rows through the shared matmul
+            # (0 * inf = nan): such a batch takes the per-slot path, which keeps it apart
+            finite = bool(torch.isfinite(parts[0]).all() and torch.isfinite(parts[1]).all())
+            cached = (slots, params, [p._version for p in params], parts if finite else None)
+            self.__dict__["_stacked"] = cached
+        if cached[3] is None:
+            return self.mixed(flat, slot_ops.keep(slot_ops.segment(token_slots), slots))
+        a_cat, b_cat, cols = cached[3]
+        return slot_ops.stacked_branch(flat.to(a_cat.dtype), token_slots, a_cat, b_cat, cols)
+
     def mixed(self, flat: Tensor, seg: Segments) -> Tensor:
         for slot in seg.slots:
             self._check_slot(slot)

@@ -19,7 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Segments", "expand", "map_segments", "segment", "shrink"]
+__all__ = [
+    "Segments",
+    "expand",
+    "keep",
+    "map_segments",
+    "segment",
+    "shrink",
+    "stacked",
+    "stacked_branch",
+]
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,23 @@ def segment(index: Tensor) -> Segments:
         slots.append(k)
         bounds.append(bounds[-1] + c)
     return Segments(order[start:], tuple(slots), tuple(bounds), n, None)
+
+
+def keep(seg: Segments, slots: Sequence[int]) -> Segments:
+    """Only the segments of ``slots`` (tokens of the others then get no adapter).
+
+    Semantics: the same grouping with the other slots' tokens treated as k = -1.
+    Shape: unchanged ``n_tokens``; ``order`` shrinks to the kept tokens.
+    """
+    wanted = set(slots)
+    parts, kept, bounds = [], [], [0]
+    for k, lo, hi in zip(seg.slots, seg.bounds[:-1], seg.bounds[1:], strict=True):
+        if k in wanted:
+            parts.append(seg.order[lo:hi])
+            kept.append(k)
+            bounds.append(bounds[-1] + hi - lo)
+    order = torch.cat(parts) if parts else seg.order[:0]
+    return Segments(order, tuple(kept), tuple(bounds), seg.n_tokens, None)
 
 
 def map_segments(x: Tensor, seg: Segments, fn: Callable[[int, Tensor], Tensor]) -> Tensor:
@@ -117,3 +143,31 @@ def expand(
         return y
     parts = [hi @ b[k].t() * scales[k] for k, hi in zip(seg.slots, h, strict=True)]
     return y.index_add(0, seg.order, torch.cat(parts).to(y.dtype))
+
+
+def stacked(a: Sequence[Tensor], b: Sequence[Tensor], scales: Sequence[float],
+            slots: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """The given slots' adapters side by side: (A_cat, B_cat scaled, each column's slot).
+
+    Semantics: A_cat = [A_k1; A_k2; ...], B_cat = [s_k1 B_k1, s_k2 B_k2, ...].
+    Shape: a[k] (r_k, in), b[k] (out, r_k) -> (R, in), (out, R), (R,) with R = sum r_k
+    """
+    a_cat = torch.cat([a[k] for k in slots])
+    b_cat = torch.cat([b[k] * scales[k] for k in slots], dim=1)
+    cols = torch.cat([torch.full((a[k].shape[0],), k, dtype=torch.long, device=a_cat.device)
+                      for k in slots])
+    return a_cat, b_cat, cols
+
+
+def stacked_branch(x: Tensor, token_slots: Tensor, a_cat: Tensor, b_cat: Tensor,
+                   cols: Tensor) -> Tensor:
+    """Every token's LoRA output from the side-by-side adapters, in two dense matmuls:
+    each token keeps only the rank columns of its own slot (punica's BGMV, as a mask).
+
+    Semantics: out_t = s_k B_k A_k x_t for k = token_slots[t] among the stacked slots,
+    0 for a token whose slot is not stacked (or -1).
+    Shape: x (N, in), token_slots (N,), a_cat (R, in), b_cat (out, R), cols (R,) -> (N, out)
+    """
+    h = x @ a_cat.t()  # (N, R)
+    h = h * (token_slots.unsqueeze(1) == cols.unsqueeze(0)).to(h.dtype)
+    return h @ b_cat.t()

@@ -39,7 +39,7 @@ from loratree.errors import AdapterInUseError, CacheFullError, NonFiniteError
 from loratree.ops.sampling import sample
 from loratree.serve.kv import BatchKV
 from loratree.surgery.cache_api import cache_kwarg
-from loratree.surgery.prefix import prefix_extent
+from loratree.surgery.prefix import prefix_state
 
 __all__ = ["AUTO", "Completion", "Engine", "Handle", "Request"]
 
@@ -310,60 +310,84 @@ class Engine:
 
     # -- admitting -------------------------------------------------------------------------
     def _admit(self) -> None:
+        """Take waiting requests while the batch has room, activate their adapters, and
+        prefill them together in one forward."""
         if self.static and self._rows:
             return
-        while len(self._rows) < self.max_batch:
+        group: list[tuple[Handle, list[int], str, int]] = []
+        while len(self._rows) + len(group) < self.max_batch:
             with self._lock:
                 if not self._waiting:
-                    return
+                    break
                 handle = self._waiting.popleft()
             if handle.cancelled:
                 self._end(handle, "cancelled", [], "", 0)
                 continue
             try:
-                self._prefill(handle)
+                ids, adapter = self._resolve(handle.request)
+                slot = self.table.acquire(adapter)
             except (AdapterInUseError, CacheFullError) as e:
-                if self._rows:  # room comes back as running rows finish: wait for it
+                if self._rows or group:  # room comes back as running rows finish
                     with self._lock:
                         self._waiting.appendleft(handle)
-                    return
-                logger.warning("request %d failed: %s", handle.id, e)
-                self._end(handle, "error", [], "", 0, error=e)
+                    break
+                self._reject(handle, e)
+                continue
             except Exception as e:  # a bad request fails alone
-                logger.warning("request %d failed: %s", handle.id, e)
-                if not isinstance(e, ValueError | KeyError | CacheFullError):  # not a request fault
-                    self._failed(e)
-                self._end(handle, "error", [], "", 0, error=e)
+                self._reject(handle, e)
+                continue
+            group.append((handle, ids, adapter, slot))
+        if not group:
+            return
+        try:
+            self._prefill(group)
+        except Exception as e:
+            for handle, _, _, slot in group:
+                self.table.release(slot)
+                self._reject(handle, e)
 
-    def _prefill(self, handle: Handle) -> None:
-        req = handle.request
+    def _reject(self, handle: Handle, error: Exception) -> None:
+        logger.warning("request %d failed: %s", handle.id, error)
+        if not isinstance(error, ValueError | KeyError | CacheFullError):  # not the request
+            self._failed(error)
+        self._end(handle, "error", [], "", 0, error=error)
+
+    def _resolve(self, req: Request) -> tuple[list[int], str]:
         ids = self._encode(req.prompt)
         adapter = req.adapter
         if adapter == AUTO:
             if self.router is None:
                 self.router = Router(self.table.cache.store, self.model)
             adapter = self.router.route(ids).adapter
-        slot = self.table.acquire(adapter)
-        try:
-            input_ids = torch.tensor([ids], device=self.device)
-            with self.table.ctx.use(slot):
-                out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                 use_cache=True)
-            prefix_len, start = prefix_extent(out.past_key_values)
-            generator = None
-            if req.seed is not None:
-                generator = torch.Generator().manual_seed(req.seed)
-            row = _Row(handle, adapter, slot, len(ids), start + len(ids), generator)
-            kv = BatchKV.from_cache(out.past_key_values,
-                                    torch.ones(1, prefix_len + len(ids), dtype=torch.long,
-                                               device=self.device))
-        except BaseException:
-            self.table.release(slot)
-            raise
+        return ids, adapter
+
+    def _prefill(self, group: list[tuple[Handle, list[int], str, int]]) -> None:
+        """One forward over the new requests' prompts, left-padded to the longest (the
+        batch cache's right-aligned layout), each row through its own slot."""
+        n, width = len(group), max(len(ids) for _, ids, _, _ in group)
+        input_ids = torch.zeros(n, width, dtype=torch.long, device=self.device)
+        mask = torch.zeros(n, width, dtype=torch.long, device=self.device)
+        for i, (_, ids, _, _) in enumerate(group):
+            input_ids[i, width - len(ids):] = torch.tensor(ids, device=self.device)
+            mask[i, width - len(ids):] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        slots = [slot for _, _, _, slot in group]
+        use: int | torch.Tensor = (slots[0] if len(set(slots)) == 1
+                                   else torch.tensor(slots, device=self.device))
+        with self.table.ctx.use(use):
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             use_cache=True)
+        cache = out.past_key_values
+        prefix_mask, starts = prefix_state(cache, n, self.device)
+        kv = BatchKV.from_cache(cache, torch.cat([prefix_mask, mask], dim=1))
         self.consecutive_failures = 0
         self._kv = kv if self._kv is None else self._kv.join(kv)
-        self._rows.append(row)
-        self._take(row, out.logits[0, -1])
+        for i, (handle, ids, adapter, slot) in enumerate(group):
+            seed = handle.request.seed
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            row = _Row(handle, adapter, slot, len(ids), int(starts[i]) + len(ids), generator)
+            self._rows.append(row)
+            self._take(row, out.logits[i, -1])
 
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -382,8 +406,12 @@ class Engine:
         plan = self.table.plan(names, self.merge_min_tokens,
                                min(r.handle.request.max_new_tokens - len(r.tokens) for r in rows))
         self.modes[plan.mode] += 1
+        if plan.mode == "unmerged" and self.table.merged is not None:
+            self.table.unmerge()  # else every layer subtracts it again at every step
+        distinct = {r.slot for r in rows}
         slots: int | torch.Tensor = (
             plan.slots[0] if plan.mode == "merged"
+            else next(iter(distinct)) if len(distinct) == 1  # no per-row gather at all
             else torch.tensor([r.slot for r in rows], device=self.device))
         ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
         mask = torch.cat([self._kv.mask, torch.ones(len(rows), 1, dtype=torch.long,

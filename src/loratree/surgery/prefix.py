@@ -35,6 +35,7 @@ __all__ = [
     "prefix_bank",
     "prefix_extent",
     "prefix_parameters",
+    "prefix_state",
     "remove_prefixes",
     "set_prefix",
     "slot_count",
@@ -59,6 +60,18 @@ def prefix_extent(cache: Any) -> tuple[int, int]:
         return 0, 0
     prefix_mask, starts = state
     return int(prefix_mask.shape[1]), int(starts[0])
+
+
+def prefix_state(cache: Any, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For a cache filled through the hook: (the prefix columns' mask ``(rows, P)``, the
+    position each row's first prompt token got ``(rows,)``); ``P`` = 0 and starts 0 when
+    no row had a prefix."""
+    state = getattr(cache, _STATE, None)
+    if state is None or state == EXTERNAL:
+        return (torch.zeros(rows, 0, dtype=torch.long, device=device),
+                torch.zeros(rows, dtype=torch.long, device=device))
+    prefix_mask, starts = state
+    return prefix_mask.long(), starts.long()
 
 
 def mark_external(cache: Any) -> Any:
