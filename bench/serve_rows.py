@@ -8,6 +8,7 @@ same adapters (loaded from the same files) and generates with ``adapter_names=``
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import random
 import statistics
@@ -52,6 +53,11 @@ def serve_tables(base: nn.Module, tokenizer, repeats: int) -> tuple[list[Table],
         tables.append(t)
         checks += c
         t, c = _arrivals(base, tokenizer, Path(tmp) / "arrivals")
+        tables.append(t)
+        checks += c
+        from bench.http_rows import http_table
+
+        t, c = http_table(base, tokenizer, Path(tmp) / "http", max(3, repeats // 2))
         tables.append(t)
         checks += c
     t, c = _routing(base, tokenizer)
@@ -157,35 +163,35 @@ def _switching(base, store, repeats):
     for n in names:
         cache.get(n)  # all in RAM; only 2 slots, so activating refills a slot
     theirs = _peft(base, store, names)
-    cycle = iter(range(10**9))
+    # each contender walks its own sequence of adapters (a shared counter would hand one
+    # side only even turns and the other only odd ones)
+    turns = {k: itertools.count() for k in ("act", "set", "load", "sw", "sw_peft")}
 
     def activate() -> None:
-        table.activate(names[next(cycle) % len(names)])
+        table.activate(names[next(turns["act"]) % len(names)])
 
     def peft_set() -> None:
-        theirs.set_adapter(names[next(cycle) % len(names)])
+        theirs.set_adapter(names[next(turns["set"]) % len(names)])
 
     def load_ours() -> None:
-        name = names[next(cycle) % len(names)]
+        name = names[next(turns["load"]) % len(names)]
         if table.slot_of(name) is None and name in cache:
             cache.evict(name)
         table.activate(name)
 
-    extra = iter(range(10**9))
+    extra = itertools.count()
 
     def load_peft() -> None:
         name = f"x{next(extra)}"
         theirs.load_adapter(store.path_of(names[0]), adapter_name=name)
         theirs.delete_adapter(name)
 
-    merged = iter(range(10**9))
-
     def switch_ours() -> None:
-        table.merge(names[next(merged) % 2])
+        table.merge(names[next(turns["sw"]) % 2])
 
     def switch_peft() -> None:
         theirs.unmerge_adapter()
-        theirs.set_adapter(names[next(merged) % 2])
+        theirs.set_adapter(names[next(turns["sw_peft"]) % 2])
         theirs.merge_adapter()
 
     reps = max(repeats * 3, 10)
