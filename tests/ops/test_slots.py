@@ -67,8 +67,12 @@ def test_stacked_branch_and_kept_segments_match_per_token_loop(index):
     scales = [0.5, 2.0, 1.0]
     used = sorted({int(k) for k in index if k >= 0})
     a_cat, b_cat, cols = slots.stacked(a, b, scales, used)
-    got = slots.stacked_branch(x, index, a_cat, b_cat, cols)
+    mask = slots.stacked_mask(index, cols, x.dtype)
+    got = slots.stacked_branch(x, mask, a_cat, b_cat)
     torch.testing.assert_close(got, _reference(x, a, b, scales, index), atol=1e-5, rtol=0)
+    y0 = torch.randn(index.numel(), 4)
+    into = slots.stacked_branch(x, mask, a_cat, b_cat, y=y0.clone())
+    torch.testing.assert_close(into, y0 + _reference(x, a, b, scales, index), atol=1e-5, rtol=0)
     # keeping only some slots: the others' tokens get nothing
     kept = used[:1]
     seg = slots.keep(slots.segment(index), kept)

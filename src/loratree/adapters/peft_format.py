@@ -58,6 +58,10 @@ def parse_key(key: str) -> tuple[str, Literal["a", "b"]] | None:
     return m["module"], "a" if m["kind"].endswith("A") else "b"
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""An adapter_config.json is a few hundred bytes; a larger one is refused unread."""
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """The raw ``adapter_config.json`` of an adapter directory, checked to be safe to use."""
     if not path.is_dir():
@@ -67,13 +71,22 @@ def read_config(path: Path) -> dict[str, Any]:
             f"{path.name}: only adapter_model.bin (a pickle) is present; loratree never "
             "unpickles. Convert it to adapter_model.safetensors with a tool you trust."
         )
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if (path / name).is_symlink():
+            raise UnsafeFormatError(f"{path.name}: {name} is a symlink; adapter files must be "
+                                    "regular files")
     cfg_path = path / CONFIG_NAME
+    if cfg_path.is_file() and cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterConfigError(f"{path.name}: {CONFIG_NAME} is over {MAX_CONFIG_BYTES} bytes")
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise AdapterConfigError(f"{path.name}: {CONFIG_NAME} is missing") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterConfigError(f"{path.name}: {CONFIG_NAME} is not valid JSON: {e}") from e
+    except OSError as e:  # a directory, a fifo, no permission
+        raise AdapterConfigError(f"{path.name}: cannot read {CONFIG_NAME}: "
+                                 f"{e.strerror or type(e).__name__}") from e
     if not isinstance(raw, dict):
         raise AdapterConfigError(f"{path.name}: {CONFIG_NAME} must hold a JSON object")
     return raw

@@ -24,6 +24,16 @@ def read_safetensors(path: str | Path, *, require_finite: bool = True) -> dict[s
     the first tensor holding NaN or Inf.
     """
     path = Path(path)
+    try:
+        return _read(path, require_finite)
+    except OSError as e:  # missing, a directory, a fifo, no permission
+        raise CorruptFileError(f"{path.name}: cannot read: {e.strerror or type(e).__name__}"
+                               ) from e
+
+
+def _read(path: Path, require_finite: bool) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CorruptFileError(f"{path.name}: not a regular file")
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw_len = f.read(8)
@@ -54,14 +64,30 @@ def read_safetensors(path: str | Path, *, require_finite: bool = True) -> dict[s
 
 
 def _check_offsets(name: str, header: dict, data_len: int) -> None:
+    """Every tensor's bytes lie in the data, and the tensors tile it exactly: no overlap,
+    no gap, nothing after the last one (as the safetensors format requires)."""
+    spans = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
             raise CorruptFileError(f"{name}: tensor {key!r} has no valid data_offsets")
         if offsets[1] > data_len:
             raise CorruptFileError(
                 f"{name}: tensor {key!r} ends at byte {offsets[1]}, past the data "
                 f"({data_len} bytes); the file is truncated"
             )
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for start, stop, key in sorted(spans):
+        if start < end:
+            raise CorruptFileError(f"{name}: tensor {key!r} overlaps the tensor before it")
+        if start > end:
+            raise CorruptFileError(f"{name}: {start - end} bytes before tensor {key!r} belong "
+                                   "to no tensor")
+        end = stop
+    if end != data_len:
+        raise CorruptFileError(f"{name}: {data_len - end} bytes after the last tensor belong "
+                               "to no tensor")

@@ -196,16 +196,16 @@ class LoraModule(nn.Module):
             return y
         if (not torch.is_grad_enabled() and flat.shape[0] <= STACKED_MAX_TOKENS
                 and self.stackable):
-            out = self.stacked_mixed(flat, ctx.token_slots(rows, flat.shape[0]), live)
-        else:
-            out = self.mixed(flat, seg if len(live) == len(seg.slots) else keep(seg, live))
+            return self.stacked_add(y, flat, rows, live)
+        out = self.mixed(flat, seg if len(live) == len(seg.slots) else keep(seg, live))
         return y + out.reshape(y.shape).to(y.dtype)
 
     stackable = False
-    """Whether ``stacked_mixed`` is implemented (LoRA on linear layers)."""
+    """Whether ``stacked_add`` is implemented (LoRA on linear layers)."""
 
-    def stacked_mixed(self, flat: Tensor, token_slots: Tensor, slots: tuple[int, ...]) -> Tensor:
-        """Inference with few tokens: the ``slots``' adapters side by side, two matmuls."""
+    def stacked_add(self, y: Tensor, flat: Tensor, rows: int, slots: tuple[int, ...]) -> Tensor:
+        """Inference with few tokens: y plus the ``slots``' adapters side by side, in two
+        matmuls, written into ``y``."""
         raise NotImplementedError
 
     def mixed(self, flat: Tensor, seg: Segments) -> Tensor:
@@ -235,7 +235,8 @@ class LoraModule(nn.Module):
                 f"{self.module_name}: slot {self.merged} is merged; unmerge or switch first"
             )
         self._check_slot(slot)
-        self._add(self.delta_weight(slot), f"merging slot {slot}")
+        if self.specs[slot].rank:  # a slot empty in this layer changes nothing here
+            self._add(self.delta_weight(slot), f"merging slot {slot}")
         self.merged = slot
 
     @torch.no_grad()
@@ -243,7 +244,9 @@ class LoraModule(nn.Module):
         """Take the merged slot back out of the base weight. No-op when none is merged."""
         if self.merged is None:
             return
-        self._add(self.delta_weight(self.merged), f"unmerging slot {self.merged}", sign=-1.0)
+        if self.specs[self.merged].rank:
+            self._add(self.delta_weight(self.merged), f"unmerging slot {self.merged}",
+                      sign=-1.0)
         self.merged = None
 
     @torch.no_grad()
@@ -262,6 +265,10 @@ class LoraModule(nn.Module):
         if self.merged == slot:
             return
         self._check_slot(slot)
+        if not self.specs[slot].rank or not self.specs[self.merged].rank:
+            self.unmerge()  # at most one side touches this layer: one plain fold
+            self.merge(slot)
+            return
         lo, hi = sorted((slot, self.merged))
         (a_lo, b_lo), (a_hi, b_hi) = self.factors(lo), self.factors(hi)
         s_lo, s_hi = self.specs[lo].scale, self.specs[hi].scale

@@ -7,8 +7,9 @@ code changes, so any ``transformers`` model works without a copy of its classes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,7 +30,7 @@ class SlotContext:
     def __init__(self, active: int = 0) -> None:
         self.active = active
         self.index: Tensor | None = None
-        self._segments: dict[tuple[int, int], Segments] = {}
+        self._segments: dict[tuple, Any] = {}
 
     @contextmanager
     def use(self, index: Tensor | int | None) -> Iterator[SlotContext]:
@@ -62,14 +63,19 @@ class SlotContext:
             self._segments[key] = seg
         return seg
 
+    def memo(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """A value computed once per ``use`` / ``set`` (per forward): ``make()`` the first
+        time ``key`` is asked for. Layers share per-batch tensors (masks) this way."""
+        value = self._segments.get(key)
+        if value is None:
+            value = make()
+            self._segments[key] = value
+        return value
+
     def token_slots(self, batch: int, n_tokens: int) -> Tensor:
         """The slot of each of the ``n_tokens`` flattened tokens ``(N,)`` (cached)."""
         key = (batch, n_tokens, "flat")
-        flat = self._segments.get(key)  # type: ignore[call-overload]
-        if flat is None:
-            flat = self._flat_index(batch, n_tokens)
-            self._segments[key] = flat  # type: ignore[index]
-        return flat  # type: ignore[return-value]
+        return self.memo(key, lambda: self._flat_index(batch, n_tokens))
 
     def _flat_index(self, batch: int, n_tokens: int) -> Tensor:
         index = self.index

@@ -55,7 +55,7 @@ class LoraLinear(LoraModule):
 
     stackable = True
 
-    def stacked_mixed(self, flat: Tensor, token_slots: Tensor, slots: tuple[int, ...]) -> Tensor:
+    def stacked_add(self, y: Tensor, flat: Tensor, rows: int, slots: tuple[int, ...]) -> Tensor:
         cached = self.__dict__.get("_stacked")  # dropped by set_slot
         if cached is None or cached[0] != slots or any(
                 p._version != v for p, v in zip(cached[1], cached[2], strict=True)):
@@ -66,12 +66,21 @@ class LoraLinear(LoraModule):
             # a non-finite weight would leak into other rows through the shared matmul
             # (0 * inf = nan): such a batch takes the per-slot path, which keeps it apart
             finite = bool(torch.isfinite(parts[0]).all() and torch.isfinite(parts[1]).all())
-            cached = (slots, params, [p._version for p in params], parts if finite else None)
+            layout = tuple((k, self.specs[k].rank) for k in slots)
+            cached = (slots, params, [p._version for p in params],
+                      parts if finite else None, layout)
             self.__dict__["_stacked"] = cached
+        n = flat.shape[0]
+        token_slots = self.ctx.token_slots(rows, n)
         if cached[3] is None:
-            return self.mixed(flat, slot_ops.keep(slot_ops.segment(token_slots), slots))
+            seg = slot_ops.keep(slot_ops.segment(token_slots), slots)
+            return y + self.mixed(flat, seg).reshape(y.shape).to(y.dtype)
         a_cat, b_cat, cols = cached[3]
-        return slot_ops.stacked_branch(flat.to(a_cat.dtype), token_slots, a_cat, b_cat, cols)
+        mask = self.ctx.memo(("mask", rows, n, cached[4], a_cat.dtype),
+                             lambda: slot_ops.stacked_mask(token_slots, cols, a_cat.dtype))
+        out = y.reshape(n, self.out_features)
+        slot_ops.stacked_branch(flat.to(a_cat.dtype), mask, a_cat, b_cat, y=out)
+        return out.view(y.shape)
 
     def mixed(self, flat: Tensor, seg: Segments) -> Tensor:
         for slot in seg.slots:

@@ -28,6 +28,7 @@ __all__ = [
     "shrink",
     "stacked",
     "stacked_branch",
+    "stacked_mask",
 ]
 
 
@@ -159,15 +160,26 @@ def stacked(a: Sequence[Tensor], b: Sequence[Tensor], scales: Sequence[float],
     return a_cat, b_cat, cols
 
 
-def stacked_branch(x: Tensor, token_slots: Tensor, a_cat: Tensor, b_cat: Tensor,
-                   cols: Tensor) -> Tensor:
+def stacked_mask(token_slots: Tensor, cols: Tensor, dtype: torch.dtype) -> Tensor:
+    """Which stacked rank columns each token uses.
+
+    Semantics: M[t, j] = 1 if cols[j] == token_slots[t] else 0.
+    Shape: token_slots (N,), cols (R,) -> (N, R)
+    """
+    return (token_slots.unsqueeze(1) == cols.unsqueeze(0)).to(dtype)
+
+
+def stacked_branch(x: Tensor, mask: Tensor, a_cat: Tensor, b_cat: Tensor,
+                   y: Tensor | None = None) -> Tensor:
     """Every token's LoRA output from the side-by-side adapters, in two dense matmuls:
     each token keeps only the rank columns of its own slot (punica's BGMV, as a mask).
+    With ``y`` the output is added into it, in place (inference only).
 
-    Semantics: out_t = s_k B_k A_k x_t for k = token_slots[t] among the stacked slots,
-    0 for a token whose slot is not stacked (or -1).
-    Shape: x (N, in), token_slots (N,), a_cat (R, in), b_cat (out, R), cols (R,) -> (N, out)
+    Semantics: out_t = [y_t +] s_k B_k A_k x_t for k = the token's slot among the stacked
+    ones, nothing for a token whose slot is not stacked (or -1).
+    Shape: x (N, in), mask (N, R), a_cat (R, in), b_cat (out, R), y (N, out) -> (N, out)
     """
-    h = x @ a_cat.t()  # (N, R)
-    h = h * (token_slots.unsqueeze(1) == cols.unsqueeze(0)).to(h.dtype)
-    return h @ b_cat.t()
+    h = (x @ a_cat.t()).mul_(mask)  # (N, R)
+    if y is None:
+        return h @ b_cat.t()
+    return torch.addmm(y, h.to(y.dtype), b_cat.t().to(y.dtype), out=y)
