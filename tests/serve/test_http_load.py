@@ -22,7 +22,8 @@ HOT = "a00"
 
 
 def _texts(store, name):
-    return [TOK.decode(solo_reference(store, name, p, NEW)[0]) for p in PROMPTS]
+    return [TOK.decode(solo_reference(store, name, p, NEW)[0], skip_special_tokens=True)
+            for p in PROMPTS]
 
 
 def test_sixteen_clients_on_twenty_adapters_with_hot_reloads(many, tmp_path, capsys):

@@ -32,6 +32,7 @@ from loratree.adapters.safetensors_io import read_safetensors
 from loratree.config import LoraConfig
 from loratree.errors import (
     AdapterFileError,
+    CorruptFileError,
     MissingKeyError,
     ShapeMismatchError,
     UnexpectedKeyError,
@@ -42,7 +43,14 @@ from loratree.surgery import adaptable_modules, find_targets, inject, lora_layer
 from loratree.surgery.inject import wrap
 from loratree.surgery.targets import pattern_value
 
-__all__ = ["AdapterFile", "check_adapter_dir", "load_adapter", "read_adapter", "save_adapter"]
+__all__ = [
+    "AdapterFile",
+    "check_adapter_dir",
+    "check_against",
+    "load_adapter",
+    "read_adapter",
+    "save_adapter",
+]
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,10 @@ def read_adapter(path: str | Path) -> AdapterFile:
                     f"({peft_key(module, part, False)!r} is missing)"
                 )
         a, b = pair["a"], pair["b"]
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise CorruptFileError(
+                f"{path.name}: {module!r} holds {a.dtype} / {b.dtype} weights; LoRA weights "
+                "are floating point")
         if a.dim() < 2 or b.dim() < 2 or a.shape[0] != b.shape[1]:
             raise ShapeMismatchError(
                 f"{path.name}: {module!r} lora_A {tuple(a.shape)} and lora_B "
@@ -136,6 +148,8 @@ def read_adapter(path: str | Path) -> AdapterFile:
                 f"{path.name}: {module!r} has rank {a.shape[0]}, the config says {expected}"
             )
         weights[module] = (a, b)
+    if not weights:
+        raise MissingKeyError(f"{path.name}: {WEIGHTS_NAME} holds no LoRA tensors")
     return AdapterFile(config, weights, base_weights, raw)
 
 
@@ -161,7 +175,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False)
     if raw.get("peft_type") == PEFT_TYPE:
         return load_prefix(model, path, raw, trainable=trainable)
     adapter = read_adapter(path)
-    _validate_against(model, adapter, path.name)
+    check_against(model, adapter, path.name)
     report = inject(model, adapter.config, trainable=trainable, names=tuple(adapter.weights))
     layers = lora_layers(model)
     for module, (a, b) in adapter.weights.items():
@@ -169,7 +183,10 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False)
     return report.slot
 
 
-def _validate_against(model: nn.Module, adapter: AdapterFile, label: str) -> None:
+def check_against(model: nn.Module, adapter: AdapterFile, label: str) -> None:
+    """Check that ``adapter`` fits ``model``: every module it names exists and can be
+    adapted, every module its config targets has its tensors, and every shape is the one
+    the model needs. Raises the typed error naming the first mismatch."""
     candidates = adaptable_modules(model)
     for module in adapter.weights:
         if module not in candidates:

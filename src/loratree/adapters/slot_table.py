@@ -27,6 +27,7 @@ from torch import nn
 
 from loratree import surgery
 from loratree.adapters.cache import AdapterCache, LoadedAdapter
+from loratree.adapters.files import check_against
 from loratree.errors import AdapterInUseError, RankTooLargeError, TargetError
 from loratree.layers import SlotSpec
 from loratree.surgery.targets import pattern_value
@@ -80,7 +81,10 @@ class SlotTable:
         self._by_name: dict[str, _Slot] = {}
         self._clock = itertools.count(1)
         self._lock = threading.RLock()
-        self.merged: str | None = None
+        self.merged_index: int | None = None
+        """The slot folded into the weights, if any."""
+        self._fits: set[tuple[str, str]] = set()
+        """(name, version) of LoRA adapters already checked against the model."""
 
     # -- activation ------------------------------------------------------------------------
     def activate(self, name: str) -> int:
@@ -93,7 +97,7 @@ class SlotTable:
                 slot.last_used = next(self._clock)
                 return slot.index
             target = slot if slot is not None and slot.users == 0 else self._free_slot()
-            if target.name is not None and target.name == self.merged:
+            if target.index == self.merged_index:
                 self.unmerge()
             self._let_go(target)
             try:
@@ -109,6 +113,7 @@ class SlotTable:
             except BaseException:
                 self.cache.release(name)
                 self._clear(target)
+                self._wipe(target.index)  # a fill that failed halfway leaves no trace
                 raise
             target.held = True
             target.last_used = next(self._clock)
@@ -140,7 +145,7 @@ class SlotTable:
                 return False
             if slot.users:
                 raise AdapterInUseError(f"{name!r} serves {slot.users} running request(s)")
-            if name == self.merged:
+            if slot.index == self.merged_index:
                 self.unmerge()
             self._clear(slot)
             return True
@@ -156,42 +161,63 @@ class SlotTable:
         return {s.name: s.index for s in self._slots if s.name is not None}
 
     # -- merged mode -----------------------------------------------------------------------
+    @property
+    def merged(self) -> str | None:
+        """The name of the adapter folded into the weights, if any."""
+        if self.merged_index is None:
+            return None
+        return self._slot(self.merged_index).name
+
     def merge(self, name: str) -> int:
         """Fold ``name`` into the weights (switching from the merged one, if any)."""
         with self._lock:
             index = self.activate(name)
-            if name == self.merged:
-                return index
+            self.merge_slot(index)
+            return index
+
+    def merge_slot(self, index: int) -> None:
+        """Fold the adapter in slot ``index`` into the weights (-1: none merged)."""
+        with self._lock:
+            if index == self.merged_index:
+                return
             if index < 0:
                 self.unmerge()
-                return -1
-            if self._by_name[name].kind == "prefix":
-                raise ValueError(f"{name!r} is a prefix adapter; only LoRA can be merged")
+                return
+            slot = self._slot(index)
+            if slot.kind != "lora":
+                raise ValueError(f"slot {index} holds {slot.name!r}, a {slot.kind or 'empty'} "
+                                 "slot; only LoRA adapters can be merged")
             surgery.switch(self.model, index)
-            self.merged = name
-            return index
+            self.merged_index = index
 
     def unmerge(self) -> None:
         with self._lock:
             surgery.unmerge(self.model)
-            self.merged = None
+            self.merged_index = None
 
     def plan(self, names: list[str], merge_min_tokens: int = 16,
              new_tokens: int = 0) -> Plan:
-        """Activate every name of a batch and choose how to run it.
+        """Activate every name of a batch and choose how to run it (``plan_slots``)."""
+        return self.plan_slots([self.activate(n) for n in names], merge_min_tokens,
+                               new_tokens)
 
-        Merged when the whole batch uses one LoRA adapter and it is merged already, or will
-        run for at least ``merge_min_tokens`` new tokens (enough decode steps to repay the
-        switch); otherwise unmerged, with per-row slots (the merged adapter, if any, is
-        subtracted for rows that do not use it).
+    def plan_slots(self, slots: list[int], merge_min_tokens: int = 16,
+                   new_tokens: int = 0) -> Plan:
+        """Choose how a batch whose rows hold ``slots`` runs.
+
+        Merged when every row uses one LoRA slot and it is merged already, or the batch
+        will run for at least ``merge_min_tokens`` new tokens (enough decode steps to repay
+        the switch); otherwise unmerged, with per-row slots (the merged adapter, if any, is
+        subtracted for rows that do not use it). Rows keep the slots they hold: an adapter
+        replaced in the store meanwhile never changes a running row.
         """
-        slots = tuple(self.activate(n) for n in names)
-        only = names[0] if len(set(names)) == 1 else None
-        if only is not None and only != BASE and self._by_name[only].kind == "lora" and (
-                self.merged == only or new_tokens >= merge_min_tokens):
-            self.merge(only)
-            return Plan("merged", slots)
-        return Plan("unmerged", slots)
+        with self._lock:
+            only = slots[0] if len(set(slots)) == 1 else -1
+            if only >= 0 and self._slot(only).kind == "lora" and (
+                    self.merged_index == only or new_tokens >= merge_min_tokens):
+                self.merge_slot(only)
+                return Plan("merged", tuple(slots))
+            return Plan("unmerged", tuple(slots))
 
     # -- internals -------------------------------------------------------------------------
     def _slot(self, index: int) -> _Slot:
@@ -215,7 +241,13 @@ class SlotTable:
         idle = [s for s in self._slots if s.users == 0]
         if not idle:
             raise AdapterInUseError(f"all {len(self._slots)} slots serve running requests")
-        return min(idle, key=lambda s: (s.name == self.merged, s.last_used))
+        return min(idle, key=lambda s: (s.index == self.merged_index, s.last_used))
+
+    def _wipe(self, index: int) -> None:
+        for layer in self.layers.values():
+            if layer.specs[index].rank:
+                layer.set_slot(index, _EMPTY)
+        surgery.clear_prefix(self.model, index)
 
     def _let_go(self, slot: _Slot) -> None:
         """Release the slot's hold on its adapter in the cache, keeping its weights."""
@@ -250,6 +282,9 @@ class SlotTable:
             if missing:
                 raise TargetError(f"{adapter.name!r} adapts {missing[:3]}, which the slot "
                                   "table does not wrap; widen its targets")
+            if (adapter.name, adapter.version) not in self._fits:  # once per version
+                check_against(self.model, adapter.lora, adapter.name)
+                self._fits.add((adapter.name, adapter.version))
             for module, (a, b) in adapter.lora.weights.items():
                 spec = SlotSpec(a.shape[0], float(pattern_value(config.alpha_pattern, module,
                                                                 config.alpha)),

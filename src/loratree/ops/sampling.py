@@ -16,11 +16,15 @@ __all__ = ["filter_logits", "sample"]
 
 def filter_logits(logits: Tensor, temperature: float, top_k: int = 0,
                   top_p: float = 1.0) -> Tensor:
-    """Scaled logits with the excluded tokens at -inf.
+    """Scaled logits with the excluded tokens at -inf, shifted so that the largest is 0.
 
-    Shape: logits (V,) -> (V,) fp32.
+    The shift comes before the division, so a tiny temperature sends the others to -inf
+    (all mass on the argmax) instead of overflowing to inf - inf = nan.
+    Shape: logits (V,) -> (V,) fp32 (computed in fp64, where a temperature down to 1e-300
+    is still a number).
     """
-    x = logits.float() / temperature
+    x = logits.double()
+    x = ((x - x.max()) / temperature).float()
     if 0 < top_k < x.numel():
         kth = torch.topk(x, top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))

@@ -380,14 +380,18 @@ class Engine:
         cache = out.past_key_values
         prefix_mask, starts = prefix_state(cache, n, self.device)
         kv = BatchKV.from_cache(cache, torch.cat([prefix_mask, mask], dim=1))
-        self.consecutive_failures = 0
-        self._kv = kv if self._kv is None else self._kv.join(kv)
+        rows = []
         for i, (handle, ids, adapter, slot) in enumerate(group):
             seed = handle.request.seed
             generator = None if seed is None else torch.Generator().manual_seed(seed)
             row = _Row(handle, adapter, slot, len(ids), int(starts[i]) + len(ids), generator)
-            self._rows.append(row)
             self._take(row, out.logits[i, -1])
+            rows.append(row)
+        # nothing above raised: the rows join the batch together (a row whose first token
+        # failed carries its error and retires at once)
+        self.consecutive_failures = 0
+        self._kv = kv if self._kv is None else self._kv.join(kv)
+        self._rows += rows
 
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -402,11 +406,11 @@ class Engine:
     def _decode(self) -> None:
         assert self._kv is not None
         rows = self._rows
-        names = [r.adapter for r in rows]
-        plan = self.table.plan(names, self.merge_min_tokens,
-                               min(r.handle.request.max_new_tokens - len(r.tokens) for r in rows))
+        plan = self.table.plan_slots([r.slot for r in rows], self.merge_min_tokens,
+                                     min(r.handle.request.max_new_tokens - len(r.tokens)
+                                         for r in rows))
         self.modes[plan.mode] += 1
-        if plan.mode == "unmerged" and self.table.merged is not None:
+        if plan.mode == "unmerged" and self.table.merged_index is not None:
             self.table.unmerge()  # else every layer subtracts it again at every step
         distinct = {r.slot for r in rows}
         slots: int | torch.Tensor = (
@@ -435,7 +439,11 @@ class Engine:
                 f"adapter {row.adapter!r} produced non-finite logits at token "
                 f"{len(row.tokens)}")
             return
-        token = sample(logits, req.temperature, req.top_k, req.top_p, row.generator)
+        try:
+            token = sample(logits, req.temperature, req.top_k, req.top_p, row.generator)
+        except (RuntimeError, ValueError) as e:  # this request's settings: it fails alone
+            row.error = ValueError(f"sampling failed: {e}")
+            return
         if not row.tokens:
             row.first_token_s = time.perf_counter() - row.handle.submitted
         row.tokens.append(token)
