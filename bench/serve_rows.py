@@ -226,7 +226,7 @@ def _switching(base, store, repeats):
     return table_, checks
 
 
-def _arrivals(base, tokenizer, root, n_adapters=20, n_requests=32, rate_per_s=2.0):
+def _arrivals(base, tokenizer, root, n_adapters=20, n_requests=40, rate_per_s=1.0):
     store = _store(base, QV_R8, root, n_adapters)
     one = store.info("a0").size
     rng = random.Random(3)

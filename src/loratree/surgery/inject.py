@@ -111,7 +111,10 @@ def inject(
                 layer.add_slot(SlotSpec(0, 1.0))
             replace_module(model, name, layer)
             existing[name] = layer
-    for name, layer in existing.items():
+    # initialise in the model's module order, whatever was wrapped before, so a slot draws
+    # the same random A as it would on a fresh model (fused training equals solo training)
+    order = [n for n, _ in model.named_modules() if n in existing]
+    for name, layer in ((n, existing[n]) for n in order):
         if name in targets:
             rank = int(pattern_value(config.rank_pattern, name, config.rank))
             alpha = pattern_value(config.alpha_pattern, name, config.alpha)

@@ -36,7 +36,8 @@ from loratree.train.evaluate import eval_loss, exact_match
 from loratree.train.metrics import MetricsLog, read_metrics
 from loratree.train.steps import label_tokens, optimizer_step
 
-__all__ = ["Run", "TrainResult", "fit", "save", "setup", "train"]
+__all__ = ["Run", "TrainResult", "catch_signals", "fit", "lr_schedule", "save", "setup",
+           "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def setup(config: TrainConfig, *, model: nn.Module | None = None,
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr,
                                   weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
     out = Path(config.out)
     return Run(config, model, tokenizer, train_data, eval_rows, eval_data, params, optimizer,
                scheduler, d, out, MetricsLog(out / "metrics.jsonl", enabled=d.main))
@@ -149,7 +150,7 @@ def fit(run: Run, *, resume: bool = False, progress: bool = True,
         logger.info("resumed from %s at step %d", latest.name, position.step)
     module = _maybe_ddp(run)
     pad = pad_token_id(run.tokenizer)
-    restore = _catch_signals(run.stop_signal)
+    restore = catch_signals(run.stop_signal)
     bar = tqdm(total=c.max_steps, initial=position.step, disable=not (progress and d.main),
                desc="train", unit="step")
     loss, started, tokens_done, evals = math.nan, time.perf_counter(), 0, {}
@@ -274,7 +275,7 @@ def _checkpoint(run: Run, position: ckpt.Position) -> None:
                          run.scheduler, keep_last=run.config.keep_last, write_adapter=write)
 
 
-def _schedule(c: TrainConfig):
+def lr_schedule(c: TrainConfig):
     def lr_factor(step: int) -> float:
         if step < c.warmup_steps:
             return (step + 1) / c.warmup_steps
@@ -290,7 +291,7 @@ def _maybe_ddp(run: Run) -> nn.Module:
     return nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
 
 
-def _catch_signals(flag: list[int]):
+def catch_signals(flag: list[int]):
     """On SIGTERM/SIGINT, note the signal; the loop checkpoints after the current step."""
     import threading
 

@@ -1,0 +1,455 @@
+"""Many LoRA jobs in one process on one frozen base, fused into one batch per step.
+
+Each job is a ``TrainConfig`` of its own (data, eval data, rank, alpha, targets, lr,
+schedule, steps, output) and owns one adapter slot. A step takes each active job's next
+batch (its own data order, as a solo run would), stacks the rows of every job into one
+batch, and runs one forward and one backward pass: every row goes through its own job's
+slot (``SlotContext`` per-row index), so the frozen base runs once over all of them.
+
+Nothing couples the jobs. The loss is normalised per job (its summed token loss over its
+own labelled tokens), and the objective is the sum of the jobs' losses: the gradient
+reaching a job's parameters is exactly its solo gradient. Clipping, AdamW state and the
+LR schedule are per job. A job whose loss or gradient turns non-finite is stopped with an
+error naming the step and its parameters are left as they were; the others go on. A job
+that reaches its ``max_steps`` leaves the batch, is saved, and the rest continue.
+
+Checkpoints, resume and SIGTERM work per job, in each job's own ``out/checkpoints``. Under
+``torchrun`` each process takes every world-th row of each job's batch, and the jobs'
+gradients are summed over processes (no DDP wrapper, so a stopped job's silence is fine).
+
+With ``dropout`` > 0 the fused run draws its dropout masks from one stream, so it equals
+solo runs in distribution rather than bit for bit; with no dropout it equals them to
+floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from loratree import surgery
+from loratree.adapters import save_adapter
+from loratree.errors import NonFiniteError
+from loratree.models import load_base
+from loratree.models.chat import IGNORE_INDEX, Encoded, encode
+from loratree.train import checkpoint as ckpt
+from loratree.train import distributed
+from loratree.train.config import TrainConfig
+from loratree.train.data import RowSet, batch_order, collate, pad_token_id, read_jsonl
+from loratree.train.evaluate import eval_loss, exact_match
+from loratree.train.loop import catch_signals, lr_schedule
+from loratree.train.metrics import MetricsLog, read_metrics
+from loratree.train.steps import autocast, label_tokens
+
+__all__ = [
+    "Job",
+    "ManyConfig",
+    "ManyResult",
+    "ManyRun",
+    "evaluate_job",
+    "fit_many",
+    "save_job",
+    "save_many",
+    "setup_many",
+    "summary",
+    "train_many",
+]
+
+logger = logging.getLogger(__name__)
+
+_SHARED = ("model", "quantize", "precision")
+"""Settings every job of a fused run must agree on (one base, one forward)."""
+
+
+@dataclass(frozen=True)
+class ManyConfig:
+    """Named jobs; ``names[i]`` trains ``jobs[i]``."""
+
+    names: tuple[str, ...]
+    jobs: tuple[TrainConfig, ...]
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.jobs:
+            problems.append("no jobs")
+        if len(set(self.names)) != len(self.names):
+            problems.append(f"job names repeat: {list(self.names)}")
+        if len({j.out for j in self.jobs}) != len(self.jobs):
+            problems.append("two jobs write to the same out directory")
+        for name, job in zip(self.names, self.jobs, strict=True):
+            if job.method != "lora":
+                problems.append(f"job {name!r}: method must be 'lora', got {job.method!r}")
+            if job.grad_accum != 1:
+                problems.append(f"job {name!r}: grad_accum must be 1 in a fused run")
+        for key in _SHARED:
+            values = {getattr(j, key) for j in self.jobs}
+            if len(values) > 1:
+                problems.append(f"every job must use the same {key}, got "
+                                f"{sorted(map(str, values))}")
+        if problems:
+            raise ValueError("invalid jobs: " + "; ".join(problems))
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> ManyConfig:
+        """``[defaults]`` (any ``TrainConfig`` settings) and one ``[[job]]`` table per job,
+        each with a ``name`` and its own settings over the defaults."""
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+        unknown = sorted(set(raw) - {"defaults", "job"})
+        if unknown:
+            raise ValueError(f"{path}: unknown table(s) {unknown}; use [defaults] and [[job]]")
+        defaults, tables = raw.get("defaults", {}), raw.get("job", [])
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        names, jobs = [], []
+        for i, table in enumerate(tables):
+            table = dict(table)
+            name = str(table.pop("name", f"job{i}"))
+            bad = sorted((set(defaults) | set(table)) - known)
+            if bad:
+                raise ValueError(f"{path}: job {name!r}: unknown setting(s) {bad}")
+            names.append(name)
+            jobs.append(TrainConfig(**{**defaults, **table}))
+        return cls(tuple(names), tuple(jobs))
+
+
+@dataclass
+class Job:
+    """One job's state inside a fused run."""
+
+    name: str
+    config: TrainConfig
+    slot: int
+    params: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_data: Encoded
+    eval_rows: RowSet | None
+    eval_data: Encoded | None
+    metrics: MetricsLog
+    position: ckpt.Position = field(default_factory=lambda: ckpt.Position(0, 0, 0))
+    losses: list[float] = field(default_factory=list)
+    error: str | None = None
+    evals: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def active(self) -> bool:
+        return self.error is None and self.position.step < self.config.max_steps
+
+
+@dataclass
+class ManyRun:
+    config: ManyConfig
+    model: nn.Module
+    tokenizer: object
+    jobs: list[Job]
+    dist: distributed.Dist
+    stop_signal: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ManyResult:
+    """Per job: the steps done, its last loss, its eval figures, and its error if it was
+    stopped."""
+
+    steps: dict[str, int]
+    losses: dict[str, list[float]]
+    evals: dict[str, dict[str, float]]
+    errors: dict[str, str]
+    seconds: float
+    interrupted: bool = False
+
+
+def train_many(config: ManyConfig, *, resume: bool = False, progress: bool = True,
+               model: nn.Module | None = None, tokenizer: object | None = None) -> ManyResult:
+    """Set up, fit and save every job."""
+    run = setup_many(config, model=model, tokenizer=tokenizer)
+    try:
+        return fit_many(run, resume=resume, progress=progress)
+    finally:
+        distributed.shutdown(run.dist)
+
+
+def setup_many(config: ManyConfig, *, model: nn.Module | None = None,
+               tokenizer: object | None = None) -> ManyRun:
+    """Load the base once and give every job its slot, optimizer and schedule."""
+    d = distributed.init()
+    first = config.jobs[0]
+    if model is None:
+        model, tokenizer = load_base(first.model)
+    if tokenizer is None:
+        raise ValueError("training needs a tokenizer; the model directory has none")
+    if first.quantize == "nf4":
+        surgery.quantize(model)
+    # every slot first: injecting a slot freezes every other parameter (as a solo run
+    # wants), so the jobs' parameters are collected and unfrozen once all slots exist
+    slots = [_add_slot(model, tokenizer, name, c) for name, c in
+             zip(config.names, config.jobs, strict=True)]
+    jobs = [_job(model, name, c, slot, data, d) for (name, c), (slot, data) in
+            zip(zip(config.names, config.jobs, strict=True), slots, strict=True)]
+    model.to(d.device).train()
+    return ManyRun(config, model, tokenizer, jobs, d)
+
+
+def _add_slot(model: nn.Module, tokenizer: object, name: str, c: TrainConfig
+              ) -> tuple[int, tuple[Encoded, RowSet | None, Encoded | None]]:
+    random.seed(c.seed)
+    torch.manual_seed(c.seed)  # the job's initial A is the one its solo run would draw
+    train_data = encode(read_jsonl(c.data, skip_bad_rows=c.skip_bad_rows), tokenizer,
+                        c.max_length)
+    eval_rows = read_jsonl(c.eval_data, skip_bad_rows=c.skip_bad_rows) if c.eval_data else None
+    eval_data = encode(eval_rows, tokenizer, c.max_length) if eval_rows else None
+    report = surgery.inject(model, c.lora())
+    logger.info("job %s: %s", name, report)
+    return report.slot, (train_data, eval_rows, eval_data)
+
+
+def _job(model: nn.Module, name: str, c: TrainConfig, slot: int,
+         data: tuple[Encoded, RowSet | None, Encoded | None], d: distributed.Dist) -> Job:
+    mine = {id(p) for p in surgery.adapter_parameters(model, slot)}
+    params = {n: p.requires_grad_(True) for n, p in model.named_parameters() if id(p) in mine}
+    optimizer = torch.optim.AdamW(params.values(), lr=c.lr, weight_decay=c.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(c))
+    return Job(name, c, slot, params, optimizer, scheduler, *data,
+               MetricsLog(Path(c.out) / "metrics.jsonl", enabled=d.main))
+
+
+def fit_many(run: ManyRun, *, resume: bool = False, progress: bool = True,
+             on_step: Callable[[int, dict[str, float]], None] | None = None) -> ManyResult:
+    """Train every job to its ``max_steps`` (or its error), one fused batch per step.
+
+    ``on_step(step, losses)`` is called after each fused step with the losses of the jobs
+    that took part.
+    """
+    if resume:
+        for job in run.jobs:
+            _resume(job)
+    pad = pad_token_id(run.tokenizer)
+    restore = catch_signals(run.stop_signal)
+    bars = [tqdm(total=j.config.max_steps, initial=j.position.step, position=i, desc=j.name,
+                 unit="step", disable=not (progress and run.dist.main), leave=True)
+            for i, j in enumerate(run.jobs)]
+    started = time.perf_counter()
+    step = 0
+    try:
+        while active := [j for j in run.jobs if j.active]:
+            step += 1
+            losses = _fused_step(run, active, pad)
+            for job, bar in zip(run.jobs, bars, strict=True):
+                if job in active:
+                    _after_step(run, job, losses.get(job.name), bar)
+            if on_step is not None:
+                on_step(step, {k: v for k, v in losses.items() if v is not None})
+            if run.stop_signal and any(j.active for j in run.jobs):
+                for job in run.jobs:
+                    if job.active:
+                        _checkpoint(run, job)
+                logger.warning("signal %d: every job checkpointed; resume with --resume",
+                               run.stop_signal[0])
+                return _result(run, started, interrupted=True)
+    finally:
+        for bar in bars:
+            bar.close()
+        restore()
+    return _result(run, started)
+
+
+def _fused_step(run: ManyRun, jobs: Sequence[Job], pad: int) -> dict[str, float | None]:
+    """One forward and backward over every job's batch; then each job's own clip and
+    optimizer step. Returns each job's loss (None for a job stopped here)."""
+    d, model = run.dist, run.model
+    parts = []
+    for job in jobs:
+        job.position, examples = _next_batch(job)
+        parts.append((job, examples, label_tokens(examples)))
+    rows = [(job, e) for job, examples, _ in parts for e in examples[d.rank :: d.world]]
+    batch = {k: v.to(d.device) for k, v in collate([e for _, e in rows], pad).items()}
+    slots = torch.tensor([job.slot for job, _ in rows], device=d.device)
+    with surgery.context(model).use(slots):
+        row_loss = _row_losses(model, batch, jobs[0].config.precision)  # (B,)
+    sums = {job.name: row_loss[[i for i, (j, _) in enumerate(rows) if j is job]].sum()
+            for job, _, _ in parts}
+    totals = _all_sum(d, torch.stack([sums[job.name].detach() for job, _, _ in parts]))
+    losses: dict[str, float | None] = {}
+    objective = []
+    for (job, _, tokens), total in zip(parts, totals.tolist(), strict=True):
+        step = job.position.step + 1
+        if not math.isfinite(total):
+            _stop(job, f"step {step}: the loss is not finite ({total})")
+            losses[job.name] = None
+            continue
+        losses[job.name] = total / max(tokens, 1)
+        objective.append(sums[job.name] / max(tokens, 1))
+    if objective:
+        torch.stack(objective).sum().backward()
+    for job, _, _ in parts:
+        if losses[job.name] is not None and not _apply(job, d):
+            losses[job.name] = None
+    return losses
+
+
+def _row_losses(model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
+    """Each row's summed next-token cross-entropy over its labelled tokens (fp32)."""
+    with autocast(batch["input_ids"].device, precision):
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="none")
+    return token.view(labels.shape).sum(dim=1)
+
+
+def _apply(job: Job, d: distributed.Dist) -> bool:
+    """Sum the job's gradient over processes, check and clip it, and step; False (and the
+    job stopped, its parameters unchanged) if it is not finite."""
+    grads = [p for p in job.params.values() if p.grad is not None]
+    if d.world > 1:
+        for p in grads:
+            torch_dist.all_reduce(p.grad)
+    if job.config.clip_norm > 0:
+        norm = float(torch.nn.utils.clip_grad_norm_(grads, job.config.clip_norm))
+    else:
+        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in grads])))
+    if not math.isfinite(norm):
+        job.optimizer.zero_grad(set_to_none=True)
+        _stop(job, f"step {job.position.step + 1}: a gradient is not finite (norm {norm})")
+        return False
+    job.optimizer.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    job.scheduler.step()
+    return True
+
+
+def _stop(job: Job, why: str) -> None:
+    job.error = str(NonFiniteError(f"job {job.name!r}: {why}; it is stopped, the other jobs "
+                                   "go on"))
+    for p in job.params.values():
+        p.grad = None
+    logger.error("%s", job.error)
+
+
+def _after_step(run: ManyRun, job: Job, loss: float | None, bar: tqdm) -> None:
+    if loss is None:
+        bar.set_postfix_str("stopped: non-finite")
+        return
+    job.position = ckpt.Position(job.position.step + 1, job.position.epoch,
+                                 job.position.batch + 1)
+    job.losses.append(loss)
+    job.metrics.write(step=job.position.step, loss=loss, lr=job.scheduler.get_last_lr()[0])
+    bar.set_postfix(loss=f"{loss:.4f}")
+    bar.update(1)
+    c, step = job.config, job.position.step
+    last = step == c.max_steps
+    if job.eval_data is not None and (step % c.eval_every == 0 or last):
+        job.evals = evaluate_job(run, job)
+    if step % c.save_every == 0 or last:
+        _checkpoint(run, job)
+    if last:
+        save_job(run, job)
+
+
+def evaluate_job(run: ManyRun, job: Job) -> dict[str, float]:
+    """Eval loss and exact match of one job's adapter (its slot alone)."""
+    if not run.dist.main or job.eval_data is None:
+        return {}
+    c = job.config
+    with surgery.context(run.model).use(job.slot):
+        result = {"eval_loss": eval_loss(run.model, job.eval_data.examples,
+                                         batch_size=c.batch_size,
+                                         pad_id=pad_token_id(run.tokenizer),
+                                         device=run.dist.device, precision=c.precision)}
+        if c.eval_examples and job.eval_rows is not None:
+            result["exact_match"], _ = exact_match(
+                run.model, run.tokenizer, job.eval_rows.rows[: c.eval_examples],
+                max_new_tokens=c.max_new_tokens, device=run.dist.device)
+    job.metrics.write(step=job.position.step, **result)
+    return result
+
+
+def save_job(run: ManyRun, job: Job) -> Path:
+    """The job's adapter (PEFT format, its slot), routing centroid and loss plot."""
+    if not run.dist.main:
+        return job.out
+    save_adapter(run.model, job.out, job.slot, base_model=job.config.model)
+    from loratree.plots import plot_losses
+
+    plot_losses(read_metrics(job.metrics.path), job.out / "loss.png")
+    return job.out
+
+
+def save_many(run: ManyRun) -> list[Path]:
+    return [save_job(run, job) for job in run.jobs if job.error is None]
+
+
+def _resume(job: Job) -> None:
+    latest = ckpt.latest_checkpoint(job.out / "checkpoints")
+    if latest is None:
+        return
+    job.position = ckpt.load_checkpoint(latest, job.params, job.optimizer, job.scheduler)
+    job.metrics.truncate_after(job.position.step)
+    job.losses = [r["loss"] for r in read_metrics(job.metrics.path) if "loss" in r]
+    logger.info("job %s: resumed from %s at step %d", job.name, latest.name,
+                job.position.step)
+
+
+def _checkpoint(run: ManyRun, job: Job) -> None:
+    if not run.dist.main:
+        return
+    ckpt.save_checkpoint(job.out / "checkpoints", job.position, dict(job.params),
+                         job.optimizer, job.scheduler, keep_last=job.config.keep_last,
+                         write_adapter=lambda p: save_adapter(run.model, p, job.slot,
+                                                              base_model=job.config.model))
+
+
+def _next_batch(job: Job) -> tuple[ckpt.Position, list]:
+    c, position = job.config, job.position
+    n, lengths = len(job.train_data), job.train_data.lengths
+    order = batch_order(n, c.batch_size, seed=c.seed, epoch=position.epoch,
+                        group_by_length=c.group_by_length, lengths=lengths)
+    if position.batch >= len(order):
+        position = ckpt.Position(position.step, position.epoch + 1, 0)
+        order = batch_order(n, c.batch_size, seed=c.seed, epoch=position.epoch,
+                            group_by_length=c.group_by_length, lengths=lengths)
+    return position, [job.train_data.examples[i] for i in order[position.batch]]
+
+
+def _all_sum(d: distributed.Dist, t: Tensor) -> Tensor:
+    if d.world > 1:
+        t = t.clone()
+        torch_dist.all_reduce(t)
+    return t
+
+
+def _result(run: ManyRun, started: float, interrupted: bool = False) -> ManyResult:
+    jobs = run.jobs
+    return ManyResult({j.name: j.position.step for j in jobs},
+                      {j.name: list(j.losses) for j in jobs},
+                      {j.name: dict(j.evals) for j in jobs},
+                      {j.name: j.error for j in jobs if j.error is not None},
+                      time.perf_counter() - started, interrupted)
+
+
+def summary(result: ManyResult) -> list[dict[str, Any]]:
+    """One line per job for reports: steps, last loss, eval figures, error."""
+    return [{"job": name, "steps": steps,
+             "loss": result.losses[name][-1] if result.losses[name] else None,
+             **result.evals.get(name, {}), "error": result.errors.get(name)}
+            for name, steps in result.steps.items()]
