@@ -15,6 +15,7 @@ from loratree.cli import (
     quantize_cmd,
     serve_cmd,
     train_cmd,
+    train_many_cmd,
 )
 
 __all__ = ["main"]
@@ -28,6 +29,7 @@ _COMMANDS = {
     "quantize": quantize_cmd,
     "serve": serve_cmd,
     "train": train_cmd,
+    "train-many": train_many_cmd,
 }
 
 
