@@ -32,7 +32,7 @@ FULL = {"forward": 20, "ops": 30, "train": 9}
 QUICK = {"forward": 2, "ops": 3, "train": 2}
 QUALITY_TARGET = 0.90
 """Acceptance: LoRA r=8 all-linear reaches 90% of full fine-tuning's held-out exact match."""
-GROUPS = ("forward", "merge", "files", "train", "qlora", "prefix", "serve", "quality")
+GROUPS = ("forward", "merge", "files", "train", "qlora", "prefix", "serve", "many", "quality")
 QLORA_GAP = 5.0
 """Acceptance: QLoRA's held-out exact match is within this many points of LoRA's."""
 
@@ -84,6 +84,13 @@ def run(quick: bool, quality_steps: int = 30, groups: tuple[str, ...] = GROUPS) 
         served, serve_checks = serve_tables(base, tokenizer, repeats["train"])
         tables += served
         checks += serve_checks
+    if want("many"):
+        from bench.many_rows import many_tables
+
+        with tempfile.TemporaryDirectory(prefix="loratree-many-") as tmp:
+            many, many_checks = many_tables(Path(tmp))
+        tables += many
+        checks += many_checks
     extra: list[str] = []
     if want("quality") and quality_steps > 0:
         extra, quality_checks = _quality(base, tokenizer, quality_steps, quick)

@@ -1,0 +1,139 @@
+"""``python -m bench.many_worker MODE DATA OUT [JOB]``: one variant of the fused-training
+benchmark in a fresh process; prints one JSON line with its train wall time (model load and
+evaluation excluded), peak RSS (VmHWM) and per-job held-out figures.
+
+MODE: ``fused`` (the 4 jobs in one ``train_many``), ``sequential`` (the 4 jobs one after
+another through ``train``, the base loaded once), ``peft`` (4 PEFT LoRA runs one after
+another, same data, batches, optimizer and steps), ``solo JOB`` (one job alone, for the
+concurrent-processes variant).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.rss import _status_kib
+from loratree.models import load_base
+from loratree.train import TrainConfig, fit, save, setup
+from loratree.train.many import ManyConfig, evaluate_job, fit_many, setup_many
+
+JOBS = (("dates", 0), ("numbers", 0), ("pirate", 0), ("dates", 1))
+"""(demo task, seed): four jobs; the fourth is a second dates adapter from another seed."""
+STEPS, BATCH, RANK, LR = 30, 4, 8, 1e-3
+
+
+def job_configs(data: Path, out: Path) -> tuple[tuple[str, ...], tuple[TrainConfig, ...]]:
+    names, configs = [], []
+    for task, seed in JOBS:
+        name = f"{task}-s{seed}"
+        names.append(name)
+        configs.append(TrainConfig(
+            data=str(data / task / "train.jsonl"), eval_data=str(data / task / "eval.jsonl"),
+            out=str(out / name), rank=RANK, alpha=2.0 * RANK, targets=("all-linear",),
+            batch_size=BATCH, max_length=128, max_steps=STEPS, warmup_steps=3, lr=LR,
+            seed=seed, eval_every=STEPS, save_every=STEPS, keep_last=1, eval_examples=30))
+    return tuple(names), tuple(configs)
+
+
+def _fused(data: Path, out: Path) -> dict:
+    names, configs = job_configs(data, out)
+    no_eval = tuple(TrainConfig(**{**c.to_dict(), "eval_data": None}) for c in configs)
+    run = setup_many(ManyConfig(names, no_eval))
+    t0 = time.perf_counter()
+    fit_many(run, progress=False)
+    wall = time.perf_counter() - t0
+    quality = {}
+    for job, c in zip(run.jobs, configs, strict=True):  # evaluate after the timing
+        from loratree.models.chat import encode
+        from loratree.train.data import read_jsonl
+
+        job.eval_rows = read_jsonl(c.eval_data)
+        job.eval_data = encode(job.eval_rows, run.tokenizer, c.max_length)
+        job.config = c
+        quality[job.name] = evaluate_job(run, job)
+    return {"wall": wall, "quality": quality}
+
+
+def _sequential(data: Path, out: Path, only: int | None = None) -> dict:
+    names, configs = job_configs(data, out)
+    base, tokenizer = load_base(None)
+    wall, quality = 0.0, {}
+    for i, (name, c) in enumerate(zip(names, configs, strict=True)):
+        if only is not None and i != only:
+            continue
+        run = setup(TrainConfig(**{**c.to_dict(), "eval_data": None}),
+                    model=copy.deepcopy(base), tokenizer=tokenizer)
+        t0 = time.perf_counter()
+        fit(run, progress=False)
+        wall += time.perf_counter() - t0
+        save(run)
+        from loratree.train.loop import evaluate
+
+        run.config = c
+        from loratree.models.chat import encode
+        from loratree.train.data import read_jsonl
+
+        run.eval_rows = read_jsonl(c.eval_data)
+        run.eval_data = encode(run.eval_rows, tokenizer, c.max_length)
+        quality[name] = evaluate(run, None)
+    return {"wall": wall, "quality": quality}
+
+
+def _peft(data: Path, out: Path) -> dict:
+    import peft
+
+    from loratree.models.chat import encode
+    from loratree.train.data import batch_order, collate, pad_token_id, read_jsonl
+    from loratree.train.steps import label_tokens, loss_sum
+
+    _, configs = job_configs(data, out)
+    base, tokenizer = load_base(None)
+    pad = pad_token_id(tokenizer)
+    wall = 0.0
+    for c in configs:
+        torch.manual_seed(c.seed)
+        model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", task_type="CAUSAL_LM"))
+        model.train()
+        examples = encode(read_jsonl(c.data), tokenizer, c.max_length).examples
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=c.lr)
+        order = batch_order(len(examples), c.batch_size, seed=c.seed, epoch=0)
+        t0 = time.perf_counter()
+        for step in range(c.max_steps):
+            batch_ex = [examples[i] for i in order[step % len(order)]]
+            batch = collate(batch_ex, pad)
+            (loss_sum(model, batch, "fp32") / label_tokens(batch_ex)).backward()
+            torch.nn.utils.clip_grad_norm_(params, c.clip_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        wall += time.perf_counter() - t0
+    return {"wall": wall, "quality": {}}
+
+
+def main(argv: list[str]) -> int:
+    mode, data, out = argv[0], Path(argv[1]), Path(argv[2])
+    torch.set_num_threads(int(argv[4]) if len(argv) > 4 else torch.get_num_threads())
+    if mode == "fused":
+        result = _fused(data, out)
+    elif mode == "sequential":
+        result = _sequential(data, out)
+    elif mode == "solo":
+        result = _sequential(data, out, only=int(argv[3]))
+    elif mode == "peft":
+        result = _peft(data, out)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    result["peak_rss"] = _status_kib("VmHWM") * 1024
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
