@@ -265,8 +265,12 @@ class LoraModule(nn.Module):
         if self.merged == slot:
             return
         self._check_slot(slot)
-        if not self.specs[slot].rank or not self.specs[self.merged].rank:
-            self.unmerge()  # at most one side touches this layer: one plain fold
+        new_rank, old_rank = self.specs[slot].rank, self.specs[self.merged].rank
+        if not new_rank and not old_rank:  # neither touches this layer
+            self.merged = slot
+            return
+        if not new_rank or not old_rank:
+            self.unmerge()  # only one side touches this layer: one plain fold
             self.merge(slot)
             return
         lo, hi = sorted((slot, self.merged))

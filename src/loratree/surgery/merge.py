@@ -40,9 +40,11 @@ def unmerge(model: nn.Module) -> None:
 
 def switch(model: nn.Module, slot: int) -> None:
     """Make ``slot`` the merged adapter, by W += dW_new - dW_old in each layer."""
-    for layer in lora_layers(model).values():
-        layer.check_finite(slot)
-    for layer in lora_layers(model).values():
+    layers = lora_layers(model).values()
+    for layer in layers:
+        if layer.specs[slot].rank:  # an empty slot holds nothing to check
+            layer.check_finite(slot)
+    for layer in layers:
         layer.switch(slot)
 
 
