@@ -132,11 +132,12 @@ def test_killed_fused_run_resumes_to_the_same_losses(tmp_path):
 
 def test_jobs_toml_and_bad_job_sets(tmp_path):
     path = tmp_path / "jobs.toml"
-    path.write_text('[defaults]\nmax_steps = 3\nrank = 2\n\n'
+    path.write_text('[defaults]\nmax_steps = 3\nrank = 2\n\n[fused]\nrows_per_pass = 6\n\n'
                     '[[job]]\nname = "a"\ndata = "a.jsonl"\nout = "out/a"\n\n'
                     '[[job]]\nname = "b"\ndata = "b.jsonl"\nout = "out/b"\nrank = 4\n')
     many = ManyConfig.from_toml(path)
     assert many.names == ("a", "b") and [j.rank for j in many.jobs] == [2, 4]
+    assert many.rows_per_pass == 6
     assert all(j.max_steps == 3 for j in many.jobs)
     path.write_text('[[job]]\nname = "a"\ndata = "a"\nbogus = 1\n')
     with pytest.raises(ValueError, match="bogus"):

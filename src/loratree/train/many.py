@@ -81,9 +81,15 @@ class ManyConfig:
 
     names: tuple[str, ...]
     jobs: tuple[TrainConfig, ...]
+    rows_per_pass: int = 0
+    """Rows per forward/backward pass of a fused step (gradients accumulate over the
+    passes); 0: the largest job's batch size, so peak memory is that of one job's step
+    while the frozen base and its weights are shared."""
 
     def __post_init__(self) -> None:
         problems = []
+        if not isinstance(self.rows_per_pass, int) or self.rows_per_pass < 0:
+            problems.append(f"rows_per_pass must be an int >= 0, got {self.rows_per_pass!r}")
         if not self.jobs:
             problems.append("no jobs")
         if len(set(self.names)) != len(self.names):
@@ -109,9 +115,14 @@ class ManyConfig:
         each with a ``name`` and its own settings over the defaults."""
         with open(path, "rb") as f:
             raw = tomllib.load(f)
-        unknown = sorted(set(raw) - {"defaults", "job"})
+        unknown = sorted(set(raw) - {"defaults", "job", "fused"})
         if unknown:
-            raise ValueError(f"{path}: unknown table(s) {unknown}; use [defaults] and [[job]]")
+            raise ValueError(f"{path}: unknown table(s) {unknown}; use [defaults], [[job]] "
+                             "and [fused]")
+        fused = dict(raw.get("fused", {}))
+        rows_per_pass = fused.pop("rows_per_pass", 0)
+        if fused:
+            raise ValueError(f"{path}: [fused] takes rows_per_pass only, got {sorted(fused)}")
         defaults, tables = raw.get("defaults", {}), raw.get("job", [])
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         names, jobs = [], []
@@ -123,7 +134,7 @@ class ManyConfig:
                 raise ValueError(f"{path}: job {name!r}: unknown setting(s) {bad}")
             names.append(name)
             jobs.append(TrainConfig(**{**defaults, **table}))
-        return cls(tuple(names), tuple(jobs))
+        return cls(tuple(names), tuple(jobs), rows_per_pass)
 
 
 @dataclass
@@ -272,35 +283,42 @@ def fit_many(run: ManyRun, *, resume: bool = False, progress: bool = True,
 
 
 def _fused_step(run: ManyRun, jobs: Sequence[Job], pad: int) -> dict[str, float | None]:
-    """One forward and backward over every job's batch; then each job's own clip and
-    optimizer step. Returns each job's loss (None for a job stopped here)."""
+    """Forward and backward over every job's batch (in passes of ``rows_per_pass`` rows,
+    gradients accumulating); then each job's own check, clip and optimizer step. Returns
+    each job's loss (None for a job stopped here)."""
     d, model = run.dist, run.model
     parts = []
     for job in jobs:
         job.position, examples = _next_batch(job)
-        parts.append((job, examples, label_tokens(examples)))
-    rows = [(job, e) for job, examples, _ in parts for e in examples[d.rank :: d.world]]
-    batch = {k: v.to(d.device) for k, v in collate([e for _, e in rows], pad).items()}
-    slots = torch.tensor([job.slot for job, _ in rows], device=d.device)
-    with surgery.context(model).use(slots):
-        row_loss = _row_losses(model, batch, jobs[0].config.precision)  # (B,)
-    sums = {job.name: row_loss[[i for i, (j, _) in enumerate(rows) if j is job]].sum()
-            for job, _, _ in parts}
-    totals = _all_sum(d, torch.stack([sums[job.name].detach() for job, _, _ in parts]))
+        parts.append((job, label_tokens(examples), examples[d.rank :: d.world]))
+    rows = [(job, e) for job, _, mine in parts for e in mine]
+    tokens = {job.name: max(n, 1) for job, n, _ in parts}
+    width = run.config.rows_per_pass or max(j.config.batch_size for j in run.jobs)
+    sums = dict.fromkeys(tokens, 0.0)
+    for start in range(0, len(rows), width):
+        chunk = rows[start : start + width]
+        batch = {k: v.to(d.device) for k, v in collate([e for _, e in chunk], pad).items()}
+        slots = torch.tensor([job.slot for job, _ in chunk], device=d.device)
+        with surgery.context(model).use(slots):
+            row_loss = _row_losses(model, batch, jobs[0].config.precision)  # (B,)
+        objective = []
+        for job in {id(j): j for j, _ in chunk}.values():
+            s = row_loss[[i for i, (j, _) in enumerate(chunk) if j is job]].sum()
+            sums[job.name] += float(s)
+            if math.isfinite(float(s)):  # a non-finite job is stopped below; keep it out
+                objective.append(s / tokens[job.name])
+        if objective:
+            torch.stack(objective).sum().backward()
+    totals = _all_sum(d, torch.tensor([sums[job.name] for job, _, _ in parts],
+                                      dtype=torch.float64, device=d.device))
     losses: dict[str, float | None] = {}
-    objective = []
-    for (job, _, tokens), total in zip(parts, totals.tolist(), strict=True):
-        step = job.position.step + 1
+    for (job, _, _), total in zip(parts, totals.tolist(), strict=True):
         if not math.isfinite(total):
-            _stop(job, f"step {step}: the loss is not finite ({total})")
+            _stop(job, f"step {job.position.step + 1}: the loss is not finite ({total})")
             losses[job.name] = None
-            continue
-        losses[job.name] = total / max(tokens, 1)
-        objective.append(sums[job.name] / max(tokens, 1))
-    if objective:
-        torch.stack(objective).sum().backward()
-    for job, _, _ in parts:
-        if losses[job.name] is not None and not _apply(job, d):
+        elif _apply(job, d):
+            losses[job.name] = total / tokens[job.name]
+        else:
             losses[job.name] = None
     return losses
 
