@@ -73,6 +73,8 @@ def _sequential(data: Path, out: Path, only: int | None = None) -> dict:
         fit(run, progress=False)
         wall += time.perf_counter() - t0
         save(run)
+        if only is not None:  # the concurrent-processes variant: time and memory only
+            continue
         from loratree.train.loop import evaluate
 
         run.config = c

@@ -1,5 +1,6 @@
 """Serving: a batched generation engine over the slot table (and, above it, HTTP)."""
 
-from loratree.serve.engine import Completion, Engine, Handle, Request
+from loratree.serve.engine import Engine
+from loratree.serve.requests import AUTO, Completion, Handle, Request
 
-__all__ = ["Completion", "Engine", "Handle", "Request"]
+__all__ = ["AUTO", "Completion", "Engine", "Handle", "Request"]

@@ -15,13 +15,12 @@ messages never carry a stack trace or a filesystem path.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from loratree.adapters.slot_table import BASE
 from loratree.adapters.store import check_name
 from loratree.errors import (
     AdapterFileError,
@@ -44,8 +44,9 @@ from loratree.errors import (
     TargetError,
 )
 from loratree.models.chat import Message, encode_prompt
-from loratree.serve.engine import AUTO, BASE, Completion, Engine, Handle, Request
+from loratree.serve.engine import Engine
 from loratree.serve.metrics import CONTENT_TYPE, Metrics
+from loratree.serve.middleware import ApiKey, BodyLimit, CountRequests
 from loratree.serve.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -55,6 +56,7 @@ from loratree.serve.openai_api import (
     error_body,
     new_id,
 )
+from loratree.serve.requests import AUTO, Completion, Handle, Request
 
 __all__ = ["ServerConfig", "ServerState", "create_app"]
 
@@ -150,10 +152,12 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     _routes(app, state)
     if state.config.admin:
         _admin_routes(app, state)
-    app.add_middleware(_BodyLimit, limit=state.config.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
     if state.config.api_key:
-        app.add_middleware(_ApiKey, key=state.config.api_key)
-    app.add_middleware(_CountRequests, state=state)
+        app.add_middleware(ApiKey, key=state.config.api_key, open_paths=OPEN_PATHS)
+    app.add_middleware(CountRequests, routes=_ROUTES,
+                       count=lambda route, status: state.metrics.requests.labels(
+                           route, status).inc())
     return app
 
 
@@ -445,105 +449,3 @@ def _errors(app: FastAPI, state: ServerState) -> None:
         if mapped.status >= 500:
             logger.exception("unhandled error", exc_info=e)
         return mapped.response()
-
-
-# -- middleware (pure ASGI, so streamed responses pass through untouched) -------------------
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict]]
-Send = Callable[[dict], Awaitable[None]]
-
-
-async def _send_error(send: Send, status: int, message: str, kind: str,
-                      code: str | None = None) -> None:
-    body = json.dumps(error_body(message, kind, None, code)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _BodyLimit:
-    """413 for a body over ``limit`` bytes, by Content-Length or as it streams in."""
-
-    def __init__(self, app: Callable, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await _send_error(send, 413, f"the body is over {self.limit} bytes",
-                              "invalid_request_error", "body_too_large")
-            return
-        seen = 0
-        started = False
-
-        async def limited() -> dict:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
-
-        async def watch(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited, watch)
-        except _TooLarge:
-            if not started:
-                await _send_error(send, 413, f"the body is over {self.limit} bytes",
-                                  "invalid_request_error", "body_too_large")
-
-
-class _ApiKey:
-    """Every route but health and ready needs ``Authorization: Bearer <key>``, compared in
-    constant time."""
-
-    def __init__(self, app: Callable, key: str) -> None:
-        self.app, self.key = app, key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            token = given[7:] if given[:7].lower() == b"bearer " else b""
-            if not hmac.compare_digest(token, self.key):
-                await _send_error(send, 401, "missing or wrong API key",
-                                  "authentication_error", "invalid_api_key")
-                return
-        await self.app(scope, receive, send)
-
-
-class _CountRequests:
-    """Count every HTTP request once, by route and the status it got."""
-
-    def __init__(self, app: Callable, state: ServerState) -> None:
-        self.app, self.state = app, state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-        path = scope["path"]
-        route = path if path in _ROUTES else "/admin" if path.startswith("/admin/") else "other"
-
-        async def watch(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watch)
-        finally:
-            self.state.metrics.requests.labels(route, str(status)).inc()

@@ -1,0 +1,145 @@
+"""What a caller hands the engine and gets back: ``Request``, ``Handle``, ``Completion``."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from loratree.adapters.slot_table import BASE
+
+__all__ = ["AUTO", "Completion", "Handle", "Request"]
+
+AUTO = "auto"
+"""A request's adapter chosen by the router."""
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: a prompt (text, or token ids) for one adapter."""
+
+    prompt: str | Sequence[int]
+    adapter: str = BASE
+    """A store name, ``__base__`` for the bare model, or ``auto``: the adapter whose
+    training prompts this prompt most resembles (``adapters.routing``)."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    """0: greedy."""
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token, up to ``max_new_tokens`` (as vLLM's
+    option of that name; for benchmarks and fixed-length outputs)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            problems.append(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an int >= 0, got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if problems:
+            raise ValueError("invalid Request: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: tuple[int, ...]
+    finish_reason: str
+    """"stop" (stop string or end of sequence), "length", "cancelled" or "error"."""
+    adapter: str
+    prompt_tokens: int
+    error: str | None = None
+    first_token_s: float = 0.0
+    """Seconds from submit to the first token."""
+    total_s: float = 0.0
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
+    """What failed the request, when ``finish_reason`` is "error" (its type tells a server
+    which status to answer with)."""
+
+
+_DONE = object()
+
+
+class Handle:
+    """A submitted request: iterate for text deltas, or wait for the ``result()``."""
+
+    def __init__(self, request_id: int, request: Request,
+                 on_event: Callable[[], None] | None = None) -> None:
+        self.id, self.request = request_id, request
+        self._on_event = on_event
+        self._queue: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._result: Completion | None = None
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.logits: list[torch.Tensor] = []
+        """Each step's logits for this request, when the engine keeps them (tests)."""
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            yield item
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} is still running")
+        assert self._result is not None
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop generating; the request ends with finish_reason "cancelled"."""
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def poll(self) -> tuple[list[str], bool]:
+        """Without waiting: (the text deltas produced since the last poll, whether the
+        request has ended). For event loops, with ``on_event`` waking them."""
+        deltas, ended = [], False
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return deltas, ended
+            if item is _DONE:
+                ended = True
+            else:
+                deltas.append(item)
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self._queue.put(text)
+            self._notify()
+
+    def _finish(self, completion: Completion) -> None:
+        self._result = completion
+        self._done.set()
+        self._queue.put(_DONE)
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event()
+            except Exception:  # a listener's failure must not stop the engine
+                logger.exception("request %d: event listener failed", self.id)
