@@ -1,5 +1,6 @@
 """The CLI does what the Python API does: run it as a user would, in a subprocess."""
 
+import json
 import subprocess
 import sys
 
@@ -218,3 +219,26 @@ def test_chat_switches_adapters_and_reports_the_switch_time(tmp_path):
     assert any("team/a  lora r=2" in line for line in lines)
     assert any(line.startswith("(switched to team/a in ") for line in lines)
     assert any("cannot switch" in line for line in lines)
+
+
+def test_store_command_adds_lists_shows_and_removes(tmp_path):
+    from loratree import surgery
+    from loratree.adapters import save_adapter
+    from loratree.config import LoraConfig
+
+    model = tiny_llama()
+    surgery.inject(model, LoraConfig(rank=2, targets=("q_proj", "v_proj")))
+    src = save_adapter(model, tmp_path / "src", 0)
+    store = ["--store", str(tmp_path / "store")]
+    added = _cli("store", *store, "add", "team/dates", str(src))
+    assert added.returncode == 0 and "added team/dates: lora, rank 2" in added.stdout
+    listed = _cli("store", *store, "list")
+    assert "team/dates" in listed.stdout and "1 adapter(s)" in listed.stdout
+    shown = _cli("store", *store, "show", "team/dates")
+    assert json.loads(shown.stdout)["targets"] and str(tmp_path) not in shown.stdout
+    hostile = _cli("store", *store, "add", "../escape", str(src))
+    assert hostile.returncode == 2 and "escape" in hostile.stderr
+    assert not (tmp_path / "escape").exists()
+    assert _cli("store", *store, "remove", "team/dates").returncode == 0
+    missing = _cli("store", *store, "show", "team/dates")
+    assert missing.returncode == 2 and "team/dates" in missing.stderr

@@ -14,6 +14,7 @@ from loratree.cli import (
     merge_cmd,
     quantize_cmd,
     serve_cmd,
+    store_cmd,
     train_cmd,
     train_many_cmd,
 )
@@ -28,6 +29,7 @@ _COMMANDS = {
     "merge": merge_cmd,
     "quantize": quantize_cmd,
     "serve": serve_cmd,
+    "store": store_cmd,
     "train": train_cmd,
     "train-many": train_many_cmd,
 }

@@ -1,0 +1,50 @@
+"""``loratree store``: put adapters into a store, list, inspect and remove them.
+
+A store is what ``generate``, ``chat`` and ``serve`` read (``--store DIR``): named
+adapters, each an immutable version behind an atomically swapped link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from loratree.adapters import AdapterStore
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("store", help="add, list, show and remove the adapters of a store")
+    p.add_argument("--store", default="adapters", help="store directory (default: ./adapters)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="copy a PEFT adapter directory in as NAME "
+                                         "(atomically; replaces an adapter of that name)")
+    add.add_argument("name", help="letters, digits, - _ . and / for tree paths")
+    add.add_argument("source", help="a PEFT adapter directory (LoRA or prefix)")
+    actions.add_parser("list", help="every adapter with its kind, rank, size and base")
+    show = actions.add_parser("show", help="one adapter's metadata as JSON")
+    show.add_argument("name")
+    remove = actions.add_parser("remove", help="delete an adapter (readers of its current "
+                                               "version keep it for a grace period)")
+    remove.add_argument("name")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    store = AdapterStore(args.store)
+    if args.action == "add":
+        info = store.add(args.name, args.source)
+        print(f"added {info.name}: {info.kind}, rank {info.rank}, {info.size:,} bytes")
+    elif args.action == "list":
+        infos = store.list()
+        print(f"{'name':<32} {'kind':<7} {'rank':>5} {'bytes':>12}  base model")
+        for i in infos:
+            print(f"{i.name:<32} {i.kind:<7} {i.rank:>5} {i.size:>12,}  {i.base_model or '-'}")
+        print(f"{len(infos)} adapter(s) in {store.root}")
+    elif args.action == "show":
+        print(json.dumps(store.info(args.name).to_dict(), indent=2))
+    else:
+        store.remove(args.name)
+        print(f"removed {args.name}")
+    return 0
