@@ -36,8 +36,8 @@ from loratree.train.evaluate import eval_loss, exact_match
 from loratree.train.metrics import MetricsLog, read_metrics
 from loratree.train.steps import label_tokens, optimizer_step
 
-__all__ = ["Run", "TrainResult", "catch_signals", "fit", "lr_schedule", "save", "setup",
-           "train"]
+__all__ = ["Run", "TrainResult", "catch_signals", "fit", "lr_schedule", "next_batch", "save",
+           "setup", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def fit(run: Run, *, resume: bool = False, progress: bool = True,
     loss, started, tokens_done, evals = math.nan, time.perf_counter(), 0, {}
     try:
         while position.step < c.max_steps:
-            position, examples = _next_batch(run, position)
+            position, examples = next_batch(run.train_data, run.config, position)
             total_tokens = label_tokens(examples)
             mine = examples[d.rank :: d.world]
             local = optimizer_step(
@@ -254,16 +254,17 @@ def _rows(given: Iterable[Mapping] | RowSet | None, path: str | None,
     return read_jsonl(path, skip_bad_rows=skip_bad_rows) if path else None
 
 
-def _next_batch(run: Run, position: ckpt.Position) -> tuple[ckpt.Position, list]:
-    c = run.config
-    order = batch_order(len(run.train_data), c.batch_size, seed=c.seed, epoch=position.epoch,
-                        group_by_length=c.group_by_length, lengths=run.train_data.lengths)
+def next_batch(data: Encoded, c: TrainConfig,
+               position: ckpt.Position) -> tuple[ckpt.Position, list]:
+    """The examples of the batch at ``position`` in ``data``'s order for config ``c`` (the
+    next epoch's first batch when this epoch is done), and the position it is at."""
+    order = batch_order(len(data), c.batch_size, seed=c.seed, epoch=position.epoch,
+                        group_by_length=c.group_by_length, lengths=data.lengths)
     if position.batch >= len(order):
         position = ckpt.Position(position.step, position.epoch + 1, 0)
-        order = batch_order(len(run.train_data), c.batch_size, seed=c.seed,
-                            epoch=position.epoch, group_by_length=c.group_by_length,
-                            lengths=run.train_data.lengths)
-    return position, [run.train_data.examples[i] for i in order[position.batch]]
+        order = batch_order(len(data), c.batch_size, seed=c.seed, epoch=position.epoch,
+                            group_by_length=c.group_by_length, lengths=data.lengths)
+    return position, [data.examples[i] for i in order[position.batch]]
 
 
 def _checkpoint(run: Run, position: ckpt.Position) -> None:

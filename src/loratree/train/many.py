@@ -49,9 +49,9 @@ from loratree.models.chat import IGNORE_INDEX, Encoded, encode
 from loratree.train import checkpoint as ckpt
 from loratree.train import distributed
 from loratree.train.config import TrainConfig
-from loratree.train.data import RowSet, batch_order, collate, pad_token_id, read_jsonl
+from loratree.train.data import RowSet, collate, pad_token_id, read_jsonl
 from loratree.train.evaluate import eval_loss, exact_match
-from loratree.train.loop import catch_signals, lr_schedule
+from loratree.train.loop import catch_signals, lr_schedule, next_batch
 from loratree.train.metrics import MetricsLog, read_metrics
 from loratree.train.steps import autocast, label_tokens
 
@@ -289,7 +289,7 @@ def _fused_step(run: ManyRun, jobs: Sequence[Job], pad: int) -> dict[str, float 
     d, model = run.dist, run.model
     parts = []
     for job in jobs:
-        job.position, examples = _next_batch(job)
+        job.position, examples = next_batch(job.train_data, job.config, job.position)
         parts.append((job, label_tokens(examples), examples[d.rank :: d.world]))
     rows = [(job, e) for job, _, mine in parts for e in mine]
     tokens = {job.name: max(n, 1) for job, n, _ in parts}
@@ -435,18 +435,6 @@ def _checkpoint(run: ManyRun, job: Job) -> None:
                          job.optimizer, job.scheduler, keep_last=job.config.keep_last,
                          write_adapter=lambda p: save_adapter(run.model, p, job.slot,
                                                               base_model=job.config.model))
-
-
-def _next_batch(job: Job) -> tuple[ckpt.Position, list]:
-    c, position = job.config, job.position
-    n, lengths = len(job.train_data), job.train_data.lengths
-    order = batch_order(n, c.batch_size, seed=c.seed, epoch=position.epoch,
-                        group_by_length=c.group_by_length, lengths=lengths)
-    if position.batch >= len(order):
-        position = ckpt.Position(position.step, position.epoch + 1, 0)
-        order = batch_order(n, c.batch_size, seed=c.seed, epoch=position.epoch,
-                            group_by_length=c.group_by_length, lengths=lengths)
-    return position, [job.train_data.examples[i] for i in order[position.batch]]
 
 
 def _all_sum(d: distributed.Dist, t: Tensor) -> Tensor:
