@@ -20,6 +20,7 @@ __all__ = [
     "RankTooLargeError",
     "ShapeMismatchError",
     "TargetError",
+    "TreeError",
     "UnexpectedKeyError",
     "UnsafeFormatError",
 ]
@@ -90,3 +91,8 @@ class AdapterInUseError(RuntimeError):
 
 class RankTooLargeError(ValueError):
     """The adapter's rank exceeds the slot table's configured maximum."""
+
+
+class TreeError(ValueError):
+    """An adapter tree is inconsistent: a node's parent is missing or is not a LoRA adapter,
+    it was trained on another base model, or its record is malformed or too deep."""

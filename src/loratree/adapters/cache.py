@@ -9,24 +9,34 @@ in-use entries leave no room, ``CacheFullError`` says so and nothing is evicted.
 A cached entry remembers the store version it was read from: when the store's name points
 to a newer version, the next ``get`` reloads it (a miss), so replacing an adapter in the
 store reaches the cache without a restart.
+
+A tree node (``adapters.tree``) is cached composed: its entry is the whole root-to-node
+path as one adapter, built from its parent's cached entry plus its own file, so serving
+a deep node does not recompose per request. Its version is every version on its path, so
+replacing any ancestor makes the next ``get`` recompose it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from loratree.adapters.files import AdapterFile, read_adapter
 from loratree.adapters.peft_format import read_config
 from loratree.adapters.prefix_files import PEFT_TYPE, PrefixFile, read_prefix
 from loratree.adapters.store import AdapterStore
-from loratree.errors import AdapterInUseError, CacheFullError
+from loratree.adapters.tree import compose_files, read_record, stale, version_key
+from loratree.errors import AdapterInUseError, CacheFullError, TreeError
 
 __all__ = ["AdapterCache", "CacheStats", "LoadedAdapter"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,14 +88,14 @@ class AdapterCache:
     # -- lookups ----------------------------------------------------------------------
     def get(self, name: str) -> LoadedAdapter:
         """The adapter, from RAM when it is there (a hit) or read from the store (a miss)."""
-        version = self.store.path_of(name).name
+        version = self.version_of(name)
         with self._lock:
             entry = self._entries.get(name)
             if entry is not None and entry.adapter.version == version:
                 self._entries.move_to_end(name)
                 self._hits += 1
                 return entry.adapter
-        adapter = _load(self.store, name)  # outside the lock: reading can take a while
+        adapter = self._load(name, version)  # outside the lock: reading can take a while
         with self._lock:
             entry = self._entries.get(name)
             if entry is not None and entry.adapter.version == adapter.version:
@@ -104,6 +114,10 @@ class AdapterCache:
             self._entries[name] = new
             self._bytes += adapter.nbytes
             return adapter
+
+    def version_of(self, name: str) -> str:
+        """What ``name`` serves now in the store: its version, or a node's path versions."""
+        return version_key(self.store, name)
 
     def prefetch(self, name: str) -> Future[LoadedAdapter]:
         """Start loading ``name`` in the background; ``get`` will then hit."""
@@ -207,17 +221,38 @@ class AdapterCache:
         self._bytes -= entry.adapter.nbytes
 
 
-def _load(store: AdapterStore, name: str) -> LoadedAdapter:
-    path = store.path_of(name)
+    def _load(self, name: str, version: str) -> LoadedAdapter:
+        path = self.store.path_of(name)
+        record = read_record(path)
+        if record is None:
+            return _read(name, path, version)
+        parent = self.get(record.parent)  # the parent path, composed and cached
+        own = _read(name, path, version)
+        if parent.lora is None or own.lora is None:
+            raise TreeError(f"{name!r}: tree nodes and their parents must be LoRA adapters")
+        if stale(self.store, name):
+            logger.warning("%s is stale: an ancestor changed since it was trained "
+                           "(loratree tree accept %s, or retrain it)", name, name)
+        lora = compose_files([parent.lora, own.lora], name)
+        return LoadedAdapter(name, version, "lora", _rank(lora), _nbytes(lora), lora=lora)
+
+
+def _read(name: str, path: Path, version: str) -> LoadedAdapter:
     raw = read_config(path)
     if raw.get("peft_type") == PEFT_TYPE:
         prefix = read_prefix(path, raw)
-        return LoadedAdapter(name, path.name, "prefix", prefix.n_virtual,
+        return LoadedAdapter(name, version, "prefix", prefix.n_virtual,
                              prefix.vectors.numel() * prefix.vectors.element_size(),
                              prefix=prefix)
     lora = read_adapter(path)
+    return LoadedAdapter(name, version, "lora", _rank(lora), _nbytes(lora), lora=lora)
+
+
+def _rank(lora: AdapterFile) -> int:
+    return max((a.shape[0] for a, _ in lora.weights.values()), default=0)
+
+
+def _nbytes(lora: AdapterFile) -> int:
     nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
                  for a, b in lora.weights.values())
-    nbytes += sum(t.numel() * t.element_size() for t in lora.base_weights.values())
-    rank = max((a.shape[0] for a, _ in lora.weights.values()), default=0)
-    return LoadedAdapter(name, path.name, "lora", rank, nbytes, lora=lora)
+    return nbytes + sum(t.numel() * t.element_size() for t in lora.base_weights.values())

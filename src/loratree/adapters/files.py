@@ -48,8 +48,10 @@ __all__ = [
     "check_adapter_dir",
     "check_against",
     "load_adapter",
+    "load_adapter_file",
     "read_adapter",
     "save_adapter",
+    "write_adapter_file",
 ]
 
 
@@ -61,6 +63,8 @@ class AdapterFile:
     weights: dict[str, tuple[Tensor, Tensor]]
     base_weights: dict[str, Tensor]
     raw_config: dict
+    embeddings: frozenset[str] = frozenset()
+    """Modules whose tensors are PEFT's ``lora_embedding_A`` / ``_B`` (embedding layers)."""
 
     @property
     def base_model(self) -> str | None:
@@ -87,7 +91,7 @@ def save_adapter(
         tensors[peft_key(name, "a", emb)] = layer.lora_a[slot].detach().contiguous().cpu()
         tensors[peft_key(name, "b", emb)] = layer.lora_b[slot].detach().contiguous().cpu()
     specs = {n: m.specs[slot] for n, m in layers.items()}
-    config = _summarize(specs)
+    config = summarize(specs)
     if base_model is None:
         base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     raw = config_to_peft(
@@ -114,6 +118,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
     tensors = read_safetensors(path / WEIGHTS_NAME)
     halves: dict[str, dict[str, Tensor]] = {}
     base_weights: dict[str, Tensor] = {}
+    embeddings = set()
     for key, t in tensors.items():
         if key.endswith(".base_layer.weight"):  # PEFT saves targeted embeddings whole
             base_weights[key.removeprefix("base_model.model.")[: -len(".base_layer.weight")]] = t
@@ -123,34 +128,57 @@ def read_adapter(path: str | Path) -> AdapterFile:
             raise UnexpectedKeyError(f"{path.name}: {key!r} is not a LoRA tensor")
         module, part = parsed
         halves.setdefault(module, {})[part] = t
-    weights = {}
-    for module, pair in halves.items():
-        for part in ("a", "b"):
-            if part not in pair:
-                have = "B" if part == "a" else "A"
-                raise MissingKeyError(
-                    f"{path.name}: {module!r} has lora_{have} but not lora_{part.upper()} "
-                    f"({peft_key(module, part, False)!r} is missing)"
-                )
-        a, b = pair["a"], pair["b"]
-        if not (a.is_floating_point() and b.is_floating_point()):
-            raise CorruptFileError(
-                f"{path.name}: {module!r} holds {a.dtype} / {b.dtype} weights; LoRA weights "
-                "are floating point")
-        if a.dim() < 2 or b.dim() < 2 or a.shape[0] != b.shape[1]:
-            raise ShapeMismatchError(
-                f"{path.name}: {module!r} lora_A {tuple(a.shape)} and lora_B "
-                f"{tuple(b.shape)} do not share a rank"
-            )
-        expected = int(pattern_value(config.rank_pattern, module, config.rank))
-        if a.shape[0] != expected:
-            raise ShapeMismatchError(
-                f"{path.name}: {module!r} has rank {a.shape[0]}, the config says {expected}"
-            )
-        weights[module] = (a, b)
+        if ".lora_embedding_" in key:
+            embeddings.add(module)
+    weights = {module: _pair(path, module, pair, config) for module, pair in halves.items()}
     if not weights:
         raise MissingKeyError(f"{path.name}: {WEIGHTS_NAME} holds no LoRA tensors")
-    return AdapterFile(config, weights, base_weights, raw)
+    return AdapterFile(config, weights, base_weights, raw, frozenset(embeddings))
+
+
+def _pair(path: Path, module: str, pair: dict[str, Tensor], config: LoraConfig
+          ) -> tuple[Tensor, Tensor]:
+    """One module's (A, B) from the file, checked: both present, float, sharing the rank
+    the config gives the module."""
+    for part in ("a", "b"):
+        if part not in pair:
+            have = "B" if part == "a" else "A"
+            raise MissingKeyError(
+                f"{path.name}: {module!r} has lora_{have} but not lora_{part.upper()} "
+                f"({peft_key(module, part, False)!r} is missing)"
+            )
+    a, b = pair["a"], pair["b"]
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise CorruptFileError(
+            f"{path.name}: {module!r} holds {a.dtype} / {b.dtype} weights; LoRA weights "
+            "are floating point")
+    if a.dim() < 2 or b.dim() < 2 or a.shape[0] != b.shape[1]:
+        raise ShapeMismatchError(
+            f"{path.name}: {module!r} lora_A {tuple(a.shape)} and lora_B "
+            f"{tuple(b.shape)} do not share a rank"
+        )
+    expected = int(pattern_value(config.rank_pattern, module, config.rank))
+    if a.shape[0] != expected:
+        raise ShapeMismatchError(
+            f"{path.name}: {module!r} has rank {a.shape[0]}, the config says {expected}"
+        )
+    return a, b
+
+
+def write_adapter_file(adapter: AdapterFile, path: str | Path) -> Path:
+    """Write an ``AdapterFile`` held in memory (one composed from others, say) as a PEFT
+    adapter directory, atomically file by file; returns the path."""
+    path = Path(path)
+    tensors = {}
+    for module, (a, b) in adapter.weights.items():
+        emb = module in adapter.embeddings
+        tensors[peft_key(module, "a", emb)] = a.detach().contiguous().cpu()
+        tensors[peft_key(module, "b", emb)] = b.detach().contiguous().cpu()
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), {"format": "pt"}))
+    text = json.dumps(adapter.raw_config, indent=2, sort_keys=True) + "\n"
+    atomic_write(path / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    return path
 
 
 def check_adapter_dir(path: str | Path) -> str:
@@ -174,12 +202,22 @@ def load_adapter(model: nn.Module, path: str | Path, *, trainable: bool = False)
     raw = read_config(path)
     if raw.get("peft_type") == PEFT_TYPE:
         return load_prefix(model, path, raw, trainable=trainable)
-    adapter = read_adapter(path)
-    check_against(model, adapter, path.name)
+    return load_adapter_file(model, read_adapter(path), path.name, trainable=trainable)
+
+
+def load_adapter_file(model: nn.Module, adapter: AdapterFile, label: str, *,
+                      trainable: bool = False) -> int:
+    """Load an ``AdapterFile`` held in memory into a new slot of the model; returns the
+    slot. Checked like ``load_adapter``: nothing changes unless every check passes."""
+    check_against(model, adapter, label)
     report = inject(model, adapter.config, trainable=trainable, names=tuple(adapter.weights))
     layers = lora_layers(model)
     for module, (a, b) in adapter.weights.items():
         layers[module].load_slot(report.slot, a, b)
+    if not trainable:
+        for module in adapter.weights:
+            layers[module].lora_a[report.slot].requires_grad_(False)
+            layers[module].lora_b[report.slot].requires_grad_(False)
     return report.slot
 
 
@@ -226,7 +264,7 @@ def check_against(model: nn.Module, adapter: AdapterFile, label: str) -> None:
             )
 
 
-def _summarize(specs: dict[str, object]) -> LoraConfig:
+def summarize(specs: dict[str, object]) -> LoraConfig:
     ranks = Counter(s.rank for s in specs.values())
     alphas = Counter(s.alpha for s in specs.values())
     dropouts = {s.dropout for s in specs.values()}

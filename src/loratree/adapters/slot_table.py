@@ -93,7 +93,7 @@ class SlotTable:
             return -1
         with self._lock:
             slot = self._by_name.get(name)
-            if slot is not None and slot.version == self.cache.store.path_of(name).name:
+            if slot is not None and slot.version == self.cache.version_of(name):
                 slot.last_used = next(self._clock)
                 return slot.index
             target = slot if slot is not None and slot.users == 0 else self._free_slot()

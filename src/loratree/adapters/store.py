@@ -3,13 +3,17 @@
 Layout under the store root::
 
     .objects/<id>/adapter_config.json, adapter_model.safetensors   one immutable version
-    <name>  -> .objects/<id>                                       a relative symlink
+    <name>/@  -> ../.objects/<id>                                   a relative symlink
 
-A name may hold ``/`` (tree paths: ``support/en/formal``), so ``<name>`` may sit in
-sub-directories. Adding writes a new version under ``.objects``, fsyncs it, then swaps the
-name's symlink with one atomic rename: a reader that resolves the name sees the old
-version or the new one, whole, never a half-written directory and never a gap. A replaced
-version is deleted only after ``GRACE_S``, so a reader midway through it can finish.
+A name may hold ``/`` (tree paths: ``support/fr/acme``), and every part of it is a plain
+directory, so ``support`` and ``support/fr`` can both be adapters: each directory's ``@``
+link is its own adapter (``@`` cannot appear in a name, so it never collides with a
+child). Adding writes a new version under ``.objects``, fsyncs it, then swaps the name's
+``@`` link with one atomic rename: a reader that resolves the name sees the old version or
+the new one, whole, never a half-written directory and never a gap. A replaced version is
+deleted only after ``GRACE_S``, so a reader midway through it can finish. (Stores written
+before trees used a link at ``<name>`` itself; those are still read, and turned into the
+directory form when a name below them is added.)
 
 Names are checked before any path is built from them (letters, digits, ``-``, ``_``,
 ``.``, ``/`` between parts; no empty, ``.`` or ``..`` part, no leading dot, at most
@@ -32,15 +36,23 @@ from torch import nn
 
 from loratree.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_config
 from loratree.adapters.prefix_files import PEFT_TYPE
-from loratree.errors import AdapterFileError, AdapterNameError, AdapterNotFoundError
+from loratree.errors import (
+    AdapterFileError,
+    AdapterInUseError,
+    AdapterNameError,
+    AdapterNotFoundError,
+)
 from loratree.fsio import fsync_dir, fsync_tree
 
 __all__ = ["MAX_NAME", "AdapterInfo", "AdapterStore", "check_name"]
 
 MAX_NAME = 200
 OBJECTS = ".objects"
-FILES = (CONFIG_NAME, WEIGHTS_NAME, "routing.json")
-"""What a version holds: the PEFT files, and loratree's routing centroid when present."""
+FILES = (CONFIG_NAME, WEIGHTS_NAME, "routing.json", "tree.json")
+"""What a version holds: the PEFT files, and loratree's routing centroid and tree node
+record when present."""
+LINK = "@"
+"""The link inside a name's directory that points at its current version."""
 GRACE_S = 60.0
 """How long a replaced version stays readable for readers that resolved it before."""
 _PART = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
@@ -101,8 +113,8 @@ class AdapterStore:
             AdapterNameError: the name is malformed or resolves outside the store.
             AdapterNotFoundError: no adapter of that name.
         """
-        link = self.root / check_name(name)
-        if not os.path.lexists(link):
+        link = self._link(name)
+        if link is None:
             raise AdapterNotFoundError(f"no adapter named {name!r} in {self.root}")
         target = link.resolve()
         if target.parent != self.objects:
@@ -110,6 +122,23 @@ class AdapterStore:
         if not target.is_dir():
             raise AdapterNotFoundError(f"adapter {name!r} points at a missing version")
         return target
+
+    def _link(self, name: str) -> Path | None:
+        """The link that names ``name``'s version, or None. Never follows a link on the
+        way: a planted link in place of a directory is refused."""
+        parts = check_name(name).split("/")
+        d = self.root
+        for i, part in enumerate(parts):
+            d = d / part
+            if os.path.islink(d):
+                if i == len(parts) - 1:
+                    return d  # a store written before trees: the name itself is the link
+                raise AdapterNameError(f"adapter {name!r}: {part!r} on its path is a link, "
+                                       "not a directory of the store; refused")
+            if not d.is_dir():
+                return None
+        link = d / LINK
+        return link if os.path.islink(link) else None
 
     def __contains__(self, name: object) -> bool:
         try:
@@ -127,12 +156,14 @@ class AdapterStore:
         skipped)."""
         found = []
         for dirpath, dirnames, filenames in os.walk(self.root):
-            rel = Path(dirpath).relative_to(self.root)
+            here = Path(dirpath)
+            rel = here.relative_to(self.root)
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for entry in sorted(filenames + dirnames):
-                if not os.path.islink(Path(dirpath) / entry):
-                    continue
-                name = str(rel / entry) if str(rel) != "." else entry
+            names = [str(rel / e) if str(rel) != "." else e for e in sorted(filenames + dirnames)
+                     if os.path.islink(here / e) and e != LINK]  # the legacy layout
+            if str(rel) != "." and os.path.islink(here / LINK):
+                names.append(rel.as_posix())
+            for name in names:
                 try:
                     found.append(self.info(name))
                 except (AdapterNameError, AdapterNotFoundError, AdapterFileError):
@@ -148,8 +179,9 @@ class AdapterStore:
         check_name(name)
         source = Path(source)
         from loratree.adapters.files import check_adapter_dir
+        from loratree.adapters.tree import check_node
 
-        check_adapter_dir(source)
+        check_node(name, source, check_adapter_dir(source))
         version = self.objects / uuid.uuid4().hex
         tmp = self.objects / f".tmp-{version.name}"
         tmp.mkdir()
@@ -178,29 +210,44 @@ class AdapterStore:
             shutil.rmtree(staging, ignore_errors=True)
 
     def remove(self, name: str) -> None:
-        """Delete ``name`` (its version directory goes after the grace period)."""
+        """Delete ``name`` (its version directory goes after the grace period). A tree node
+        with children is refused: remove the children first."""
         self.path_of(name)
-        (self.root / name).unlink()
-        fsync_dir((self.root / name).parent)
+        from loratree.adapters.tree import children
+
+        kids = children(self, name)
+        if kids:
+            raise AdapterInUseError(f"{name!r} is the parent of {', '.join(kids)}; remove "
+                                    "those first")
+        link = self._link(name)
+        assert link is not None
+        link.unlink()
+        fsync_dir(link.parent)
+        d = self.root / name
+        while d != self.root:  # drop directories left empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+            d = d.parent
         self.collect()
 
     def _point(self, name: str, version: Path) -> AdapterInfo:
-        parent = self.root
-        for part in name.split("/")[:-1]:  # never follow a planted link out of the store
-            parent = parent / part
-            if os.path.islink(parent) or (parent.exists() and not parent.is_dir()):
+        d = self.root
+        for part in name.split("/"):  # never follow a planted link out of the store
+            d = d / part
+            if os.path.islink(d) and not _from_legacy(d, self.objects):
                 shutil.rmtree(version, ignore_errors=True)
                 raise AdapterNameError(f"adapter {name!r}: {part!r} on its path is not a "
                                        "plain directory of the store")
-            parent.mkdir(exist_ok=True)
-        link = parent / name.split("/")[-1]
-        if os.path.lexists(link) and not os.path.islink(link):
-            shutil.rmtree(version, ignore_errors=True)
-            raise AdapterNameError(f"{name!r} is a directory of adapters, not an adapter")
-        tmp_link = link.parent / f".{link.name}.{version.name}.tmp"
-        os.symlink(os.path.relpath(version, link.parent), tmp_link)
-        os.replace(tmp_link, link)  # atomic: readers see the old version or the new one
-        fsync_dir(link.parent)
+            if d.exists() and not d.is_dir():
+                shutil.rmtree(version, ignore_errors=True)
+                raise AdapterNameError(f"adapter {name!r}: {part!r} on its path is a file")
+            d.mkdir(exist_ok=True)
+        tmp_link = d / f".{LINK}.{version.name}.tmp"
+        os.symlink(os.path.relpath(version, d), tmp_link)
+        os.replace(tmp_link, d / LINK)  # atomic: readers see the old version or the new one
+        fsync_dir(d)
         self.collect()
         return self.info(name)
 
@@ -218,6 +265,20 @@ class AdapterStore:
                 shutil.rmtree(version, ignore_errors=True)
                 removed += 1
         return removed
+
+
+def _from_legacy(link: Path, objects: Path) -> bool:
+    """Turn a pre-tree link ``<name> -> .objects/<id>`` into ``<name>/@``; False (and
+    nothing changed) if ``link`` does not lead to a version of this store. The name is
+    missing for the moment between the unlink and the new link."""
+    target = link.resolve()
+    if target.parent != objects or not target.is_dir():
+        return False
+    link.unlink()
+    link.mkdir()
+    os.symlink(os.path.relpath(target, link), link / LINK)
+    fsync_dir(link.parent)
+    return True
 
 
 def _info(name: str, path: Path, raw: dict[str, Any]) -> AdapterInfo:

@@ -17,6 +17,7 @@ from loratree.cli import (
     store_cmd,
     train_cmd,
     train_many_cmd,
+    tree_cmd,
 )
 
 __all__ = ["main"]
@@ -32,6 +33,7 @@ _COMMANDS = {
     "store": store_cmd,
     "train": train_cmd,
     "train-many": train_many_cmd,
+    "tree": tree_cmd,
 }
 
 

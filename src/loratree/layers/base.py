@@ -63,6 +63,9 @@ class LoraModule(nn.Module):
         self.ctx = ctx
         self.module_name = name
         self.merged: int | None = None
+        self.under: dict[int, int] = {}
+        """slot -> a frozen slot that runs under it whenever it runs (a tree node being
+        trained on top of its parent path). Single-slot forwards only."""
 
     # -- subclass interface -------------------------------------------------------------
     def a_shape(self, rank: int) -> tuple[int, ...]:
@@ -177,11 +180,18 @@ class LoraModule(nn.Module):
             if slot < 0:
                 return y
             self._check_slot(slot)
-            return self.add_branch(y, x, slot)
+            return self._add_stack(y, x, slot)
+        return self._forward_per_token(y, x)
+
+    def _forward_per_token(self, y: Tensor, x: Tensor) -> Tensor:
+        """Tokens that each name their slot (``ctx.index``): serving and fused training."""
+        if self.under:
+            raise RuntimeError(f"{self.module_name}: a slot stacked on another runs alone, "
+                               "not in a per-token mixed batch")
         if self.merged is not None:
             y = y - self.branch(x, self.merged).to(y.dtype)
         rows, flat = self.tokens(x)
-        seg = ctx.segments(rows, flat.shape[0])
+        seg = self.ctx.segments(rows, flat.shape[0])
         if seg.uniform is not None:
             if seg.uniform < 0:
                 return y
@@ -199,6 +209,13 @@ class LoraModule(nn.Module):
             return self.stacked_add(y, flat, rows, live)
         out = self.mixed(flat, seg if len(live) == len(seg.slots) else keep(seg, live))
         return y + out.reshape(y.shape).to(y.dtype)
+
+    def _add_stack(self, y: Tensor, x: Tensor, slot: int) -> Tensor:
+        y = self.add_branch(y, x, slot)
+        under = self.under.get(slot)
+        if under is not None and self.specs[under].rank:
+            y = self.add_branch(y, x, under)
+        return y
 
     stackable = False
     """Whether ``stacked_add`` is implemented (LoRA on linear layers)."""
@@ -235,6 +252,9 @@ class LoraModule(nn.Module):
                 f"{self.module_name}: slot {self.merged} is merged; unmerge or switch first"
             )
         self._check_slot(slot)
+        if slot in self.under:
+            raise RuntimeError(f"{self.module_name}: slot {slot} runs on top of slot "
+                               f"{self.under[slot]}; merge their composition instead")
         if self.specs[slot].rank:  # a slot empty in this layer changes nothing here
             self._add(self.delta_weight(slot), f"merging slot {slot}")
         self.merged = slot

@@ -11,7 +11,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["apply", "branch", "delta", "merge", "scale", "switch", "unmerge"]
+__all__ = ["apply", "branch", "delta", "grow", "grown_alpha", "merge", "scale", "switch",
+           "unmerge"]
 
 
 def scale(alpha: float, rank: int, rslora: bool = False) -> float:
@@ -88,6 +89,36 @@ def switch(
     (a0, b0, s0), (a1, b1, s1) = old, new
     diff = delta(a1.double(), b1.double(), s1) - delta(a0.double(), b0.double(), s0)
     return (w.double() + diff).to(w.dtype)
+
+
+def grow(a: Tensor, b: Tensor, new_a: Tensor) -> tuple[Tensor, Tensor]:
+    """Raise the rank of one adapter without changing its update.
+
+    The new rows of A are ``new_a`` (any values: they meet zero columns of B), so
+    B' @ A' = B @ A exactly. Any layer layout works: A is concatenated along dim 0 and B
+    along dim 1 (Linear, Embedding, Conv with kernel dims ``*k``).
+
+    Semantics: A' = [A; new_a], B' = [B | 0]
+    Shape: a (r, in, *k), b (out, r, *1), new_a (R - r, in, *k)
+        -> a' (R, in, *k), b' (out, R, *1)
+    """
+    if a.shape[0] != b.shape[1] or new_a.shape[1:] != a.shape[1:]:
+        raise ValueError(f"cannot grow a {tuple(a.shape)}, b {tuple(b.shape)} by rows "
+                         f"{tuple(new_a.shape)}")
+    zeros = b.new_zeros((b.shape[0], new_a.shape[0], *b.shape[2:]))
+    return torch.cat([a, new_a.to(a)], dim=0), torch.cat([b, zeros], dim=1)
+
+
+def grown_alpha(alpha: float, rank: int, new_rank: int, rslora: bool = False) -> float:
+    """The alpha that keeps the scale when the rank goes from ``rank`` to ``new_rank``.
+
+    Growing must not change the function, so s = alpha / r (or alpha / sqrt(r)) stays put
+    and alpha grows with the rank instead.
+
+    Semantics: alpha * R / r, or alpha * sqrt(R / r) when ``rslora``;
+        scale(grown_alpha(alpha, r, R), R) == scale(alpha, r)
+    """
+    return alpha * math.sqrt(new_rank / rank) if rslora else alpha * new_rank / rank
 
 
 def _acc_dtype(w: Tensor) -> torch.dtype:

@@ -21,6 +21,7 @@ alone, whatever joined before or after it.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import threading
@@ -78,6 +79,10 @@ class Engine:
         self._waiting: deque[Handle] = deque()
         self._rows: list[_Row] = []
         self._kv: BatchKV | None = None
+        self._last_logits_only = (
+            {"logits_to_keep": 1}
+            if "logits_to_keep" in inspect.signature(type(model).forward).parameters else {})
+        """Prefill computes the LM head for the last position only, where the model can."""
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -250,16 +255,18 @@ class Engine:
                                    else torch.tensor(slots, device=self.device))
         with self.table.ctx.use(use):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                             use_cache=True)
+                             use_cache=True, **self._last_logits_only)
         cache = out.past_key_values
         prefix_mask, starts = prefix_state(cache, n, self.device)
         kv = BatchKV.from_cache(cache, torch.cat([prefix_mask, mask], dim=1))
         rows = []
+        last = out.logits[:, -1]
+        finite = _finite_rows(last)
         for i, (handle, ids, adapter, slot) in enumerate(group):
             seed = handle.request.seed
             generator = None if seed is None else torch.Generator().manual_seed(seed)
             row = _Row(handle, adapter, slot, len(ids), int(starts[i]) + len(ids), generator)
-            self._take(row, out.logits[i, -1])
+            self._take(row, last[i], finite[i])
             rows.append(row)
         # nothing above raised: the rows join the batch together (a row whose first token
         # failed carries its error and retires at once)
@@ -300,15 +307,17 @@ class Engine:
                              use_cache=True, **{cache_kwarg(self.model): self._kv.cache()})
         self.consecutive_failures = 0
         self._kv = self._kv.append(out.past_key_values)
+        last = out.logits[:, -1]
+        finite = _finite_rows(last)
         for i, row in enumerate(rows):
             row.next_pos += 1
-            self._take(row, out.logits[i, -1])
+            self._take(row, last[i], finite[i])
 
-    def _take(self, row: _Row, logits: torch.Tensor) -> None:
+    def _take(self, row: _Row, logits: torch.Tensor, finite: bool) -> None:
         req = row.handle.request
         if self.keep_logits:
             row.handle.logits.append(logits.float().cpu())
-        if not bool(torch.isfinite(logits).all()):
+        if not finite:
             row.error = NonFiniteError(
                 f"adapter {row.adapter!r} produced non-finite logits at token "
                 f"{len(row.tokens)}")
@@ -380,3 +389,10 @@ class Engine:
         handle._finish(Completion(text, tuple(tokens), reason,
                                   adapter or handle.request.adapter, prompt_len, message, first,
                                   total, error))
+
+
+def _finite_rows(logits: torch.Tensor) -> list[bool]:
+    """Per row, whether all its logits are finite: one reduction for the batch (a row's
+    sum is finite iff every entry is, short of overflow past 3e38, which no sane logit
+    reaches)."""
+    return torch.isfinite(logits.sum(-1, dtype=torch.float32)).tolist()

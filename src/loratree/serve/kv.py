@@ -5,19 +5,63 @@ the left with zeros that its attention mask marks 0, so every row's next token i
 at the same column. A joining row (prefilled alone) is padded to the batch's length (or
 the batch to the row's); a leaving row is dropped, and columns that only padding uses are
 trimmed off the left.
+
+Decoding appends one column per step. The batch keeps one cache object across steps whose
+layers (``GrowingLayer``) hold their keys and values as views of buffers with spare
+columns, so a step writes its new column in place: no per-step copy of the whole cache (a
+``DynamicCache`` concatenates, copying every layer's keys and values at every token).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from loratree.surgery.prefix import mark_external
 
-__all__ = ["BatchKV"]
+__all__ = ["BatchKV", "GrowingLayer"]
+
+SPARE = 64
+"""Columns of room a buffer gets past what it holds when it (re)allocates; it doubles."""
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer whose ``keys`` / ``values`` are views of larger buffers, so appending
+    a column writes in place and reallocates (copying) only when the buffer is full."""
+
+    def __init__(self, keys: Tensor | None = None, values: Tensor | None = None) -> None:
+        super().__init__()
+        self._kbuf: Tensor | None = None
+        self._vbuf: Tensor | None = None
+        if keys is not None and values is not None:
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs
+               ) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held = self.keys.shape[-2] if self.keys.numel() else 0
+        need = held + key_states.shape[-2]
+        if self._kbuf is None or need > self._kbuf.shape[-2]:
+            self._kbuf = self._grow(self.keys, key_states, held, need)
+            self._vbuf = self._grow(self.values, value_states, held, need)
+        self._kbuf[..., held:need, :] = key_states
+        self._vbuf[..., held:need, :] = value_states
+        self.keys, self.values = self._kbuf[..., :need, :], self._vbuf[..., :need, :]
+        return self.keys, self.values
+
+    @staticmethod
+    def _grow(old: Tensor, new: Tensor, held: int, need: int) -> Tensor:
+        buf = new.new_empty(*new.shape[:-2], max(2 * need, need + SPARE), new.shape[-1])
+        if held:
+            buf[..., :held, :] = old
+        return buf
+
 
 
 @dataclass
@@ -27,6 +71,7 @@ class BatchKV:
     keys: list[Tensor]
     values: list[Tensor]
     mask: Tensor
+    _cache: DynamicCache | None = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
@@ -39,11 +84,14 @@ class BatchKV:
         return cls(keys, values, mask.long())
 
     def cache(self) -> DynamicCache:
-        """A fresh cache holding these tensors, marked as managed by its owner."""
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
-            cache.update(k, v, i)
-        return mark_external(cache)
+        """The cache a decode step writes into: one object for this batch across steps,
+        marked as managed by its owner. Its layers append in place."""
+        if self._cache is None:
+            cache = DynamicCache()
+            cache.layers[:] = [GrowingLayer(k, v)
+                               for k, v in zip(self.keys, self.values, strict=True)]
+            self._cache = mark_external(cache)
+        return self._cache
 
     def join(self, other: BatchKV) -> BatchKV:
         """This batch's rows, then ``other``'s, right-aligned to the longer of the two."""
@@ -64,9 +112,13 @@ class BatchKV:
                        mask[:, start:])
 
     def append(self, cache: DynamicCache) -> BatchKV:
-        """After a decode step: the cache's grown tensors, the mask one column longer."""
+        """After a decode step: the cache's grown tensors, the mask one column longer (the
+        same cache object when the step wrote into ``cache()``)."""
         ones = torch.ones(self.rows, 1, dtype=self.mask.dtype, device=self.mask.device)
-        return BatchKV.from_cache(cache, torch.cat([self.mask, ones], dim=1))
+        grown = BatchKV.from_cache(cache, torch.cat([self.mask, ones], dim=1))
+        if cache is self._cache:
+            grown._cache = cache
+        return grown
 
     def _pad(self, length: int) -> BatchKV:
         extra = length - self.mask.shape[1]

@@ -1,5 +1,6 @@
-"""Model surgery: find targets, inject LoRA layers, freeze, merge, switch, unload."""
+"""Model surgery: find targets, inject LoRA layers, freeze, grow, merge, switch, unload."""
 
+from loratree.surgery.grow import GrowReport, grow_slot
 from loratree.surgery.inject import (
     InjectionReport,
     adapter_parameters,
@@ -8,6 +9,7 @@ from loratree.surgery.inject import (
     lora_layers,
     reserve_slots,
     set_trainable,
+    stack,
 )
 from loratree.surgery.merge import merge, merge_and_unload, switch, unload, unmerge
 from loratree.surgery.plan import DEFAULT_RANKS, STANDARD_TARGETS, PlanRow, adapter_size, rank_plane
@@ -32,6 +34,7 @@ from loratree.surgery.targets import adaptable_modules, find_targets
 __all__ = [
     "DEFAULT_RANKS",
     "STANDARD_TARGETS",
+    "GrowReport",
     "InjectionReport",
     "MergeErrorReport",
     "PlanRow",
@@ -45,6 +48,7 @@ __all__ = [
     "export_merged",
     "find_targets",
     "geometry",
+    "grow_slot",
     "inject",
     "lora_layers",
     "merge",
@@ -58,6 +62,7 @@ __all__ = [
     "set_prefix",
     "set_trainable",
     "slot_count",
+    "stack",
     "switch",
     "unload",
     "unmerge",

@@ -31,6 +31,7 @@ __all__ = [
     "replace_module",
     "reserve_slots",
     "set_trainable",
+    "stack",
     "wrap",
 ]
 
@@ -187,6 +188,18 @@ def set_trainable(model: nn.Module, *slots: int) -> None:
     for s in slots:
         for p in adapter_parameters(model, s):
             p.requires_grad_(True)
+
+
+def stack(model: nn.Module, slot: int, under: int) -> None:
+    """Run slot ``under`` beneath ``slot`` in every LoRA layer: whenever the model runs
+    ``slot``, each layer adds both branches. This is how a tree node trains on top of its
+    frozen parent path (``under`` holds the composed path). Single-slot forwards only."""
+    if slot == under:
+        raise ValueError(f"slot {slot} cannot run on top of itself")
+    for layer in lora_layers(model).values():
+        layer._check_slot(slot)
+        layer._check_slot(under)
+        layer.under[slot] = under
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -6,7 +6,7 @@ A checkpoint is a directory ``checkpoints/step-00000120/`` holding
 - ``adapter/``: the adapter in PEFT's format (LoRA runs), for use as is;
 - ``optimizer.safetensors`` + ``optimizer.json``: the optimizer state, tensors and the rest;
 - ``rng.safetensors``: torch's RNG states; ``trainer.json``: step, data position,
-  scheduler and Python RNG state.
+  scheduler and Python RNG state, and the caller's ``extra`` JSON (``read_extra``).
 
 It is written into a temp directory, every file fsynced, then renamed into place and the
 parent fsynced, so a directory named ``step-*`` is always complete; a crash mid-write
@@ -22,7 +22,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from loratree.adapters.safetensors_io import read_safetensors
 from loratree.errors import NonFiniteError
 from loratree.fsio import fsync_dir, fsync_tree
 
-__all__ = ["Position", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Position", "latest_checkpoint", "load_checkpoint", "read_extra", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,12 @@ def save_checkpoint(
     *,
     keep_last: int,
     write_adapter: Callable[[Path], None] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write one complete checkpoint atomically and keep only the newest ``keep_last``."""
+    """Write one complete checkpoint atomically and keep only the newest ``keep_last``.
+
+    ``extra`` (JSON-serializable) is stored as is; ``read_extra`` gives it back.
+    """
     root.mkdir(parents=True, exist_ok=True)
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
     for name, t in {**trainable, **opt_tensors}.items():
@@ -80,6 +84,7 @@ def save_checkpoint(
             "position": position.__dict__,
             "scheduler": scheduler.state_dict(),
             "python_rng": _json_rng(random.getstate()),
+            "extra": dict(extra or {}),
         }
         (tmp / "trainer.json").write_text(json.dumps(trainer))
         fsync_tree(tmp)
@@ -106,6 +111,11 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def read_extra(path: Path) -> dict[str, Any]:
+    """The ``extra`` a checkpoint was saved with ({} if none), read before loading it."""
+    return json.loads((path / "trainer.json").read_text()).get("extra", {})
+
+
 def load_checkpoint(
     path: Path,
     trainable: dict[str, Tensor],
@@ -117,6 +127,10 @@ def load_checkpoint(
     if set(saved) != set(trainable):
         missing, extra = sorted(set(trainable) - set(saved)), sorted(set(saved) - set(trainable))
         raise ValueError(f"{path.name}: parameters differ (missing {missing}, unexpected {extra})")
+    for name, p in trainable.items():
+        if saved[name].shape != p.shape:
+            raise ValueError(f"{path.name}: {name} is {tuple(saved[name].shape)} in the "
+                             f"checkpoint, {tuple(p.shape)} in the model (a different rank?)")
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(saved[name])

@@ -30,6 +30,14 @@ class TrainConfig:
     """Held-out JSONL for eval loss and exact match."""
     model: str | None = None
     """HF directory or .gguf file; None for the embedded SmolLM2."""
+    parent: str | None = None
+    """Train a tree node on top of this adapter of ``store`` (its whole root-to-parent
+    path, frozen, runs under the new adapter; only the new A and B learn). LoRA only."""
+    store: str = "adapters"
+    """The adapter store that holds ``parent`` and receives ``node``."""
+    node: str | None = None
+    """When set, the trained adapter is also added to ``store`` under this name (a child
+    of ``parent`` is named ``<parent>/<child>``)."""
     method: Method = "lora"
     """"lora"; "prefix" (prefix-tuning: trained key/value vectors per attention layer); or
     "full" fine-tuning (every weight trainable: the far corner of the plane)."""
@@ -68,10 +76,20 @@ class TrainConfig:
     eval_examples: int = 64
     """How many held-out examples to generate for exact match (0: eval loss only)."""
     max_new_tokens: int = 48
+    grow: bool = False
+    """Start at ``rank`` and double it when the eval loss stops improving (LoRA only; needs
+    eval data). Growing keeps the function (new B columns are zero) and the scale (alpha
+    grows with the rank), and keeps the optimizer state of the existing entries."""
+    grow_max_rank: int = 64
+    """With ``grow``: never grow past this rank; a stall at it stops training."""
+    grow_patience: int = 1
+    """With ``grow``: evaluations without improvement before growing (or stopping)."""
+    grow_tolerance: float = 0.0
+    """With ``grow``: an eval-loss drop smaller than this does not count as improvement."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
-        problems = _number_problems(self)
+        problems = _number_problems(self) + _grow_problems(self) + _tree_problems(self)
         if self.method not in ("lora", "prefix", "full"):
             problems.append(f"method must be 'lora', 'prefix' or 'full', got {self.method!r}")
         if self.prefix_positions not in ("shift", "keep"):
@@ -132,4 +150,31 @@ def _number_problems(c: TrainConfig) -> list[str]:
         if not number or value < 0 or (least is not None and value <= least):
             kind = "a positive" if least is not None else "a non-negative"
             problems.append(f"{name} must be {kind} number, got {value!r}")
+    return problems
+
+
+def _grow_problems(c: TrainConfig) -> list[str]:
+    problems = []
+    for name in ("grow_max_rank", "grow_patience"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{name} must be a positive int, got {value!r}")
+    tol = c.grow_tolerance
+    if not (isinstance(tol, int | float) and math.isfinite(tol)) or tol < 0:
+        problems.append(f"grow_tolerance must be a non-negative number, got {tol!r}")
+    if c.grow and c.method != "lora":
+        problems.append(f"grow needs method 'lora', got {c.method!r}")
+    if c.grow and not problems and isinstance(c.rank, int) and c.grow_max_rank < c.rank:
+        problems.append(f"grow_max_rank {c.grow_max_rank} must be >= rank {c.rank}")
+    return problems
+
+
+def _tree_problems(c: TrainConfig) -> list[str]:
+    problems = []
+    if c.parent is not None and c.method != "lora":
+        problems.append(f"parent (a tree node) needs method 'lora', got {c.method!r}")
+    if c.node is not None and c.parent is not None and (
+            "/" not in c.node or c.node.rsplit("/", 1)[0] != c.parent):
+        problems.append(f"node {c.node!r} must be named '{c.parent}/<name>' (a child of "
+                        f"parent {c.parent!r})")
     return problems

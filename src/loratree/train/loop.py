@@ -5,7 +5,9 @@
 deterministic for a seed, checkpoints atomically every ``save_every`` steps and on
 SIGTERM/SIGINT, resumes exactly, and stops with an error naming the step if the loss or a
 gradient goes non-finite. Under ``torchrun`` each process takes every world-th example of
-each batch and rank 0 alone writes files.
+each batch and rank 0 alone writes files. With ``grow`` (one process, LoRA) the rank
+doubles whenever the eval loss stalls, and training stops early when growing stops
+helping (``train/grow.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loratree import surgery
-from loratree.adapters import save_adapter
+from loratree.adapters import AdapterStore, read_adapter, save_adapter, tree
+from loratree.adapters.files import load_adapter_file
 from loratree.adapters.routing import prompt_features, write_centroid
 from loratree.models import load_base, save_model
 from loratree.models.chat import Encoded, encode
@@ -33,6 +36,7 @@ from loratree.train import distributed
 from loratree.train.config import TrainConfig
 from loratree.train.data import RowSet, batch_order, from_records, pad_token_id, read_jsonl
 from loratree.train.evaluate import eval_loss, exact_match
+from loratree.train.grow import Grower
 from loratree.train.metrics import MetricsLog, read_metrics
 from loratree.train.steps import label_tokens, optimizer_step
 
@@ -59,6 +63,8 @@ class Run:
     out: Path
     metrics: MetricsLog
     stop_signal: list[int] = field(default_factory=list)
+    grow: Grower | None = None
+    """The rank-growth policy, when ``config.grow``."""
 
     @property
     def checkpoints(self) -> Path:
@@ -72,6 +78,11 @@ class TrainResult:
     eval: dict[str, float]
     out: Path
     interrupted: bool = False
+    ranks: tuple[int, ...] = ()
+    """With ``grow``: the start rank, then each grown rank."""
+    stopped_early: bool = False
+    """With ``grow``: training stopped before ``max_steps`` because growing stopped helping
+    (or would pass ``grow_max_rank``)."""
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
@@ -99,6 +110,9 @@ def setup(config: TrainConfig, *, model: nn.Module | None = None,
           eval_rows: Iterable[Mapping] | RowSet | None = None) -> Run:
     """Load the base and data, add the adapter, and build the optimizer and schedule."""
     d = distributed.init()
+    if config.grow and d.world > 1:
+        raise ValueError(f"grow runs in one process (the rank changes mid-run, which DDP "
+                         f"cannot follow); this is process {d.rank} of {d.world}")
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     if model is None:
@@ -111,11 +125,16 @@ def setup(config: TrainConfig, *, model: nn.Module | None = None,
     train_data = encode(rows, tokenizer, config.max_length)
     eval_rows = _rows(eval_rows, config.eval_data, config.skip_bad_rows)
     eval_data = encode(eval_rows, tokenizer, config.max_length) if eval_rows else None
+    if config.grow and eval_data is None:
+        raise ValueError("grow decides on the eval loss: give eval_data (a JSONL file) or "
+                         "eval_rows")
     if config.quantize == "nf4":
         surgery.quantize(model)  # logs its report
     if config.method == "lora":
         report = surgery.inject(model, config.lora())
         logger.info("%s", report)
+        if config.parent is not None:
+            _stack_on_parent(model, config)
     elif config.method == "prefix":
         slot = surgery.add_prefix(model, config.prefix())
         n = sum(p.numel() for p in surgery.adapter_parameters(model, slot))
@@ -133,7 +152,8 @@ def setup(config: TrainConfig, *, model: nn.Module | None = None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
     out = Path(config.out)
     return Run(config, model, tokenizer, train_data, eval_rows, eval_data, params, optimizer,
-               scheduler, d, out, MetricsLog(out / "metrics.jsonl", enabled=d.main))
+               scheduler, d, out, MetricsLog(out / "metrics.jsonl", enabled=d.main),
+               grow=Grower.from_config(config) if config.grow else None)
 
 
 def fit(run: Run, *, resume: bool = False, progress: bool = True,
@@ -145,6 +165,8 @@ def fit(run: Run, *, resume: bool = False, progress: bool = True,
     c, d = run.config, run.dist
     position = ckpt.Position(0, 0, 0)
     if resume and (latest := ckpt.latest_checkpoint(run.checkpoints)) is not None:
+        if run.grow is not None:  # regrow to the checkpoint's rank so its tensors fit
+            run.grow.resume(ckpt.read_extra(latest).get("grow"), run.model)
         position = ckpt.load_checkpoint(latest, run.params, run.optimizer, run.scheduler)
         run.metrics.truncate_after(position.step)
         logger.info("resumed from %s at step %d", latest.name, position.step)
@@ -155,7 +177,7 @@ def fit(run: Run, *, resume: bool = False, progress: bool = True,
                desc="train", unit="step")
     loss, started, tokens_done, evals = math.nan, time.perf_counter(), 0, {}
     try:
-        while position.step < c.max_steps:
+        while position.step < c.max_steps and not _stopped(run):
             position, examples = next_batch(run.train_data, run.config, position)
             total_tokens = label_tokens(examples)
             mine = examples[d.rank :: d.world]
@@ -176,6 +198,9 @@ def fit(run: Run, *, resume: bool = False, progress: bool = True,
             last = position.step == c.max_steps
             if run.eval_data is not None and (position.step % c.eval_every == 0 or last):
                 evals = evaluate(run, position.step)
+                if run.grow is not None and not last:
+                    last = run.grow.after_eval(evals["eval_loss"], position.step, run.model,
+                                               run.optimizer, run.metrics)
             saved = position.step % c.save_every == 0 or last
             if saved:
                 _checkpoint(run, position)
@@ -186,11 +211,21 @@ def fit(run: Run, *, resume: bool = False, progress: bool = True,
                     _checkpoint(run, position)
                 logger.warning("signal %d: checkpointed at step %d; resume with --resume",
                                run.stop_signal[0], position.step)
-                return TrainResult(position.step, loss, {}, run.out, interrupted=True)
+                return _result(run, position, loss, {}, interrupted=True)
     finally:
         bar.close()
         restore()
-    return TrainResult(position.step, loss, evals, run.out)
+    return _result(run, position, loss, evals)
+
+
+def _stopped(run: Run) -> bool:
+    return run.grow is not None and bool(run.grow.stopped)
+
+
+def _result(run: Run, position: ckpt.Position, loss: float, evals: dict[str, float],
+            interrupted: bool = False) -> TrainResult:
+    ranks = tuple(run.grow.ranks) if run.grow is not None else ()
+    return TrainResult(position.step, loss, evals, run.out, interrupted, ranks, _stopped(run))
 
 
 def evaluate(run: Run, step: int | None) -> dict[str, float]:
@@ -220,6 +255,7 @@ def save(run: Run) -> Path:
     if run.config.method != "full":
         save_adapter(run.model, run.out, 0, base_model=run.config.model)
         _save_centroid(run)
+        _save_node(run)
     else:
         save_model(run.model, run.tokenizer, run.out / "model")
     from loratree.plots import plot_losses
@@ -272,8 +308,10 @@ def _checkpoint(run: Run, position: ckpt.Position) -> None:
         return
     write = ((lambda p: save_adapter(run.model, p, 0, base_model=run.config.model))
              if run.config.method != "full" else None)
+    extra = {"grow": run.grow.state_dict()} if run.grow is not None else None
     ckpt.save_checkpoint(run.checkpoints, position, dict(run.params), run.optimizer,
-                         run.scheduler, keep_last=run.config.keep_last, write_adapter=write)
+                         run.scheduler, keep_last=run.config.keep_last, write_adapter=write,
+                         extra=extra)
 
 
 def lr_schedule(c: TrainConfig):
@@ -306,3 +344,33 @@ def catch_signals(flag: list[int]):
         for s, handler in previous.items():
             signal.signal(s, handler)
     return restore
+
+
+def _stack_on_parent(model: nn.Module, config: TrainConfig) -> None:
+    """Load the parent's whole path (composed, frozen) into a slot that runs under slot 0,
+    so the new adapter learns on top of it."""
+    store = AdapterStore(config.store)
+    path = tree.lineage(store, config.parent)
+    composed = tree.compose_files([read_adapter(v) for _, v, _ in path], config.parent)
+    under = load_adapter_file(model, composed, config.parent, trainable=False)
+    surgery.stack(model, 0, under)
+    surgery.set_trainable(model, 0)
+    logger.info("training on top of %s (path of %d adapter(s), rank %d)", config.parent,
+                len(path), max(a.shape[0] for a, _ in composed.weights.values()))
+
+
+def _save_node(run: Run) -> None:
+    """``tree.json`` beside a child's adapter (its parent and the parent path it was
+    trained on), and the adapter into the store when ``node`` names it."""
+    c = run.config
+    store = AdapterStore(c.store) if (c.parent or c.node) else None
+    if c.parent is not None:
+        evals = [r for r in read_metrics(run.metrics.path) if "eval_loss" in r] \
+            if run.metrics.path.exists() else []
+        metrics = {k: float(evals[-1][k]) for k in ("eval_loss", "exact_match")
+                   if evals and k in evals[-1]}
+        tree.write_record(run.out, tree.record_for(store, c.parent, base_model=c.model,
+                                                   metrics=metrics))
+    if c.node is not None:
+        info = store.add(c.node, run.out)
+        logger.info("added %s to the store %s", info.name, store.root)

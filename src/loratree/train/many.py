@@ -97,10 +97,7 @@ class ManyConfig:
         if len({j.out for j in self.jobs}) != len(self.jobs):
             problems.append("two jobs write to the same out directory")
         for name, job in zip(self.names, self.jobs, strict=True):
-            if job.method != "lora":
-                problems.append(f"job {name!r}: method must be 'lora', got {job.method!r}")
-            if job.grad_accum != 1:
-                problems.append(f"job {name!r}: grad_accum must be 1 in a fused run")
+            problems += _job_problems(name, job)
         for key in _SHARED:
             values = {getattr(j, key) for j in self.jobs}
             if len(values) > 1:
@@ -136,6 +133,21 @@ class ManyConfig:
             jobs.append(TrainConfig(**{**defaults, **table}))
         return cls(tuple(names), tuple(jobs), rows_per_pass)
 
+
+
+def _job_problems(name: str, job: TrainConfig) -> list[str]:
+    """What a job may not ask for in a fused run."""
+    problems = []
+    if job.method != "lora":
+        problems.append(f"job {name!r}: method must be 'lora', got {job.method!r}")
+    if job.grad_accum != 1:
+        problems.append(f"job {name!r}: grad_accum must be 1 in a fused run")
+    if job.grow:
+        problems.append(f"job {name!r}: grow (a rank that changes mid-run) runs solo, "
+                        "not fused")
+    if job.parent is not None:
+        problems.append(f"job {name!r}: a tree node (parent) trains solo, not fused")
+    return problems
 
 @dataclass
 class Job:

@@ -1,0 +1,129 @@
+"""A store's adapters seen as a forest: each node with its path, ranks, size, metrics and
+staleness; composed adapters cached per path version; a terminal drawing.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loratree.adapters import AdapterFile, AdapterStore, read_adapter
+from loratree.adapters import tree as nodes
+from loratree.adapters.files import write_adapter_file
+
+__all__ = ["NodeView", "Tree", "render"]
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """One adapter of the store as a tree node."""
+
+    name: str
+    parent: str | None
+    depth: int
+    """1 for a root adapter, 2 for its child, ..."""
+    rank: int
+    """The node's own (largest) rank."""
+    total_rank: int
+    """The rank of its composed path (the sum along the path, per module; the largest)."""
+    size: int
+    """Bytes of the node's own files."""
+    metrics: dict[str, float]
+    stale: bool
+    children: tuple[str, ...] = field(default=())
+
+
+class Tree:
+    """The adapter tree of one store. Composed adapters are cached by path version: a
+    node is composed once per version of its path, and replacing any ancestor gives its
+    descendants a new path version (so they recompose, and show as stale)."""
+
+    def __init__(self, store: AdapterStore | str | Path) -> None:
+        self.store = store if isinstance(store, AdapterStore) else AdapterStore(store)
+        self._composed: dict[str, tuple[str, AdapterFile]] = {}
+        self._lock = threading.Lock()
+
+    def path(self, name: str) -> list[str]:
+        """The names from the root down to ``name``."""
+        return [n for n, _, _ in nodes.lineage(self.store, name)]
+
+    def depth(self, name: str) -> int:
+        return len(self.path(name))
+
+    def composed(self, name: str) -> AdapterFile:
+        """The node's whole path as one adapter (rank concatenation, scales folded)."""
+        key = nodes.version_key(self.store, name)
+        with self._lock:
+            hit = self._composed.get(name)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        chain = nodes.lineage(self.store, name)
+        own = read_adapter(chain[-1][1])
+        if len(chain) == 1:
+            adapter = own
+        else:
+            parent = self.composed(chain[-2][0])  # cached: siblings share it
+            adapter = nodes.compose_files([parent, own], name)
+        with self._lock:
+            self._composed[name] = (key, adapter)
+        return adapter
+
+    def total_rank(self, name: str) -> int:
+        return max(a.shape[0] for a, _ in self.composed(name).weights.values())
+
+    def stale(self, name: str) -> bool:
+        return nodes.stale(self.store, name)
+
+    def accept(self, name: str) -> None:
+        """Record the current parent path as the one ``name`` builds on (clears stale)."""
+        nodes.accept(self.store, name)
+
+    def export(self, name: str, out: str | Path) -> Path:
+        """Write the composed node as one flat PEFT adapter directory (usable by PEFT or
+        vLLM without loratree)."""
+        return write_adapter_file(self.composed(name), out)
+
+    def nodes(self) -> list[NodeView]:
+        """Every LoRA adapter of the store as a node, sorted by name."""
+        views = []
+        infos = [i for i in self.store.list() if i.kind == "lora"]
+        kids: dict[str, list[str]] = {}
+        records = {}
+        for info in infos:
+            records[info.name] = nodes.read_record(info.path)
+            if records[info.name] is not None:
+                kids.setdefault(records[info.name].parent, []).append(info.name)
+        for info in infos:
+            record = records[info.name]
+            views.append(NodeView(
+                name=info.name, parent=record.parent if record else None,
+                depth=self.depth(info.name), rank=info.rank,
+                total_rank=self.total_rank(info.name), size=info.size,
+                metrics=dict(record.metrics) if record else {},
+                stale=self.stale(info.name), children=tuple(sorted(kids.get(info.name, ())))))
+        return views
+
+
+def render(views: list[NodeView]) -> str:
+    """The forest as text, one node per line: name, own rank / path rank, size, metrics,
+    and a STALE flag."""
+    by_name = {v.name: v for v in views}
+    lines = [f"{'node':<40} {'rank':>5} {'path':>5} {'bytes':>11}  metrics"]
+
+    def line(v: NodeView, prefix: str, last: bool, root: bool) -> None:
+        branch = "" if root else ("└── " if last else "├── ")
+        label = prefix + branch + (v.name if root else v.name.rsplit("/", 1)[-1])
+        metrics = "  ".join(f"{k} {val:.3g}" for k, val in sorted(v.metrics.items()))
+        flag = "  STALE (retrain, or `loratree tree accept`)" if v.stale else ""
+        lines.append(f"{label:<40} {v.rank:>5} {v.total_rank:>5} {v.size:>11,}  "
+                     f"{metrics or '-'}{flag}")
+        kids = [by_name[c] for c in v.children if c in by_name]
+        for i, kid in enumerate(kids):
+            more = "" if root else ("    " if last else "│   ")
+            line(kid, prefix + more, i == len(kids) - 1, False)
+
+    for v in views:
+        if v.parent is None:
+            line(v, "", True, True)
+    return "\n".join(lines)
