@@ -32,7 +32,8 @@ FULL = {"forward": 20, "ops": 30, "train": 9}
 QUICK = {"forward": 2, "ops": 3, "train": 2}
 QUALITY_TARGET = 0.90
 """Acceptance: LoRA r=8 all-linear reaches 90% of full fine-tuning's held-out exact match."""
-GROUPS = ("forward", "merge", "files", "train", "qlora", "prefix", "serve", "many", "quality")
+GROUPS = ("forward", "merge", "files", "train", "qlora", "prefix", "serve", "many", "sweep",
+          "quality")
 QLORA_GAP = 5.0
 """Acceptance: QLoRA's held-out exact match is within this many points of LoRA's."""
 
@@ -84,13 +85,9 @@ def run(quick: bool, quality_steps: int = 30, groups: tuple[str, ...] = GROUPS) 
         served, serve_checks = serve_tables(base, tokenizer, repeats["train"])
         tables += served
         checks += serve_checks
-    if want("many"):
-        from bench.many_rows import many_tables
-
-        with tempfile.TemporaryDirectory(prefix="loratree-many-") as tmp:
-            many, many_checks = many_tables(Path(tmp))
-        tables += many
-        checks += many_checks
+    rooted, rooted_checks = _rooted_groups(groups)
+    tables += rooted
+    checks += rooted_checks
     extra: list[str] = []
     if want("quality") and quality_steps > 0:
         extra, quality_checks = _quality(base, tokenizer, quality_steps, quick)
@@ -124,6 +121,22 @@ def run(quick: bool, quality_steps: int = 30, groups: tuple[str, ...] = GROUPS) 
     ]
     log.info("done in %.0f s", elapsed)
     return render("loratree benchmarks", machine_info(), method, tables, checks, extra)
+
+
+def _rooted_groups(groups: tuple[str, ...]) -> tuple[list[Table], list[Check]]:
+    """The groups that write their data and runs under a temp root: many, sweep."""
+    from bench.many_rows import many_tables
+    from bench.sweep_rows import sweep_tables
+
+    tables: list[Table] = []
+    checks: list[Check] = []
+    for group, measure in (("many", many_tables), ("sweep", sweep_tables)):
+        if group in groups:
+            with tempfile.TemporaryDirectory(prefix=f"loratree-{group}-") as tmp:
+                group_tables, group_checks = measure(Path(tmp))
+            tables += group_tables
+            checks += group_checks
+    return tables, checks
 
 
 def _quality(base, tokenizer, steps: int, quick: bool) -> tuple[list[str], list[Check]]:

@@ -315,9 +315,14 @@ def _checkpoint(run: Run, position: ckpt.Position) -> None:
 
 
 def lr_schedule(c: TrainConfig):
+    """Linear warmup, then cosine decay to 0 at ``max_steps``; with ``grow``, constant after
+    warmup (a growing run ends when growth stops helping, not at a known step, and rank
+    added late must still get a learning rate to train with)."""
     def lr_factor(step: int) -> float:
         if step < c.warmup_steps:
             return (step + 1) / c.warmup_steps
+        if c.grow:
+            return 1.0
         progress = (step - c.warmup_steps) / max(c.max_steps - c.warmup_steps, 1)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return lr_factor

@@ -316,8 +316,8 @@ def _fused_step(run: ManyRun, jobs: Sequence[Job], pad: int) -> dict[str, float 
         objective = []
         for job in {id(j): j for j, _ in chunk}.values():
             s = row_loss[[i for i, (j, _) in enumerate(chunk) if j is job]].sum()
-            sums[job.name] += float(s)
-            if math.isfinite(float(s)):  # a non-finite job is stopped below; keep it out
+            sums[job.name] += float(s.detach())
+            if math.isfinite(float(s.detach())):  # a non-finite job is stopped below; keep it out
                 objective.append(s / tokens[job.name])
         if objective:
             torch.stack(objective).sum().backward()
