@@ -31,7 +31,7 @@ from loratree.adapters.files import AdapterFile, read_adapter
 from loratree.adapters.peft_format import read_config
 from loratree.adapters.prefix_files import PEFT_TYPE, PrefixFile, read_prefix
 from loratree.adapters.store import AdapterStore
-from loratree.adapters.tree import compose_files, read_record, stale, version_key
+from loratree.adapters.tree import compose_files, stale, version_key, version_record
 from loratree.errors import AdapterInUseError, CacheFullError, TreeError
 
 __all__ = ["AdapterCache", "CacheStats", "LoadedAdapter"]
@@ -223,7 +223,7 @@ class AdapterCache:
 
     def _load(self, name: str, version: str) -> LoadedAdapter:
         path = self.store.path_of(name)
-        record = read_record(path)
+        record = version_record(path)
         if record is None:
             return _read(name, path, version)
         parent = self.get(record.parent)  # the parent path, composed and cached

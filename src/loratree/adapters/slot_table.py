@@ -83,8 +83,9 @@ class SlotTable:
         self._lock = threading.RLock()
         self.merged_index: int | None = None
         """The slot folded into the weights, if any."""
-        self._fits: set[tuple[str, str]] = set()
-        """(name, version) of LoRA adapters already checked against the model."""
+        self._fits: dict[tuple[str, str], list] = {}
+        """(name, version) of LoRA adapters already checked against the model -> their
+        install plan: (module, layer, spec) per module."""
 
     # -- activation ------------------------------------------------------------------------
     def activate(self, name: str) -> int:
@@ -282,14 +283,20 @@ class SlotTable:
             if missing:
                 raise TargetError(f"{adapter.name!r} adapts {missing[:3]}, which the slot "
                                   "table does not wrap; widen its targets")
-            if (adapter.name, adapter.version) not in self._fits:  # once per version
+            key = (adapter.name, adapter.version)
+            plan = self._fits.get(key)
+            if plan is None:  # checked, and its per-layer specs made, once per version
                 check_against(self.model, adapter.lora, adapter.name)
-                self._fits.add((adapter.name, adapter.version))
-            for module, (a, b) in adapter.lora.weights.items():
-                spec = SlotSpec(a.shape[0], float(pattern_value(config.alpha_pattern, module,
-                                                                config.alpha)),
-                                0.0, config.use_rslora)
-                self.layers[module].set_slot(slot.index, spec, a, b)
+                plan = [(module, self.layers[module], SlotSpec(
+                    a.shape[0], float(pattern_value(config.alpha_pattern, module, config.alpha)),
+                    0.0, config.use_rslora))
+                    for module, (a, _) in adapter.lora.weights.items()]
+                if len(self._fits) >= 4096:
+                    self._fits.clear()
+                self._fits[key] = plan
+            weights = adapter.lora.weights  # the plan holds no tensors: the cache owns them
+            for module, layer, spec in plan:
+                layer.set_slot(slot.index, spec, *weights[module])
             slot.layers = tuple(adapter.lora.weights)
         slot.name, slot.kind, slot.version = adapter.name, adapter.kind, adapter.version
         self._by_name[adapter.name] = slot

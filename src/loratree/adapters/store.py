@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -116,28 +117,41 @@ class AdapterStore:
         link = self._link(name)
         if link is None:
             raise AdapterNotFoundError(f"no adapter named {name!r} in {self.root}")
-        target = link.resolve()
-        if target.parent != self.objects:
+        if os.path.basename(link) != LINK:  # the pre-tree layout: resolve it whole
+            target = Path(link).resolve()
+        else:  # the parts on the way are real directories: only the link is followed
+            target = Path(os.path.normpath(os.path.join(os.path.dirname(link),
+                                                        os.readlink(link))))
+        if target.parent != self.objects or os.path.islink(self.objects):
             raise AdapterNameError(f"adapter {name!r} leads outside the store; refused")
-        if not target.is_dir():
+        try:
+            mode = os.lstat(target).st_mode
+        except FileNotFoundError:
+            mode = 0
+        if not stat.S_ISDIR(mode):
             raise AdapterNotFoundError(f"adapter {name!r} points at a missing version")
         return target
 
-    def _link(self, name: str) -> Path | None:
+    def _link(self, name: str) -> str | None:
         """The link that names ``name``'s version, or None. Never follows a link on the
-        way: a planted link in place of a directory is refused."""
+        way: a planted link in place of a directory is refused. (This is the serving hot
+        path: one lstat per part.)"""
         parts = check_name(name).split("/")
-        d = self.root
+        d = str(self.root)
         for i, part in enumerate(parts):
-            d = d / part
-            if os.path.islink(d):
+            d = os.path.join(d, part)
+            try:
+                mode = os.lstat(d).st_mode
+            except FileNotFoundError:
+                return None
+            if stat.S_ISLNK(mode):
                 if i == len(parts) - 1:
                     return d  # a store written before trees: the name itself is the link
                 raise AdapterNameError(f"adapter {name!r}: {part!r} on its path is a link, "
                                        "not a directory of the store; refused")
-            if not d.is_dir():
+            if not stat.S_ISDIR(mode):
                 return None
-        link = d / LINK
+        link = os.path.join(d, LINK)
         return link if os.path.islink(link) else None
 
     def __contains__(self, name: object) -> bool:
@@ -221,8 +235,8 @@ class AdapterStore:
                                     "those first")
         link = self._link(name)
         assert link is not None
-        link.unlink()
-        fsync_dir(link.parent)
+        os.unlink(link)
+        fsync_dir(os.path.dirname(link))
         d = self.root / name
         while d != self.root:  # drop directories left empty
             try:

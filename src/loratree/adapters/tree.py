@@ -65,6 +65,7 @@ __all__ = [
     "record_for",
     "stale",
     "version_key",
+    "version_record",
     "write_record",
 ]
 
@@ -93,8 +94,15 @@ class NodeRecord:
                 "base_model": self.base_model, "metrics": dict(self.metrics)}
 
 
+_record_memo: dict[str, NodeRecord | None] = {}
+_hash_memo: dict[str, str] = {}
+_memo_lock = threading.Lock()
+"""Store versions are immutable, so what is read from one is remembered per directory."""
+
+
 def read_record(path: Path) -> NodeRecord | None:
     """The ``tree.json`` of an adapter directory, checked; None when there is none (a root).
+    A store version is immutable, so its record is read once (``version_record``).
 
     Raises:
         TreeError: the record is not a small JSON object with the fields above.
@@ -139,6 +147,20 @@ def check_node(name: str, source: Path, kind: str) -> None:
         raise TreeError(f"{name!r}: tree nodes are LoRA adapters, this one is {kind}")
 
 
+def version_record(version: Path) -> NodeRecord | None:
+    """``read_record`` of an immutable store version, remembered per version directory."""
+    key = str(version)
+    with _memo_lock:
+        if key in _record_memo:
+            return _record_memo[key]
+    record = read_record(version)
+    with _memo_lock:
+        if len(_record_memo) > 4096:
+            _record_memo.clear()
+        _record_memo[key] = record
+    return record
+
+
 def write_record(path: str | Path, record: NodeRecord) -> None:
     """Write ``tree.json`` into an adapter directory, atomically."""
     text = json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -146,8 +168,6 @@ def write_record(path: str | Path, record: NodeRecord) -> None:
 
 
 # -- hashes and lineage -------------------------------------------------------------------
-_hash_memo: dict[str, str] = {}
-_memo_lock = threading.Lock()
 
 
 def content_hash(version: Path) -> str:
@@ -188,7 +208,7 @@ def lineage(store: AdapterStore, name: str) -> list[tuple[str, Path, NodeRecord 
             version = store.path_of(current)
         except KeyError as e:
             raise TreeError(f"{name!r}: its ancestor {current!r} is not in the store") from e
-        record = read_record(version)
+        record = version_record(version)
         chain.append((current, version, record))
         if record is not None:
             expected = current.rsplit("/", 1)[0] if "/" in current else None
@@ -211,7 +231,7 @@ def version_key(store: AdapterStore, name: str) -> str:
     """Identifies what ``name`` serves now: its version, and for a node every version on
     its path (``own<parent<...``). A flat adapter's key is its version directory's name."""
     version = store.path_of(name)
-    if not (version / TREE_NAME).exists():
+    if version_record(version) is None:
         return version.name
     return "<".join(v.name for _, v, _ in reversed(lineage(store, name)))
 
@@ -219,7 +239,7 @@ def version_key(store: AdapterStore, name: str) -> str:
 def stale(store: AdapterStore, name: str) -> bool:
     """Whether a node's recorded parent path differs from its parent path now (a root is
     never stale)."""
-    record = read_record(store.path_of(name))
+    record = version_record(store.path_of(name))
     return record is not None and record.parent_hash != path_hash(store, record.parent)
 
 
@@ -239,7 +259,7 @@ def children(store: AdapterStore, name: str) -> list[str]:
         child = f"{name}/{sub.name}"
         if sub.name.startswith(".") or not sub.is_dir() or child not in store:
             continue
-        record = read_record(store.path_of(child))
+        record = version_record(store.path_of(child))
         if record is not None and record.parent == name:
             kids.append(child)
     return kids

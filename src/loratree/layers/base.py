@@ -148,7 +148,12 @@ class LoraModule(nn.Module):
         """
         if self.merged == slot:
             raise RuntimeError(f"{self.module_name}: slot {slot} is merged; unmerge first")
-        pa, pb = self.lora_a[slot], self.lora_b[slot]
+        if not 0 <= slot < len(self.specs):
+            raise IndexError(f"{self.module_name}: no slot {slot}")
+        # ParameterList indexing costs microseconds; a switch runs this per layer
+        key = str(slot)
+        pa = self._modules["lora_a"]._parameters[key]
+        pb = self._modules["lora_b"]._parameters[key]
         if spec.rank == 0:
             a, b = pa.new_empty(self.a_shape(0)), pb.new_empty(self.b_shape(0))
         elif a is None or b is None:
@@ -162,8 +167,9 @@ class LoraModule(nn.Module):
             if a.dtype != pa.dtype or a.device != pa.device:
                 a, b = a.to(pa), b.to(pb)
         pa.data, pb.data = a, b
-        pa.requires_grad_(False)
-        pb.requires_grad_(False)
+        if pa.requires_grad or pb.requires_grad:
+            pa.requires_grad_(False)
+            pb.requires_grad_(False)
         self.specs[slot] = spec
         self.__dict__.pop("_stacked", None)
 

@@ -79,7 +79,8 @@ class TrainConfig:
     grow: bool = False
     """Start at ``rank`` and double it when the eval loss stops improving (LoRA only; needs
     eval data). Growing keeps the function (new B columns are zero) and the scale (alpha
-    grows with the rank), and keeps the optimizer state of the existing entries."""
+    grows with the rank), and keeps the optimizer state of the existing entries. The learning
+    rate is constant after warmup (no cosine decay)."""
     grow_max_rank: int = 64
     """With ``grow``: never grow past this rank; a stall at it stops training."""
     grow_patience: int = 1
