@@ -124,6 +124,7 @@ class LoraModule(nn.Module):
         self.lora_a.append(nn.Parameter(a))
         self.lora_b.append(nn.Parameter(b))
         self.specs.append(spec)
+        self.__dict__.pop("_live", None)
         return len(self.specs) - 1
 
     @torch.no_grad()
@@ -172,6 +173,7 @@ class LoraModule(nn.Module):
             pb.requires_grad_(False)
         self.specs[slot] = spec
         self.__dict__.pop("_stacked", None)
+        self.__dict__.pop("_live", None)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -196,6 +198,11 @@ class LoraModule(nn.Module):
                                "not in a per-token mixed batch")
         if self.merged is not None:
             y = y - self.branch(x, self.merged).to(y.dtype)
+        batch = self.ctx.batch_slots()
+        if batch[-1] >= len(self.specs):
+            self._check_slot(batch[-1])
+        if self.live_slots().isdisjoint(batch):  # no adapter of the batch touches this layer
+            return y
         rows, flat = self.tokens(x)
         seg = self.ctx.segments(rows, flat.shape[0])
         if seg.uniform is not None:
@@ -215,6 +222,14 @@ class LoraModule(nn.Module):
             return self.stacked_add(y, flat, rows, live)
         out = self.mixed(flat, seg if len(live) == len(seg.slots) else keep(seg, live))
         return y + out.reshape(y.shape).to(y.dtype)
+
+    def live_slots(self) -> frozenset[int]:
+        """The slots that touch this layer (rank > 0); cached until a slot changes."""
+        live = self.__dict__.get("_live")
+        if live is None:
+            live = frozenset(i for i, s in enumerate(self.specs) if s.rank > 0)
+            self.__dict__["_live"] = live
+        return live
 
     def _add_stack(self, y: Tensor, x: Tensor, slot: int) -> Tensor:
         y = self.add_branch(y, x, slot)

@@ -72,6 +72,14 @@ class SlotContext:
             self._segments[key] = value
         return value
 
+    def batch_slots(self) -> tuple[int, ...]:
+        """The distinct slots of this forward's index, sorted (cached per ``use``): one
+        ``unique`` for the whole model, so a layer no slot of the batch touches is skipped
+        at the cost of a set test."""
+        assert self.index is not None
+        return self.memo(("batch-slots",),
+                         lambda: tuple(int(s) for s in self.index.unique().tolist()))
+
     def token_slots(self, batch: int, n_tokens: int) -> Tensor:
         """The slot of each of the ``n_tokens`` flattened tokens ``(N,)`` (cached)."""
         key = (batch, n_tokens, "flat")
