@@ -56,7 +56,7 @@ def _served_eval_loss(store, name, eval_path):
                          device=torch.device("cpu"))
 
 
-def test_a_child_learns_on_its_frozen_parent_and_beats_it(tmp_path):
+def test_a_child_learns_on_its_frozen_parent_and_beats_it(tmp_path, capsys):
     store = AdapterStore(tmp_path / "store")
     rev_train, rev_eval = _task(tmp_path / "reverse", "w20 w21 w22", seed=0)
     common = dict(max_steps=40, max_length=64, batch_size=8, lr=1e-2, warmup_steps=2,
@@ -92,6 +92,9 @@ def test_a_child_learns_on_its_frozen_parent_and_beats_it(tmp_path):
 
     parent_alone = _served_eval_loss(store, "support", copy_eval)
     node = _served_eval_loss(store, "support/copy", copy_eval)
+    with capsys.disabled():
+        print(f"\ntree child: eval loss on the child's task {node:.3f} (node support/copy) "
+              f"vs {parent_alone:.3f} (its parent alone); parent file bit-identical")
     assert node < parent_alone - 0.25, (node, parent_alone)
     assert abs(node - record.metrics["eval_loss"]) < 1e-4  # served = what training measured
 
