@@ -33,7 +33,7 @@ QUICK = {"forward": 2, "ops": 3, "train": 2}
 QUALITY_TARGET = 0.90
 """Acceptance: LoRA r=8 all-linear reaches 90% of full fine-tuning's held-out exact match."""
 GROUPS = ("forward", "merge", "files", "train", "qlora", "prefix", "serve", "many", "sweep",
-          "quality")
+          "tree", "quality")
 QLORA_GAP = 5.0
 """Acceptance: QLoRA's held-out exact match is within this many points of LoRA's."""
 
@@ -124,13 +124,15 @@ def run(quick: bool, quality_steps: int = 30, groups: tuple[str, ...] = GROUPS) 
 
 
 def _rooted_groups(groups: tuple[str, ...]) -> tuple[list[Table], list[Check]]:
-    """The groups that write their data and runs under a temp root: many, sweep."""
+    """The groups that write their data and runs under a temp root: many, sweep, tree."""
     from bench.many_rows import many_tables
     from bench.sweep_rows import sweep_tables
+    from bench.tree_rows import tree_tables
 
     tables: list[Table] = []
     checks: list[Check] = []
-    for group, measure in (("many", many_tables), ("sweep", sweep_tables)):
+    for group, measure in (("many", many_tables), ("sweep", sweep_tables),
+                           ("tree", tree_tables)):
         if group in groups:
             with tempfile.TemporaryDirectory(prefix=f"loratree-{group}-") as tmp:
                 group_tables, group_checks = measure(Path(tmp))
