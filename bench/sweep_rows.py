@@ -152,7 +152,8 @@ def _grow_table(config: SweepConfig, result: SweepResult, base, tokenizer, root:
     note = (f"One `train --grow` run: all-linear from r=1, rank doubled after an eval-loss "
             f"check (every {GROW_EVERY} steps) that improves by less than {GROW_TOLERANCE} "
             f"nats, at most r={max(RANKS)}; {c.max_steps} steps of batch {c.batch_size}, lr "
-            f"{c.lr:g}{', stopped early' if getattr(out, 'stopped_early', False) else ''}. "
+            f"{c.lr:g} (constant after warmup)"
+            f"{', stopped early' if getattr(out, 'stopped_early', False) else ''}. "
             f"'sweep' = the sweep's best fixed-rank LoRA point, and the whole sweep's time.")
     gap = 100 * abs(em - best.exact_match)
     checks = [
