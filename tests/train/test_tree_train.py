@@ -4,6 +4,7 @@ learns, the parent is untouched, and the child beats its parent on the child's t
 import json
 import random
 
+import pytest
 import torch
 
 from loratree.adapters import AdapterStore
@@ -121,3 +122,18 @@ def test_train_parent_from_the_cli(tmp_path, capsys):
     assert main(["tree", "--store", str(store), "export", "support/fr",
                  str(tmp_path / "flat")]) == 0
     assert (tmp_path / "flat" / "adapter_model.safetensors").is_file()
+
+
+def test_fused_jobs_refuse_a_parent_and_grow_with_the_reason(tmp_path):
+    from loratree.train.many import ManyConfig
+
+    train_path, eval_path = write_data(tmp_path / "d", n=8)
+    solo = dict(data=str(train_path), eval_data=str(eval_path))
+    jobs = (TrainConfig(out=str(tmp_path / "a"), **solo),
+            TrainConfig(out=str(tmp_path / "b"), parent="support", **solo))
+    with pytest.raises(ValueError, match=r"tree node .* trains solo"):
+        ManyConfig(("a", "b"), jobs)
+    jobs = (TrainConfig(out=str(tmp_path / "a"), **solo),
+            TrainConfig(out=str(tmp_path / "b"), grow=True, **solo))
+    with pytest.raises(ValueError, match=r"grow .* runs solo"):
+        ManyConfig(("a", "b"), jobs)
