@@ -1,16 +1,17 @@
 """A store's adapters seen as a forest: each node with its path, ranks, size, metrics and
-staleness; composed adapters cached per path version; a terminal drawing.
+staleness; composed adapters (through the serving cache); a terminal drawing.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loratree.adapters import AdapterFile, AdapterStore, read_adapter
+from loratree.adapters import AdapterFile, AdapterStore
 from loratree.adapters import tree as nodes
+from loratree.adapters.cache import AdapterCache
 from loratree.adapters.files import write_adapter_file
+from loratree.errors import TreeError
 
 __all__ = ["NodeView", "Tree", "render"]
 
@@ -35,14 +36,15 @@ class NodeView:
 
 
 class Tree:
-    """The adapter tree of one store. Composed adapters are cached by path version: a
-    node is composed once per version of its path, and replacing any ancestor gives its
-    descendants a new path version (so they recompose, and show as stale)."""
+    """The adapter tree of one store. Composed adapters come from an ``AdapterCache``
+    (the one the serving path uses), which composes a node from its parent's cached entry
+    and keys it by every version on its path: a node is composed once per version of its
+    path, and replacing an ancestor makes its descendants recompose (and show as stale)."""
 
-    def __init__(self, store: AdapterStore | str | Path) -> None:
+    def __init__(self, store: AdapterStore | str | Path,
+                 cache_bytes: int = 1 << 34) -> None:
         self.store = store if isinstance(store, AdapterStore) else AdapterStore(store)
-        self._composed: dict[str, tuple[str, AdapterFile]] = {}
-        self._lock = threading.Lock()
+        self.cache = AdapterCache(self.store, cache_bytes)
 
     def path(self, name: str) -> list[str]:
         """The names from the root down to ``name``."""
@@ -53,20 +55,9 @@ class Tree:
 
     def composed(self, name: str) -> AdapterFile:
         """The node's whole path as one adapter (rank concatenation, scales folded)."""
-        key = nodes.version_key(self.store, name)
-        with self._lock:
-            hit = self._composed.get(name)
-            if hit is not None and hit[0] == key:
-                return hit[1]
-        chain = nodes.lineage(self.store, name)
-        own = read_adapter(chain[-1][1])
-        if len(chain) == 1:
-            adapter = own
-        else:
-            parent = self.composed(chain[-2][0])  # cached: siblings share it
-            adapter = nodes.compose_files([parent, own], name)
-        with self._lock:
-            self._composed[name] = (key, adapter)
+        adapter = self.cache.get(name).lora
+        if adapter is None:
+            raise TreeError(f"{name!r} is a prefix adapter; tree nodes are LoRA adapters")
         return adapter
 
     def total_rank(self, name: str) -> int:
