@@ -25,3 +25,13 @@ def randomize_slot(model: torch.nn.Module, slot: int, std: float = 0.1, seed: in
         for layer in surgery.lora_layers(model).values():
             for p in (layer.lora_a[slot], layer.lora_b[slot]):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def save_tiny_base(path, vocab: int = 64):
+    """A tiny Llama and its word-level tokenizer saved as a model directory (what the CLI's
+    ``--model`` takes); returns the path."""
+    from loratree.models.tiny import tiny_llama, tiny_tokenizer
+
+    tiny_llama(vocab=vocab).save_pretrained(path)
+    tiny_tokenizer(vocab).save_pretrained(path)
+    return path

@@ -3,14 +3,12 @@
 import json
 
 from loratree.cli.main import main
-from loratree.models.tiny import tiny_llama, tiny_tokenizer
+from tests.conftest import save_tiny_base
 from tests.train.driver import write_data
 
 
 def test_sweep_command_writes_table_plot_and_recommendation(tmp_path, capsys):
-    base = tmp_path / "base"
-    tiny_llama(vocab=64).save_pretrained(base)
-    tiny_tokenizer(64).save_pretrained(base)
+    base = save_tiny_base(tmp_path / "base")
     train, held = write_data(tmp_path / "data", n=12, seed=1)
     out = tmp_path / "sweep"
     code = main(["sweep", "--data", str(train), "--eval", str(held), "--model", str(base),
@@ -39,9 +37,7 @@ def test_no_full_and_a_bad_rank(tmp_path, capsys):
 
 
 def test_a_target_set_that_matches_nothing_fails_before_training(tmp_path, capsys):
-    base = tmp_path / "base"
-    tiny_llama(vocab=64).save_pretrained(base)
-    tiny_tokenizer(64).save_pretrained(base)
+    base = save_tiny_base(tmp_path / "base")
     train, held = write_data(tmp_path / "data", n=4, seed=1)
     out = tmp_path / "o"
     code = main(["sweep", "--data", str(train), "--eval", str(held), "--model", str(base),

@@ -19,6 +19,7 @@ from loratree.train import TrainConfig, train
 from loratree.train.data import pad_token_id, read_jsonl
 from loratree.train.evaluate import eval_loss
 from loratree.train.loop import setup
+from tests.conftest import save_tiny_base
 from tests.train.driver import write_data
 
 VOCAB = 64
@@ -103,10 +104,7 @@ def test_a_child_learns_on_its_frozen_parent_and_beats_it(tmp_path, capsys):
 def test_train_parent_from_the_cli(tmp_path, capsys):
     store = tmp_path / "store"
     rev_train, rev_eval = write_data(tmp_path / "reverse", n=16, seed=0)
-    model_dir = tmp_path / "tiny"
-    model, tok = _model()
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = save_tiny_base(tmp_path / "tiny", VOCAB)
     base = ["train", "--model", str(model_dir), "--data", str(rev_train), "--eval",
             str(rev_eval), "--max-steps", "2", "--batch-size", "4", "--eval-examples", "0",
             "--max-length", "64", "--store", str(store)]
