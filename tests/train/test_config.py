@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from loratree.cli.main import build_parser
 from loratree.cli.train_cmd import config_from_args
@@ -77,3 +78,14 @@ def test_full_fine_tuning_and_bf16_runs_learn(tmp_path, method, precision):
     if method == "prefix":
         config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
         assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 20
+
+
+def test_device_is_checked_and_a_missing_gpu_is_a_clear_error():
+    from loratree.train import distributed
+
+    with pytest.raises(ValueError, match="device must be"):
+        TrainConfig(device="gpu0")
+    assert distributed.init("cpu").device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            distributed.init("cuda")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,9 @@ class TrainConfig:
     precision: Precision = "fp32"
     quantize: Quantize | None = None
     """"nf4": quantize the base's linear layers to 4-bit NF4 first (QLoRA; LoRA only)."""
+    device: str | None = None
+    """"cpu", "cuda" or "cuda:N"; None picks CUDA when it is present (under torchrun, each
+    process's local GPU), else the CPU."""
     seed: int = 0
     group_by_length: bool = False
     skip_bad_rows: bool = False
@@ -98,6 +102,8 @@ class TrainConfig:
                             f"{self.prefix_positions!r}")
         if self.precision not in ("fp32", "bf16"):
             problems.append(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            problems.append(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.quantize not in (None, "nf4"):
             problems.append(f"quantize must be 'nf4' or None, got {self.quantize!r}")
         elif self.quantize and self.method == "full":

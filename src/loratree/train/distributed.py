@@ -32,12 +32,18 @@ class Dist:
         return float(t.item())
 
 
-def init() -> Dist:
-    """Join the torchrun job described by the environment, or run alone without one."""
+def init(device: str | None = None) -> Dist:
+    """Join the torchrun job described by the environment, or run alone without one.
+
+    ``device``: "cpu", "cuda" or "cuda:N"; None picks CUDA when it is present. Under
+    torchrun a CUDA process takes its local rank's GPU.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA device")
     if world == 1:
-        return Dist(0, 1, torch.device("cuda" if cuda else "cpu"))
+        return Dist(0, 1, torch.device(device or ("cuda" if cuda else "cpu")))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")

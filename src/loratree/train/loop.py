@@ -109,7 +109,7 @@ def setup(config: TrainConfig, *, model: nn.Module | None = None,
           tokenizer: object | None = None, rows: Iterable[Mapping] | RowSet | None = None,
           eval_rows: Iterable[Mapping] | RowSet | None = None) -> Run:
     """Load the base and data, add the adapter, and build the optimizer and schedule."""
-    d = distributed.init()
+    d = distributed.init(config.device)
     if config.grow and d.world > 1:
         raise ValueError(f"grow runs in one process (the rank changes mid-run, which DDP "
                          f"cannot follow); this is process {d.rank} of {d.world}")

@@ -71,7 +71,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_SHARED = ("model", "quantize", "precision")
+_SHARED = ("model", "quantize", "precision", "device")
 """Settings every job of a fused run must agree on (one base, one forward)."""
 
 
@@ -213,8 +213,8 @@ def train_many(config: ManyConfig, *, resume: bool = False, progress: bool = Tru
 def setup_many(config: ManyConfig, *, model: nn.Module | None = None,
                tokenizer: object | None = None) -> ManyRun:
     """Load the base once and give every job its slot, optimizer and schedule."""
-    d = distributed.init()
     first = config.jobs[0]
+    d = distributed.init(first.device)
     if model is None:
         model, tokenizer = load_base(first.model)
     if tokenizer is None:
