@@ -117,3 +117,23 @@ def test_a_bad_slot_index_is_a_clear_error():
         ctx.set(torch.tensor([0.5]))
     with ctx.use(torch.tensor([0, 0, 0])), pytest.raises(ValueError, match="rows"):
         layer(torch.randn(2, 5, 4))
+
+
+@pytest.mark.parametrize("index", [[2, 2, -1, 0, 1], [1, 0, 1, 0, 1], [3, 3, 3, 0, -1]])
+def test_mixed_inference_over_long_rows_equals_each_row_alone(index):
+    """Rows longer than a decode step (prefill) take the in-place runs path when rows on one
+    slot are adjacent, else the per-slot path; both give each row alone. Slot 3 has rank 0
+    (an adapter that skips this layer)."""
+    ctx = SlotContext()
+    layer = LoraLinear(nn.Linear(6, 5), ctx)
+    for slot, r in enumerate((2, 4, 3, 0)):
+        layer.add_slot(SlotSpec(r, 2.0))
+        if r:
+            _fill(layer, slot, seed=slot)
+    x = torch.randn(5, 20, 6)  # 100 tokens: more than a decode step's stacked path takes
+    with torch.no_grad(), ctx.use(torch.tensor(index)):
+        mixed = layer(x)
+    for i, slot in enumerate(index):
+        with torch.no_grad(), ctx.use(slot):
+            alone = layer(x[i])
+        torch.testing.assert_close(mixed[i], alone, atol=1e-6, rtol=0)

@@ -79,3 +79,10 @@ def test_stacked_branch_and_kept_segments_match_per_token_loop(index):
     y = slots.expand(torch.zeros(index.numel(), 4), slots.shrink(x, a, seg), b, scales, seg)
     masked = torch.where(torch.isin(index, torch.tensor(kept)), index, -1)
     torch.testing.assert_close(y, _reference(x, a, b, scales, masked), atol=1e-5, rtol=0)
+
+
+def test_row_runs_cover_each_run_of_rows_once():
+    assert slots.row_runs([2, 2, -1, 0, 0, 0, 2], 3, max_runs=4) == (
+        (2, 0, 6), (0, 9, 18), (2, 18, 21))
+    assert slots.row_runs([-1, -1], 5, max_runs=1) == ()
+    assert slots.row_runs([0, 1, 0, 1], 2, max_runs=3) is None  # would need 4 runs

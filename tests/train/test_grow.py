@@ -295,7 +295,8 @@ def test_grow_is_refused_under_torchrun(tmp_path, monkeypatch):
     from loratree.train import distributed
 
     monkeypatch.setattr(distributed, "init",
-                        lambda: distributed.Dist(rank=1, world=2, device=torch.device("cpu")))
+                        lambda device=None: distributed.Dist(rank=1, world=2,
+                                                             device=torch.device("cpu")))
     with pytest.raises(ValueError, match="grow runs in one process"):
         setup(_config(tmp_path, "out"), model=tiny_llama(vocab=64),
               tokenizer=tiny_tokenizer(64))

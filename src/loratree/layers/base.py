@@ -217,11 +217,23 @@ class LoraModule(nn.Module):
         live = tuple(s for s in seg.slots if self.specs[s].rank > 0)
         if not live:  # none of the batch's adapters touches this layer
             return y
-        if (not torch.is_grad_enabled() and flat.shape[0] <= STACKED_MAX_TOKENS
-                and self.stackable):
-            return self.stacked_add(y, flat, rows, live)
+        if not torch.is_grad_enabled() and self.stackable:
+            out = self._inference_add(y, flat, rows, live)
+            if out is not None:
+                return out
         out = self.mixed(flat, seg if len(live) == len(seg.slots) else keep(seg, live))
         return y + out.reshape(y.shape).to(y.dtype)
+
+    def _inference_add(self, y: Tensor, flat: Tensor, rows: int,
+                       live: tuple[int, ...]) -> Tensor | None:
+        """Mixed inference without gathering: decode steps side by side, prefill by runs of
+        rows; None when neither fits (the per-slot path then runs)."""
+        if flat.shape[0] <= STACKED_MAX_TOKENS:
+            return self.stacked_add(y, flat, rows, live)
+        runs = self.ctx.runs(rows, flat.shape[0])
+        if runs is None:
+            return None
+        return self.runs_add(y, flat, runs, frozenset(live))
 
     def live_slots(self) -> frozenset[int]:
         """The slots that touch this layer (rank > 0); cached until a slot changes."""
@@ -244,6 +256,12 @@ class LoraModule(nn.Module):
     def stacked_add(self, y: Tensor, flat: Tensor, rows: int, slots: tuple[int, ...]) -> Tensor:
         """Inference with few tokens: y plus the ``slots``' adapters side by side, in two
         matmuls, written into ``y``."""
+        raise NotImplementedError
+
+    def runs_add(self, y: Tensor, flat: Tensor, runs: tuple[tuple[int, int, int], ...],
+                 live: frozenset[int]) -> Tensor:
+        """Inference on runs of rows that share a slot (``SlotContext.runs``): each run's
+        branch added into its own rows of ``y``, in place."""
         raise NotImplementedError
 
     def mixed(self, flat: Tensor, seg: Segments) -> Tensor:

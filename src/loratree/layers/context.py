@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loratree.ops.slots import Segments, segment
+from loratree.ops.slots import Segments, row_runs, segment
 
 __all__ = ["SlotContext"]
 
@@ -79,6 +79,23 @@ class SlotContext:
         assert self.index is not None
         return self.memo(("batch-slots",),
                          lambda: tuple(int(s) for s in self.index.unique().tolist()))
+
+    def runs(self, batch: int, n_tokens: int) -> tuple[tuple[int, int, int], ...] | None:
+        """Runs of consecutive rows on one slot as flat token ranges ``(slot, lo, hi)``
+        (``ops.slots.row_runs``; cached per ``use``), or None when the index is per token or
+        splits into more than twice as many runs as it has distinct slots."""
+        index = self.index
+        assert index is not None
+        if index.dim() != 1 or index.shape[0] != batch or n_tokens % batch:
+            return None
+
+        def make() -> tuple[tuple[int, int, int], ...] | bool:
+            rows = index.tolist()
+            found = row_runs(rows, n_tokens // batch, 2 * len(set(rows)))
+            return False if found is None else found  # memo keeps no None
+
+        found = self.memo(("runs", batch, n_tokens), make)
+        return found if found is not False else None
 
     def token_slots(self, batch: int, n_tokens: int) -> Tensor:
         """The slot of each of the ``n_tokens`` flattened tokens ``(N,)`` (cached)."""

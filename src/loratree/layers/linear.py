@@ -82,6 +82,19 @@ class LoraLinear(LoraModule):
         slot_ops.stacked_branch(flat.to(a_cat.dtype), mask, a_cat, b_cat, y=out)
         return out.view(y.shape)
 
+    def runs_add(self, y: Tensor, flat: Tensor, runs: tuple[tuple[int, int, int], ...],
+                 live: frozenset[int]) -> Tensor:
+        out = y.reshape(-1, self.out_features)  # a view of y: rows are written in place
+        for slot, lo, hi in runs:
+            if slot not in live:  # the adapter skips this layer
+                continue
+            a, b = self.lora_a[slot], self.lora_b[slot]
+            h = flat[lo:hi].to(a.dtype) @ a.t()  # (n, r)
+            rows = out[lo:hi]
+            torch.addmm(rows, h.to(out.dtype), b.t().to(out.dtype),
+                        alpha=self.specs[slot].scale, out=rows)
+        return out.view(y.shape)
+
     def mixed(self, flat: Tensor, seg: Segments) -> Tensor:
         for slot in seg.slots:
             self._check_slot(slot)

@@ -24,6 +24,7 @@ __all__ = [
     "expand",
     "keep",
     "map_segments",
+    "row_runs",
     "segment",
     "shrink",
     "stacked",
@@ -72,6 +73,27 @@ def segment(index: Tensor) -> Segments:
         slots.append(k)
         bounds.append(bounds[-1] + c)
     return Segments(order[start:], tuple(slots), tuple(bounds), n, None)
+
+
+def row_runs(row_slots: Sequence[int], tokens_per_row: int,
+             max_runs: int) -> tuple[tuple[int, int, int], ...] | None:
+    """Consecutive rows that share a slot, as token ranges of the flattened batch.
+
+    Semantics: (k, lo, hi) for each maximal run of rows with slot k >= 0; tokens lo..hi-1
+    of the flat ``(rows * tokens_per_row)`` batch use slot k. None when there would be more
+    than ``max_runs`` runs (then per-slot gathering does fewer matmuls).
+    Shape: row_slots (B,) -> at most B runs.
+    """
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(row_slots) + 1):
+        if i == len(row_slots) or row_slots[i] != row_slots[start]:
+            if row_slots[start] >= 0:
+                runs.append((row_slots[start], start * tokens_per_row, i * tokens_per_row))
+                if len(runs) > max_runs:
+                    return None
+            start = i
+    return tuple(runs)
 
 
 def keep(seg: Segments, slots: Sequence[int]) -> Segments:

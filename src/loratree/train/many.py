@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -45,7 +44,7 @@ from loratree import surgery
 from loratree.adapters import save_adapter
 from loratree.errors import NonFiniteError
 from loratree.models import load_base
-from loratree.models.chat import IGNORE_INDEX, Encoded, encode
+from loratree.models.chat import Encoded, encode
 from loratree.train import checkpoint as ckpt
 from loratree.train import distributed
 from loratree.train.config import TrainConfig
@@ -53,7 +52,7 @@ from loratree.train.data import RowSet, collate, pad_token_id, read_jsonl
 from loratree.train.evaluate import eval_loss, exact_match
 from loratree.train.loop import catch_signals, lr_schedule, next_batch
 from loratree.train.metrics import MetricsLog, read_metrics
-from loratree.train.steps import autocast, label_tokens
+from loratree.train.steps import label_tokens, token_losses
 
 __all__ = [
     "Job",
@@ -337,14 +336,7 @@ def _fused_step(run: ManyRun, jobs: Sequence[Job], pad: int) -> dict[str, float 
 
 def _row_losses(model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
     """Each row's summed next-token cross-entropy over its labelled tokens (fp32)."""
-    with autocast(batch["input_ids"].device, precision):
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="none")
-    return token.view(labels.shape).sum(dim=1)
+    return token_losses(model, batch, precision).sum(dim=1)
 
 
 def _apply(job: Job, d: distributed.Dist) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -14,7 +15,7 @@ from loratree.errors import NonFiniteError
 from loratree.models.chat import IGNORE_INDEX, Example
 from loratree.train.data import collate
 
-__all__ = ["autocast", "label_tokens", "loss_sum", "optimizer_step"]
+__all__ = ["autocast", "label_tokens", "loss_sum", "optimizer_step", "token_losses"]
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -29,17 +30,52 @@ def label_tokens(examples: Sequence[Example]) -> int:
     return sum(sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples)
 
 
+def token_losses(model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
+    """Next-token cross-entropy of every position from the first labelled one on (fp32;
+    0 where the label is ignored), shape ``(B, T')``.
+
+    Only those positions go through the LM head (``logits_to_keep``, where the model takes
+    it): with a completion-only loss most of a row is prompt, and the head's product with a
+    large vocabulary is a good part of a small model's step. The loss is the same.
+    """
+    device = batch["input_ids"].device
+    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    first = int(labelled[0]) if len(labelled) else labels.shape[1]
+    kwargs = {}
+    if first > 0 and _takes_logits_to_keep(model):
+        kwargs["logits_to_keep"] = batch["input_ids"].shape[1] - first
+    else:
+        first = 0
+    with autocast(device, precision):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       **kwargs).logits
+    n = labels.shape[1] - first
+    logits = logits[:, -n - 1 : -1].float() if n else logits[:, :0].float()  # (B, n, V)
+    labels = labels[:, first:]
+    token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="none")
+    return token.view(labels.shape)
+
+
 def loss_sum(model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
     """Summed next-token cross-entropy over the labelled tokens of a batch (fp32)."""
-    device = batch["input_ids"].device
-    with autocast(device, precision):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-    labels = batch["labels"][:, 1:]
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
+    return token_losses(model, batch, precision).sum()
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model under any DDP / PEFT wrapper has a ``logits_to_keep`` argument."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    get_base = getattr(inner, "get_base_model", None)  # peft.PeftModel
+    inner = get_base() if callable(get_base) else inner
+    known = _ACCEPTS.get(type(inner))
+    if known is None:
+        known = "logits_to_keep" in inspect.signature(inner.forward).parameters
+        _ACCEPTS[type(inner)] = known
+    return known
+
+
+_ACCEPTS: dict[type, bool] = {}
 
 
 def optimizer_step(
