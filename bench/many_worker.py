@@ -5,7 +5,9 @@ evaluation excluded), peak RSS (VmHWM) and per-job held-out figures.
 MODE: ``fused`` (the 4 jobs in one ``train_many``), ``sequential`` (the 4 jobs one after
 another through ``train``, the base loaded once), ``peft`` (4 PEFT LoRA runs one after
 another, same data, batches, optimizer and steps), ``solo JOB`` (one job alone, for the
-concurrent-processes variant).
+concurrent-processes variant), ``inprocess`` (one fused step against the same 4 jobs' solo
+steps, interleaved in one process; and one forward/backward over 16 rows against 4 over 4
+rows, which is all a fused pass could gain).
 """
 
 from __future__ import annotations
@@ -119,6 +121,63 @@ def _peft(data: Path, out: Path) -> dict:
     return {"wall": wall, "quality": {}}
 
 
+def _inprocess(data: Path, out: Path, rounds: int = 7) -> dict:
+    from loratree import surgery
+    from loratree.train import checkpoint as ckpt
+    from loratree.train.data import pad_token_id
+    from loratree.train.loop import next_batch
+    from loratree.train.many import _fused_step
+    from loratree.train.steps import label_tokens, optimizer_step
+
+    names, configs = job_configs(data, out)
+    configs = tuple(TrainConfig(**{**c.to_dict(), "eval_data": None, "max_steps": 10**6})
+                    for c in configs)
+    base, tokenizer = load_base(None)
+    pad = pad_token_id(tokenizer)
+    fused = setup_many(ManyConfig(names, configs), model=copy.deepcopy(base),
+                       tokenizer=tokenizer)
+    solos = [setup(c, model=copy.deepcopy(base), tokenizer=tokenizer) for c in configs]
+    positions = [ckpt.Position(0, 0, 0) for _ in solos]
+
+    def fused_step() -> None:
+        _fused_step(fused, fused.jobs, pad)
+        for job in fused.jobs:
+            p = job.position
+            job.position = ckpt.Position(p.step + 1, p.epoch, p.batch + 1)
+
+    def solo_steps() -> None:
+        for i, run in enumerate(solos):
+            p, examples = next_batch(run.train_data, run.config, positions[i])
+            optimizer_step(run.model, examples, step=p.step + 1,
+                           total_tokens=label_tokens(examples), world=1, grad_accum=1,
+                           pad_id=pad, device=torch.device("cpu"), precision="fp32",
+                           params=list(run.params.values()), optimizer=run.optimizer,
+                           clip_norm=run.config.clip_norm)
+            run.scheduler.step()
+            positions[i] = ckpt.Position(p.step + 1, p.epoch, p.batch + 1)
+
+    model = solos[0].model  # the bound: one slot, random rows of equal length
+    ids = torch.randint(0, base.config.vocab_size, (16, 56),
+                        generator=torch.Generator().manual_seed(0))
+
+    def pass_over(rows: torch.Tensor) -> None:
+        with surgery.context(model).use(0):
+            logits = model(input_ids=rows).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows.flatten()).backward()
+
+    fns = {"fused_step": fused_step, "solo_steps": solo_steps,
+           "one_pass16": lambda: pass_over(ids),
+           "four_pass4": lambda: [pass_over(ids[i : i + 4]) for i in range(0, 16, 4)]}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds + 1):  # the first round warms up
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
 def main(argv: list[str]) -> int:
     mode, data, out = argv[0], Path(argv[1]), Path(argv[2])
     torch.set_num_threads(int(argv[4]) if len(argv) > 4 else torch.get_num_threads())
@@ -130,6 +189,8 @@ def main(argv: list[str]) -> int:
         result = _sequential(data, out, only=int(argv[3]))
     elif mode == "peft":
         result = _peft(data, out)
+    elif mode == "inprocess":
+        result = _inprocess(data, out)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     result["peak_rss"] = _status_kib("VmHWM") * 1024

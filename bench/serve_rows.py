@@ -30,6 +30,7 @@ from loratree.adapters import AdapterStore
 from loratree.adapters.cache import AdapterCache
 from loratree.adapters.routing import Router, prompt_features, write_centroid
 from loratree.adapters.slot_table import BASE, SlotTable
+from loratree.ops import slots as slot_ops
 from loratree.serve import Engine, Request
 
 __all__ = ["serve_tables"]
@@ -46,7 +47,7 @@ def serve_tables(base: nn.Module, tokenizer, repeats: int) -> tuple[list[Table],
         for spec in (QV_R8, ALL_R16):
             store = _store(base, spec, Path(tmp) / spec.label.replace(" ", "_"))
             t, c = _throughput(base, tokenizer, store, spec, repeats)
-            tables.append(t)
+            tables += t
             checks += c
         store = AdapterStore(Path(tmp) / QV_R8.label.replace(" ", "_"))
         t, c = _switching(base, store, repeats)
@@ -151,8 +152,65 @@ def _throughput(base, tokenizer, store, spec, repeats):
               f"{tps['ours mixed'] / tps['PEFT mixed']:.2f}",
               tps["ours mixed"] >= 1.3 * tps["PEFT mixed"]),
     ]
+    bound = _decode_bound(engine, prompts, names, rounds)
     engine.table.cache.close()
-    return table, checks
+    return [table, bound], checks
+
+
+def _decode_bound(engine: Engine, prompts: list[list[int]], names: list[str],
+                  rounds: int) -> Table:
+    """One decode step, timed alone: all on one adapter (merged), 8 different adapters, and
+    the mixed step's LoRA matmuls by themselves. one / (one + LoRA alone) is the most a
+    mixed batch can reach against one adapter with these matmuls, whatever the engine."""
+    def step_times(adapters: list[str]) -> list[float]:
+        handles = [engine.submit(Request(p, adapter=a, max_new_tokens=NEW, ignore_eos=True))
+                   for p, a in zip(prompts, adapters, strict=True)]
+        times = []
+        engine.step()  # prefill (and a merge or an unmerge)
+        while engine.busy():
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t0)
+        assert all(len(h.result().tokens) == NEW for h in handles)
+        return times[:-1]  # the last step also retires the batch
+    step_times(names)  # puts the 8 adapters in slots
+    layers = list(surgery.lora_layers(engine.model).values())
+    slots = tuple(sorted({engine.table.slot_of(n) for n in names}))
+    g = torch.Generator().manual_seed(3)
+    work = []
+    for layer in layers:
+        a = [p.detach() for p in layer.lora_a]
+        b = [p.detach() for p in layer.lora_b]
+        a_cat, b_cat, cols = slot_ops.stacked(a, b, [sp.scale for sp in layer.specs], slots)
+        x = torch.randn(BATCH, layer.in_features, generator=g)
+        mask = slot_ops.stacked_mask(torch.tensor(slots), cols, a_cat.dtype)
+        work.append((x, mask, a_cat, b_cat, torch.zeros(BATCH, layer.out_features)))
+
+    def lora_alone() -> None:
+        with torch.inference_mode():
+            for x, mask, a_cat, b_cat, y in work:
+                slot_ops.stacked_branch(x, mask, a_cat, b_cat, y=y)
+
+    one, mixed, alone = [], [], []
+    for _ in range(max(3, rounds)):
+        one += step_times([names[0]] * BATCH)
+        mixed += step_times(names)
+        t0 = time.perf_counter()
+        lora_alone()
+        alone.append(time.perf_counter() - t0)
+    one_ms, mixed_ms, alone_ms = (statistics.median(v) for v in (one, mixed, alone))
+    return Table(
+        f"One decode step, batch {BATCH}, {N_ADAPTERS} adapters: where the time goes",
+        [Row("decode step, 8 different adapters vs all on one (merged)", mixed_ms, one_ms,
+             "ms"),
+         Row(f"the mixed step's LoRA matmuls alone ({len(layers)} layers) vs the one-adapter "
+             "step", alone_ms, one_ms, "ms")],
+        [f"Medians over the decode steps of {max(3, rounds)} rounds. 'LoRA matmuls alone': "
+         "the two matmuls per layer that add the 8 adapters side by side, on random inputs, "
+         "nothing else. A mixed step costs at least one step plus that, so mixed / one "
+         f"throughput cannot pass {one_ms / (one_ms + alone_ms):.2f} with these matmuls "
+         f"(measured: {one_ms / mixed_ms:.2f})."],
+        peer_name="one adapter")
 
 
 def _switching(base, store, repeats):
