@@ -212,9 +212,10 @@ class LoraModule(nn.Module):
             if self.specs[seg.uniform].rank == 0:
                 return y
             return self.add_branch(y, x, seg.uniform)
-        for slot in seg.slots:
-            self._check_slot(slot)
-        live = tuple(s for s in seg.slots if self.specs[s].rank > 0)
+        # seg.slots are among the batch's, checked above; most adapters touch every layer
+        live_slots = self.live_slots()
+        live = (seg.slots if live_slots.issuperset(seg.slots)
+                else tuple(s for s in seg.slots if s in live_slots))
         if not live:  # none of the batch's adapters touches this layer
             return y
         if not torch.is_grad_enabled() and self.stackable:

@@ -57,8 +57,8 @@ class LoraLinear(LoraModule):
 
     def stacked_add(self, y: Tensor, flat: Tensor, rows: int, slots: tuple[int, ...]) -> Tensor:
         cached = self.__dict__.get("_stacked")  # dropped by set_slot
-        if cached is None or cached[0] != slots or any(
-                p._version != v for p, v in zip(cached[1], cached[2], strict=True)):
+        if (cached is None or cached[0] != slots
+                or [p._version for p in cached[1]] != cached[2]):  # changed in place
             params = [self.lora_a[k] for k in slots] + [self.lora_b[k] for k in slots]
             a = [p.detach() for p in self.lora_a]
             b = [p.detach() for p in self.lora_b]
@@ -79,7 +79,9 @@ class LoraLinear(LoraModule):
         mask = self.ctx.memo(("mask", rows, n, cached[4], a_cat.dtype),
                              lambda: slot_ops.stacked_mask(token_slots, cols, a_cat.dtype))
         out = y.reshape(n, self.out_features)
-        slot_ops.stacked_branch(flat.to(a_cat.dtype), mask, a_cat, b_cat, y=out)
+        if flat.dtype != a_cat.dtype:
+            flat = flat.to(a_cat.dtype)
+        slot_ops.stacked_branch(flat, mask, a_cat, b_cat, y=out)
         return out.view(y.shape)
 
     def runs_add(self, y: Tensor, flat: Tensor, runs: tuple[tuple[int, int, int], ...],

@@ -204,4 +204,6 @@ def stacked_branch(x: Tensor, mask: Tensor, a_cat: Tensor, b_cat: Tensor,
     h = (x @ a_cat.t()).mul_(mask)  # (N, R)
     if y is None:
         return h @ b_cat.t()
-    return torch.addmm(y, h.to(y.dtype), b_cat.t().to(y.dtype), out=y)
+    if h.dtype != y.dtype:
+        h, b_cat = h.to(y.dtype), b_cat.to(y.dtype)
+    return torch.addmm(y, h, b_cat.t(), out=y)
