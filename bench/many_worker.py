@@ -107,7 +107,7 @@ def _peft(data: Path, out: Path) -> dict:
         model.train()
         examples = encode(read_jsonl(c.data), tokenizer, c.max_length).examples
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=c.lr)
+        opt = torch.optim.AdamW(params, lr=c.lr, foreach=True)  # as ours (train.steps.adamw)
         order = batch_order(len(examples), c.batch_size, seed=c.seed, epoch=0)
         t0 = time.perf_counter()
         for step in range(c.max_steps):

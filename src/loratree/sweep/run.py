@@ -51,7 +51,7 @@ from loratree.train.checkpoint import Position
 from loratree.train.data import pad_token_id, read_jsonl
 from loratree.train.loop import next_batch
 from loratree.train.many import ManyConfig, fit_many, setup_many
-from loratree.train.steps import label_tokens, optimizer_step
+from loratree.train.steps import adamw, label_tokens, optimizer_step
 
 __all__ = ["point_config", "points", "run_sweep", "time_steps"]
 
@@ -191,7 +191,7 @@ def time_steps(model: nn.Module, params: list[nn.Parameter], data: Encoded, c: T
     """Median wall seconds of ``n`` optimizer steps of ``params`` (after one warm-up step),
     as the solo trainer takes them, on the first batches of ``c``'s data order."""
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    optimizer = adamw(params, c.lr, c.weight_decay)
     was_training = model.training
     model.train()
     position, times = Position(0, 0, 0), []

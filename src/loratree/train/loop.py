@@ -38,7 +38,7 @@ from loratree.train.data import RowSet, batch_order, from_records, pad_token_id,
 from loratree.train.evaluate import eval_loss, exact_match
 from loratree.train.grow import Grower
 from loratree.train.metrics import MetricsLog, read_metrics
-from loratree.train.steps import label_tokens, optimizer_step
+from loratree.train.steps import adamw, label_tokens, optimizer_step
 
 __all__ = ["Run", "TrainResult", "catch_signals", "fit", "lr_schedule", "next_batch", "save",
            "setup", "train"]
@@ -147,8 +147,7 @@ def setup(config: TrainConfig, *, model: nn.Module | None = None,
             p.requires_grad_(True)
     model.to(d.device).train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(params.values(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = adamw(params.values(), config.lr, config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
     out = Path(config.out)
     return Run(config, model, tokenizer, train_data, eval_rows, eval_data, params, optimizer,

