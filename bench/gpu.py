@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import random
@@ -26,11 +27,11 @@ from torch import nn
 from bench.contenders import ALL_R16, QV_R8
 from bench.harness import interleaved, machine_info
 from bench.report import Check, Row, Table, render, write_atomic
-from bench.serve_rows import _peft, _store
+from bench.serve_rows import NEW, _peft, _store, generate_batch
 from loratree.adapters.cache import AdapterCache
 from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.models.tiny import tiny_tokenizer
-from loratree.serve import Engine, Request
+from loratree.serve import Engine
 from loratree.train import TrainConfig, fit, setup
 from loratree.train.many import ManyConfig, fit_many, setup_many
 
@@ -148,12 +149,12 @@ def serving(base: nn.Module, root: Path, rounds: int) -> tuple[list[Table], list
         table = SlotTable(model, AdapterCache(store, 2**30), n_slots=8, max_rank=16)
         engine = Engine(model, tokenizer, table, max_batch=8)
         theirs = _peft(base, store, names).to(cuda)
-        fns = {"one": _ours(engine, prompts, [names[0]] * 8),
-               "mixed": _ours(engine, prompts, names),
-               "none": _ours(engine, prompts, [BASE] * 8),
+        fns = {"one": functools.partial(generate_batch, engine, prompts, [names[0]] * 8),
+               "mixed": functools.partial(generate_batch, engine, prompts, names),
+               "none": functools.partial(generate_batch, engine, prompts, [BASE] * 8),
                "PEFT mixed": _peft_mixed(theirs, ids.to(cuda), names)}
         t = interleaved(fns, rounds, warmup=2)
-        tps = {k: 8 * 24 / v.median for k, v in t.items()}
+        tps = {k: 8 * NEW / v.median for k, v in t.items()}
         tables.append(Table(
             f"CUDA: serving throughput, 8 adapters {spec.label}",
             [Row("tokens/s, 8 different adapters vs all on one", tps["mixed"], tps["one"],
@@ -161,7 +162,7 @@ def serving(base: nn.Module, root: Path, rounds: int) -> tuple[list[Table], list
              Row("tokens/s, 8 different adapters vs PEFT's mixed batch", tps["mixed"],
                  tps["PEFT mixed"], "count"),
              Row("tokens/s, no adapter vs all on one", tps["none"], tps["one"], "count")],
-            ["8 requests of 32 prompt tokens, 24 greedy new tokens each, submitted together; "
+            [f"8 requests of 32 prompt tokens, {NEW} greedy new tokens each, submitted together; "
              "tokens/s = generated tokens / wall time (prefill included); medians of "
              f"{rounds} interleaved rounds. 'one' runs merged (the engine's policy)."],
             peer_name="alternative"))
@@ -173,21 +174,11 @@ def serving(base: nn.Module, root: Path, rounds: int) -> tuple[list[Table], list
     return tables, checks
 
 
-def _ours(engine: Engine, prompts: list[list[int]], adapters: list[str]) -> Callable[[], None]:
-    def run() -> None:
-        handles = [engine.submit(Request(p, adapter=a, max_new_tokens=24, ignore_eos=True))
-                   for p, a in zip(prompts, adapters, strict=True)]
-        while engine.busy():
-            engine.step()
-        assert all(len(h.result().tokens) == 24 for h in handles)
-    return run
-
-
 def _peft_mixed(model: nn.Module, ids: torch.Tensor, names: list[str]) -> Callable[[], None]:
     def run() -> None:
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                           max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                           max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                            pad_token_id=0, adapter_names=names)
         _sync()
     return run

@@ -90,6 +90,20 @@ def _engine(base: nn.Module, tokenizer, store: AdapterStore, **kw) -> Engine:
     return Engine(model, tokenizer, table, max_batch=BATCH, **kw)
 
 
+def generate_batch(engine: Engine, prompts: list[list[int]], adapters: list[str]) -> list[float]:
+    """One greedy request per prompt (``NEW`` tokens, EOS ignored), on the adapter beside
+    it; steps the engine until all finish and returns each step's wall seconds."""
+    handles = [engine.submit(Request(p, adapter=a, max_new_tokens=NEW, ignore_eos=True))
+               for p, a in zip(prompts, adapters, strict=True)]
+    times = []
+    while engine.busy():
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    assert all(len(h.result().tokens) == NEW for h in handles)
+    return times
+
+
 def _throughput(base, tokenizer, store, spec, repeats):
     names = [f"a{i}" for i in range(N_ADAPTERS)]
     ids = random_ids(base, BATCH, PROMPT, seed=11)
@@ -99,14 +113,7 @@ def _throughput(base, tokenizer, store, spec, repeats):
     mask = torch.ones_like(ids)
 
     def ours(adapters: list[str]) -> Callable[[], None]:
-        def run() -> None:
-            handles = [engine.submit(Request(p, adapter=a, max_new_tokens=NEW,
-                                                   ignore_eos=True))
-                       for p, a in zip(prompts, adapters, strict=True)]
-            while engine.busy():
-                engine.step()
-            assert all(len(h.result().tokens) == NEW for h in handles)
-        return run
+        return lambda: generate_batch(engine, prompts, adapters)
 
     def peer(adapters: list[str] | None) -> Callable[[], None]:
         def run() -> None:
@@ -163,16 +170,9 @@ def _decode_bound(engine: Engine, prompts: list[list[int]], names: list[str],
     the mixed step's LoRA matmuls by themselves. one / (one + LoRA alone) is the most a
     mixed batch can reach against one adapter with these matmuls, whatever the engine."""
     def step_times(adapters: list[str]) -> list[float]:
-        handles = [engine.submit(Request(p, adapter=a, max_new_tokens=NEW, ignore_eos=True))
-                   for p, a in zip(prompts, adapters, strict=True)]
-        times = []
-        engine.step()  # prefill (and a merge or an unmerge)
-        while engine.busy():
-            t0 = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - t0)
-        assert all(len(h.result().tokens) == NEW for h in handles)
-        return times[:-1]  # the last step also retires the batch
+        # the first step prefills (and merges or unmerges); the last also retires the batch
+        return generate_batch(engine, prompts, adapters)[1:-1]
+
     step_times(names)  # puts the 8 adapters in slots
     layers = list(surgery.lora_layers(engine.model).values())
     slots = tuple(sorted({engine.table.slot_of(n) for n in names}))
