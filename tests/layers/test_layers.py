@@ -137,3 +137,30 @@ def test_mixed_inference_over_long_rows_equals_each_row_alone(index):
         with torch.no_grad(), ctx.use(slot):
             alone = layer(x[i])
         torch.testing.assert_close(mixed[i], alone, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("index", [
+    [0, 0, 1, 1, 2, 2],  # sorted, two rows per slot: the batched layout is a view
+    [-1, 0, 1, 2, 3, 3],  # a base row, and slot 3 (rank 0 here) skips the layer
+    [2, 0, 1, 0, 2, 2],  # unsorted and uneven: gathered
+])
+def test_mixed_decode_step_equals_each_row_alone(index):
+    """Few tokens at inference (a decode step): every slot's rows in one batched matmul
+    pair, slots of ranks 2, 4, 3 (padded to 4) and 0; each row equals the row alone, also
+    after a slot's weights change in place."""
+    ctx = SlotContext()
+    layer = LoraLinear(nn.Linear(6, 5), ctx)
+    for slot, r in enumerate((2, 4, 3, 0)):
+        layer.add_slot(SlotSpec(r, 2.0))
+        if r:
+            _fill(layer, slot, seed=slot)
+    x = torch.randn(6, 1, 6)
+    for _ in range(2):
+        with torch.no_grad(), ctx.use(torch.tensor(index)):
+            mixed = layer(x)
+        for i, slot in enumerate(index):
+            with torch.no_grad(), ctx.use(slot):
+                alone = layer(x[i])
+            torch.testing.assert_close(mixed[i], alone, atol=1e-6, rtol=0)
+        with torch.no_grad():
+            layer.lora_b[1].mul_(-3.0)  # the cached batched factors must follow

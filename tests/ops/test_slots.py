@@ -57,28 +57,50 @@ def test_map_segments_scatters_back_in_token_order():
     assert out.squeeze(1).tolist() == [1.0, 0.0, 20.0, 31.0]
 
 
-@pytest.mark.parametrize("index", [[0, 1, -1, 0, 2, 2, 1], [2, -1, 2, 0], [1, 0]])
-def test_stacked_branch_and_kept_segments_match_per_token_loop(index):
+@pytest.mark.parametrize("index", [
+    [0, 1, -1, 0, 2, 2, 1],  # unsorted, uneven: gathered, with empty places
+    [2, -1, 2, 0],
+    [1, 0],  # one token per slot, not in slot order: gathered, no empty place
+    [-1, 0, 0, 1, 1, 2, 2],  # sorted, as many per slot, after a base row: a view
+    [0, 1, 2],
+])
+def test_grouped_add_and_kept_segments_match_per_token_loop(index):
     index = torch.tensor(index, dtype=torch.long)
-    ranks = (2, 5, 3)
+    ranks = (2, 5, 3)  # slots of different ranks: the smaller ones padded with zeros
     x = torch.randn(index.numel(), 6)
     a = [torch.randn(r, 6) for r in ranks]
     b = [torch.randn(4, r) for r in ranks]
     scales = [0.5, 2.0, 1.0]
     used = sorted({int(k) for k in index if k >= 0})
-    a_cat, b_cat, cols = slots.stacked(a, b, scales, used)
-    mask = slots.stacked_mask(index, cols, x.dtype)
-    got = slots.stacked_branch(x, mask, a_cat, b_cat)
-    torch.testing.assert_close(got, _reference(x, a, b, scales, index), atol=1e-5, rtol=0)
+    at, bt = slots.grouped_factors(a, b, scales, used)
+    assert at.shape == (len(used), 6, max(ranks[k] for k in used))
+    layout = slots.grouped_layout(index.tolist(), used)
+    sorted_even = index.tolist() in ([-1, 0, 0, 1, 1, 2, 2], [0, 1, 2])
+    assert (layout.gather is None) == sorted_even
     y0 = torch.randn(index.numel(), 4)
-    into = slots.stacked_branch(x, mask, a_cat, b_cat, y=y0.clone())
-    torch.testing.assert_close(into, y0 + _reference(x, a, b, scales, index), atol=1e-5, rtol=0)
-    # keeping only some slots: the others' tokens get nothing
+    got = slots.grouped_add(y0.clone(), x, at, bt, layout)
+    torch.testing.assert_close(got, y0 + _reference(x, a, b, scales, index), atol=1e-5, rtol=0)
+    # only some slots grouped: the others' tokens get nothing
     kept = used[:1]
+    at, bt = slots.grouped_factors(a, b, scales, kept)
+    got = slots.grouped_add(y0.clone(), x, at, bt, slots.grouped_layout(index.tolist(), kept))
+    masked = torch.where(torch.isin(index, torch.tensor(kept)), index, -1)
+    torch.testing.assert_close(got, y0 + _reference(x, a, b, scales, masked), atol=1e-5, rtol=0)
     seg = slots.keep(slots.segment(index), kept)
     y = slots.expand(torch.zeros(index.numel(), 4), slots.shrink(x, a, seg), b, scales, seg)
-    masked = torch.where(torch.isin(index, torch.tensor(kept)), index, -1)
     torch.testing.assert_close(y, _reference(x, a, b, scales, masked), atol=1e-5, rtol=0)
+
+
+def test_grouped_add_keeps_a_slots_non_finite_factors_to_its_own_tokens():
+    index = [1, 0, 1]  # uneven: slot 0 has an empty place, a zero row
+    x = torch.randn(3, 6)
+    a = [torch.full((2, 6), float("inf")), torch.randn(2, 6)]
+    b = [torch.randn(4, 2), torch.randn(4, 2)]
+    at, bt = slots.grouped_factors(a, b, [1.0, 1.0], [0, 1])
+    got = slots.grouped_add(torch.zeros(3, 4), x, at, bt, slots.grouped_layout(index, [0, 1]))
+    assert not torch.isfinite(got[1]).any()
+    want = _reference(x, a, b, [1.0, 1.0], torch.tensor([1, -1, 1]))
+    torch.testing.assert_close(got[[0, 2]], want[[0, 2]], atol=1e-5, rtol=0)
 
 
 def test_row_runs_cover_each_run_of_rows_once():

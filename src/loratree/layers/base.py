@@ -45,10 +45,10 @@ class SlotSpec:
         return lora_ops.scale(self.alpha, self.rank, self.rslora) if self.rank else 0.0
 
 
-STACKED_MAX_TOKENS = 64
-"""At inference, a mixed batch of at most this many tokens (decode steps) runs its slots'
-adapters side by side in two matmuls (``ops.slots.stacked_branch``); larger ones (prefill,
-training) run one matmul pair per slot over that slot's tokens."""
+BATCHED_MAX_TOKENS = 64
+"""At inference, a mixed batch of at most this many tokens (decode steps) runs all its
+slots' adapters in one batched matmul pair (``ops.slots.grouped_add``); larger ones
+(prefill, training) run one matmul pair per slot (or per run of rows) over its tokens."""
 
 
 class LoraModule(nn.Module):
@@ -172,7 +172,7 @@ class LoraModule(nn.Module):
             pa.requires_grad_(False)
             pb.requires_grad_(False)
         self.specs[slot] = spec
-        self.__dict__.pop("_stacked", None)
+        self.__dict__.pop("_batched", None)
         self.__dict__.pop("_live", None)
 
     # -- forward ------------------------------------------------------------------------
@@ -218,7 +218,7 @@ class LoraModule(nn.Module):
                 else tuple(s for s in seg.slots if s in live_slots))
         if not live:  # none of the batch's adapters touches this layer
             return y
-        if not torch.is_grad_enabled() and self.stackable:
+        if not torch.is_grad_enabled() and self.batchable:
             out = self._inference_add(y, flat, rows, live)
             if out is not None:
                 return out
@@ -227,10 +227,10 @@ class LoraModule(nn.Module):
 
     def _inference_add(self, y: Tensor, flat: Tensor, rows: int,
                        live: tuple[int, ...]) -> Tensor | None:
-        """Mixed inference without gathering: decode steps side by side, prefill by runs of
-        rows; None when neither fits (the per-slot path then runs)."""
-        if flat.shape[0] <= STACKED_MAX_TOKENS:
-            return self.stacked_add(y, flat, rows, live)
+        """Mixed inference without a per-slot loop: decode steps in one batched matmul pair,
+        prefill by runs of rows; None when neither fits (the per-slot path then runs)."""
+        if flat.shape[0] <= BATCHED_MAX_TOKENS:
+            return self.batched_add(y, flat, rows, live)
         runs = self.ctx.runs(rows, flat.shape[0])
         if runs is None:
             return None
@@ -251,12 +251,12 @@ class LoraModule(nn.Module):
             y = self.add_branch(y, x, under)
         return y
 
-    stackable = False
-    """Whether ``stacked_add`` is implemented (LoRA on linear layers)."""
+    batchable = False
+    """Whether ``batched_add`` is implemented (LoRA on linear layers)."""
 
-    def stacked_add(self, y: Tensor, flat: Tensor, rows: int, slots: tuple[int, ...]) -> Tensor:
-        """Inference with few tokens: y plus the ``slots``' adapters side by side, in two
-        matmuls, written into ``y``."""
+    def batched_add(self, y: Tensor, flat: Tensor, rows: int, slots: tuple[int, ...]) -> Tensor:
+        """Inference with few tokens: y plus every ``slots`` adapter's branch for its own
+        tokens, in one batched matmul pair, written into ``y``."""
         raise NotImplementedError
 
     def runs_add(self, y: Tensor, flat: Tensor, runs: tuple[tuple[int, int, int], ...],

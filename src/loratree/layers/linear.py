@@ -53,35 +53,24 @@ class LoraLinear(LoraModule):
                           alpha=self.specs[slot].scale)  # (N, out)
         return out.view(y.shape)
 
-    stackable = True
+    batchable = True
 
-    def stacked_add(self, y: Tensor, flat: Tensor, rows: int, slots: tuple[int, ...]) -> Tensor:
-        cached = self.__dict__.get("_stacked")  # dropped by set_slot
+    def batched_add(self, y: Tensor, flat: Tensor, rows: int, slots: tuple[int, ...]) -> Tensor:
+        cached = self.__dict__.get("_batched")  # dropped by set_slot
         if (cached is None or cached[0] != slots
                 or [p._version for p in cached[1]] != cached[2]):  # changed in place
             params = [self.lora_a[k] for k in slots] + [self.lora_b[k] for k in slots]
             a = [p.detach() for p in self.lora_a]
             b = [p.detach() for p in self.lora_b]
-            parts = slot_ops.stacked(a, b, [s.scale for s in self.specs], slots)
-            # a non-finite weight would leak into other rows through the shared matmul
-            # (0 * inf = nan): such a batch takes the per-slot path, which keeps it apart
-            finite = bool(torch.isfinite(parts[0]).all() and torch.isfinite(parts[1]).all())
-            layout = tuple((k, self.specs[k].rank) for k in slots)
-            cached = (slots, params, [p._version for p in params],
-                      parts if finite else None, layout)
-            self.__dict__["_stacked"] = cached
+            factors = slot_ops.grouped_factors(a, b, [s.scale for s in self.specs], slots)
+            cached = (slots, params, [p._version for p in params], factors)
+            self.__dict__["_batched"] = cached
         n = flat.shape[0]
-        token_slots = self.ctx.token_slots(rows, n)
-        if cached[3] is None:
-            seg = slot_ops.keep(slot_ops.segment(token_slots), slots)
-            return y + self.mixed(flat, seg).reshape(y.shape).to(y.dtype)
-        a_cat, b_cat, cols = cached[3]
-        mask = self.ctx.memo(("mask", rows, n, cached[4], a_cat.dtype),
-                             lambda: slot_ops.stacked_mask(token_slots, cols, a_cat.dtype))
+        ctx = self.ctx
+        layout = ctx.memo(("grouped", rows, n, slots), lambda: slot_ops.grouped_layout(
+            ctx.token_slots(rows, n).tolist(), slots, flat.device))
         out = y.reshape(n, self.out_features)
-        if flat.dtype != a_cat.dtype:
-            flat = flat.to(a_cat.dtype)
-        slot_ops.stacked_branch(flat, mask, a_cat, b_cat, y=out)
+        slot_ops.grouped_add(out, flat, *cached[3], layout)
         return out.view(y.shape)
 
     def runs_add(self, y: Tensor, flat: Tensor, runs: tuple[tuple[int, int, int], ...],

@@ -6,6 +6,11 @@ matmul per *distinct* slot over that slot's tokens (a segmented gather-matmul-sc
 in punica's SGMV), never one Python iteration per row. When every token uses one slot,
 ``Segments.uniform`` is set and callers use the plain formula with no gather at all.
 
+A decode step has few tokens and many slots, so a matmul per slot is mostly call overhead.
+There every slot's tokens are laid out ``(k slots, m tokens)`` (``grouped_layout``) and all
+slots go through one batched matmul pair (``grouped_add``, punica's BGMV as ``bmm``). When
+the batch is sorted by slot with as many tokens per slot, the layout is a view: no gather.
+
 Slot tensors may be stacked ``(S, R, in)`` or given as a sequence of S tensors whose ranks
 differ (``(r_s, in)``); both index as ``a[s]``.
 """
@@ -20,16 +25,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "Grouped",
     "Segments",
     "expand",
+    "grouped_add",
+    "grouped_factors",
+    "grouped_layout",
     "keep",
     "map_segments",
     "row_runs",
     "segment",
     "shrink",
-    "stacked",
-    "stacked_branch",
-    "stacked_mask",
 ]
 
 
@@ -168,42 +174,94 @@ def expand(
     return y.index_add(0, seg.order, torch.cat(parts).to(y.dtype))
 
 
-def stacked(a: Sequence[Tensor], b: Sequence[Tensor], scales: Sequence[float],
-            slots: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """The given slots' adapters side by side: (A_cat, B_cat scaled, each column's slot).
+@dataclass(frozen=True)
+class Grouped:
+    """Tokens laid out as ``(k, m)``: m token places for each of k slots, in slot order.
 
-    Semantics: A_cat = [A_k1; A_k2; ...], B_cat = [s_k1 B_k1, s_k2 B_k2, ...].
-    Shape: a[k] (r_k, in), b[k] (out, r_k) -> (R, in), (out, R), (R,) with R = sum r_k
+    Contiguous (``gather`` None): tokens ``lo .. lo + k*m - 1`` already lie that way (a
+    batch sorted by slot, every slot with m tokens), so the layout is a view. Else
+    ``gather`` names the token at each of the k*m places (``n_tokens``: an empty place, a
+    zero row) and ``dest`` / ``places`` the filled places' tokens and places.
     """
-    a_cat = torch.cat([a[k] for k in slots])
-    b_cat = torch.cat([b[k] * scales[k] for k in slots], dim=1)
-    cols = torch.cat([torch.full((a[k].shape[0],), k, dtype=torch.long, device=a_cat.device)
-                      for k in slots])
-    return a_cat, b_cat, cols
+
+    slots: tuple[int, ...]
+    m: int
+    lo: int
+    n_tokens: int
+    gather: Tensor | None = None
+    dest: Tensor | None = None
+    places: Tensor | None = None
 
 
-def stacked_mask(token_slots: Tensor, cols: Tensor, dtype: torch.dtype) -> Tensor:
-    """Which stacked rank columns each token uses.
+def grouped_layout(token_slots: Sequence[int], slots: Sequence[int],
+                   device: torch.device | None = None) -> Grouped:
+    """Where each token of ``slots`` goes in a ``(k, m)`` layout (tokens of other slots,
+    and -1, go nowhere).
 
-    Semantics: M[t, j] = 1 if cols[j] == token_slots[t] else 0.
-    Shape: token_slots (N,), cols (R,) -> (N, R)
+    Semantics: place (j, i) holds the i-th token (in order) whose slot is slots[j].
+    Shape: token_slots (N,) -> k = len(slots) groups of m = the most tokens any slot has.
     """
-    return (token_slots.unsqueeze(1) == cols.unsqueeze(0)).to(dtype)
+    where: dict[int, list[int]] = {s: [] for s in slots}
+    for t, s in enumerate(token_slots):
+        if s in where:
+            where[s].append(t)
+    n, k = len(token_slots), len(slots)
+    m = max((len(v) for v in where.values()), default=0)
+    lo = n - k * m
+    flat = [t for s in slots for t in where[s]]
+    if lo >= 0 and flat == list(range(lo, n)):
+        return Grouped(tuple(slots), m, lo, n)
+    gather = [n] * (k * m)
+    for j, s in enumerate(slots):
+        gather[j * m : j * m + len(where[s])] = where[s]
+    places = [p for p, t in enumerate(gather) if t < n]
+    return Grouped(tuple(slots), m, -1, n,
+                   torch.tensor(gather, dtype=torch.long, device=device),
+                   torch.tensor([gather[p] for p in places], dtype=torch.long, device=device),
+                   torch.tensor(places, dtype=torch.long, device=device))
 
 
-def stacked_branch(x: Tensor, mask: Tensor, a_cat: Tensor, b_cat: Tensor,
-                   y: Tensor | None = None) -> Tensor:
-    """Every token's LoRA output from the side-by-side adapters, in two dense matmuls:
-    each token keeps only the rank columns of its own slot (punica's BGMV, as a mask).
-    With ``y`` the output is added into it, in place (inference only).
+def grouped_factors(a: Sequence[Tensor], b: Sequence[Tensor], scales: Sequence[float],
+                    slots: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The given slots' factors batched for ``torch.bmm``: A transposed and B transposed
+    and scaled, a smaller rank padded with zeros to the largest.
 
-    Semantics: out_t = [y_t +] s_k B_k A_k x_t for k = the token's slot among the stacked
-    ones, nothing for a token whose slot is not stacked (or -1).
-    Shape: x (N, in), mask (N, R), a_cat (R, in), b_cat (out, R), y (N, out) -> (N, out)
+    Semantics: At[j] = [A_k^T | 0], Bt[j] = [s_k B_k^T ; 0] for k = slots[j], so
+    x At[j] Bt[j] = s_k x A_k^T B_k^T.
+    Shape: a[k] (r_k, in), b[k] (out, r_k) -> (K, in, R), (K, R, out) with R = max r_k
     """
-    h = (x @ a_cat.t()).mul_(mask)  # (N, R)
-    if y is None:
-        return h @ b_cat.t()
-    if h.dtype != y.dtype:
-        h, b_cat = h.to(y.dtype), b_cat.to(y.dtype)
-    return torch.addmm(y, h, b_cat.t(), out=y)
+    r = max(a[k].shape[0] for k in slots)
+    a0, b0 = a[slots[0]], b[slots[0]]
+    at = a0.new_zeros((len(slots), a0.shape[1], r))
+    bt = b0.new_zeros((len(slots), r, b0.shape[0]))
+    for j, k in enumerate(slots):
+        rk = a[k].shape[0]
+        at[j, :, :rk] = a[k].t()
+        bt[j, :rk] = b[k].t() * scales[k]
+    return at, bt
+
+
+def grouped_add(y: Tensor, x: Tensor, at: Tensor, bt: Tensor, layout: Grouped) -> Tensor:
+    """Every token's LoRA output added into ``y`` in place, one batched matmul pair for all
+    slots (punica's BGMV as ``bmm``): each slot's factors are read once, for its own tokens
+    only, so one slot's tokens never touch another's factors.
+
+    Semantics: y_t += s_k B_k A_k x_t for k = the token's slot among ``layout.slots``.
+    Shape: y (N, out), x (N, in), at (K, in, R), bt (K, R, out) -> y
+    """
+    k, m = at.shape[0], layout.m
+    if layout.gather is None:
+        xs, ys = (x, y) if layout.lo == 0 else (x[layout.lo :], y[layout.lo :])
+        xs, ys = xs.view(k, m, x.shape[1]), ys.view(k, m, y.shape[1])
+        h = torch.bmm(xs if xs.dtype == at.dtype else xs.to(at.dtype), at)
+        if ys.dtype == bt.dtype:
+            torch.baddbmm(ys, h, bt, out=ys)
+        else:
+            ys += torch.bmm(h, bt).to(ys.dtype)
+        return y
+    padded = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, layout.gather)
+    h = torch.bmm(padded.view(k, m, x.shape[1]).to(at.dtype), at)
+    out = torch.bmm(h, bt).view(k * m, -1)
+    if layout.places.numel() != k * m:
+        out = out.index_select(0, layout.places)
+    return y.index_add_(0, layout.dest, out.to(y.dtype))

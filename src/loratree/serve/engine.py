@@ -218,6 +218,7 @@ class Engine:
             group.append((handle, ids, adapter, slot))
         if not group:
             return
+        group.sort(key=lambda g: g[3])  # by slot: adjacent rows share a slot (runs path)
         try:
             self._prefill(group)
         except Exception as e:
@@ -273,6 +274,18 @@ class Engine:
         self.consecutive_failures = 0
         self._kv = kv if self._kv is None else self._kv.join(kv)
         self._rows += rows
+        self._sort_rows()
+
+    def _sort_rows(self) -> None:
+        """Keep the running rows sorted by slot (the cache rows with them; rows leaving
+        keep the order). A decode step whose slots have as many rows each then lays its
+        rows out per slot as a view, with no gather (``ops.slots.grouped_layout``)."""
+        slots = [r.slot for r in self._rows]
+        if all(x <= y for x, y in itertools.pairwise(slots)):
+            return
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        self._rows = [self._rows[i] for i in order]
+        self._kv = self._kv.select(order)
 
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):

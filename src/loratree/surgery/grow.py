@@ -114,7 +114,7 @@ def _grow_layer(layer: LoraModule, slot: int, factor: int,
     layer.specs[slot] = SlotSpec(new_rank, lora_ops.grown_alpha(spec.alpha, rank, new_rank,
                                                                 spec.rslora),
                                  spec.dropout, spec.rslora)
-    layer.__dict__.pop("_stacked", None)  # stacked factors of the old rank
+    layer.__dict__.pop("_batched", None)  # batched factors of the old rank
     layer.__dict__.pop("_live", None)
     return pa.numel() + pb.numel() - before
 
