@@ -119,24 +119,32 @@ def test_a_bad_slot_index_is_a_clear_error():
         layer(torch.randn(2, 5, 4))
 
 
-@pytest.mark.parametrize("index", [[2, 2, -1, 0, 1], [1, 0, 1, 0, 1], [3, 3, 3, 0, -1]])
-def test_mixed_inference_over_long_rows_equals_each_row_alone(index):
-    """Rows longer than a decode step (prefill) take the in-place runs path when rows on one
-    slot are adjacent, else the per-slot path; both give each row alone. Slot 3 has rank 0
-    (an adapter that skips this layer)."""
+def _mixed_equals_alone(index, x, changes=1):
+    """A layer with slots of ranks 2, 4, 3 and 0 (an adapter that skips this layer); each
+    row of a mixed inference batch equals the row alone, also after slot 1's weights change
+    in place (``changes`` times: cached factors must follow)."""
     ctx = SlotContext()
     layer = LoraLinear(nn.Linear(6, 5), ctx)
     for slot, r in enumerate((2, 4, 3, 0)):
         layer.add_slot(SlotSpec(r, 2.0))
         if r:
             _fill(layer, slot, seed=slot)
-    x = torch.randn(5, 20, 6)  # 100 tokens: more than a decode step's stacked path takes
-    with torch.no_grad(), ctx.use(torch.tensor(index)):
-        mixed = layer(x)
-    for i, slot in enumerate(index):
-        with torch.no_grad(), ctx.use(slot):
-            alone = layer(x[i])
-        torch.testing.assert_close(mixed[i], alone, atol=1e-6, rtol=0)
+    for _ in range(changes):
+        with torch.no_grad(), ctx.use(torch.tensor(index)):
+            mixed = layer(x)
+        for i, slot in enumerate(index):
+            with torch.no_grad(), ctx.use(slot):
+                alone = layer(x[i])
+            torch.testing.assert_close(mixed[i], alone, atol=1e-6, rtol=0)
+        with torch.no_grad():
+            layer.lora_b[1].mul_(-3.0)
+
+
+@pytest.mark.parametrize("index", [[2, 2, -1, 0, 1], [1, 0, 1, 0, 1], [3, 3, 3, 0, -1]])
+def test_mixed_inference_over_long_rows_equals_each_row_alone(index):
+    """Rows longer than a decode step (prefill) take the in-place runs path when rows on one
+    slot are adjacent, else the per-slot path."""
+    _mixed_equals_alone(index, torch.randn(5, 20, 6))  # 100 tokens: more than a decode step
 
 
 @pytest.mark.parametrize("index", [
@@ -146,21 +154,5 @@ def test_mixed_inference_over_long_rows_equals_each_row_alone(index):
 ])
 def test_mixed_decode_step_equals_each_row_alone(index):
     """Few tokens at inference (a decode step): every slot's rows in one batched matmul
-    pair, slots of ranks 2, 4, 3 (padded to 4) and 0; each row equals the row alone, also
-    after a slot's weights change in place."""
-    ctx = SlotContext()
-    layer = LoraLinear(nn.Linear(6, 5), ctx)
-    for slot, r in enumerate((2, 4, 3, 0)):
-        layer.add_slot(SlotSpec(r, 2.0))
-        if r:
-            _fill(layer, slot, seed=slot)
-    x = torch.randn(6, 1, 6)
-    for _ in range(2):
-        with torch.no_grad(), ctx.use(torch.tensor(index)):
-            mixed = layer(x)
-        for i, slot in enumerate(index):
-            with torch.no_grad(), ctx.use(slot):
-                alone = layer(x[i])
-            torch.testing.assert_close(mixed[i], alone, atol=1e-6, rtol=0)
-        with torch.no_grad():
-            layer.lora_b[1].mul_(-3.0)  # the cached batched factors must follow
+    pair, ranks 2 and 3 padded to 4."""
+    _mixed_equals_alone(index, torch.randn(6, 1, 6), changes=2)
