@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from loratree.errors import NonFiniteError, QuantizedBaseError
 from loratree.layers.context import SlotContext
 from loratree.ops import lora as lora_ops
+from loratree.ops import slots as slot_ops
 from loratree.ops.slots import Segments, keep, map_segments
 
 __all__ = ["LoraModule", "SlotSpec"]
@@ -198,43 +199,49 @@ class LoraModule(nn.Module):
                                "not in a per-token mixed batch")
         if self.merged is not None:
             y = y - self.branch(x, self.merged).to(y.dtype)
+        rows, flat = self.tokens(x)
+        n = flat.shape[0]
+        # how this layer runs the batch depends only on the batch and on which slots touch
+        # the layer, so layers alike share one plan per forward (a decode step's per-layer
+        # cost is mostly such bookkeeping)
+        live_slots = self.live_slots()
+        grad = torch.is_grad_enabled()
+        plan = self.ctx.memo(("plan", live_slots, len(self.specs), self.batchable, rows, n,
+                              grad),
+                             lambda: self._plan(live_slots, rows, n, grad))
+        kind = plan[0]
+        if kind == "none":
+            return y
+        if kind == "one":
+            return self.add_branch(y, x, plan[1])
+        if kind == "batched":
+            return self.batched_add(y, flat, plan[1], plan[2])
+        if kind == "runs":
+            return self.runs_add(y, flat, plan[1], live_slots)
+        out = self.mixed(flat, plan[1])
+        return y + out.reshape(y.shape).to(y.dtype)
+
+    def _plan(self, live_slots: frozenset[int], rows: int, n: int, grad: bool) -> tuple:
+        """("none",) | ("one", slot) | ("batched", slots, layout) | ("runs", runs) |
+        ("mixed", segments): how a layer whose live slots are ``live_slots`` adds the
+        batch's branches (checked once per forward)."""
         batch = self.ctx.batch_slots()
         if batch[-1] >= len(self.specs):
             self._check_slot(batch[-1])
-        if self.live_slots().isdisjoint(batch):  # no adapter of the batch touches this layer
-            return y
-        rows, flat = self.tokens(x)
-        seg = self.ctx.segments(rows, flat.shape[0])
+        if live_slots.isdisjoint(batch):  # no adapter of the batch touches this layer
+            return ("none",)
+        seg = self.ctx.segments(rows, n)
         if seg.uniform is not None:
-            if seg.uniform < 0:
-                return y
-            self._check_slot(seg.uniform)
-            if self.specs[seg.uniform].rank == 0:
-                return y
-            return self.add_branch(y, x, seg.uniform)
-        # seg.slots are among the batch's, checked above; most adapters touch every layer
-        live_slots = self.live_slots()
-        live = (seg.slots if live_slots.issuperset(seg.slots)
-                else tuple(s for s in seg.slots if s in live_slots))
-        if not live:  # none of the batch's adapters touches this layer
-            return y
-        if not torch.is_grad_enabled() and self.batchable:
-            out = self._inference_add(y, flat, rows, live)
-            if out is not None:
-                return out
-        out = self.mixed(flat, seg if len(live) == len(seg.slots) else keep(seg, live))
-        return y + out.reshape(y.shape).to(y.dtype)
-
-    def _inference_add(self, y: Tensor, flat: Tensor, rows: int,
-                       live: tuple[int, ...]) -> Tensor | None:
-        """Mixed inference without a per-slot loop: decode steps in one batched matmul pair,
-        prefill by runs of rows; None when neither fits (the per-slot path then runs)."""
-        if flat.shape[0] <= BATCHED_MAX_TOKENS:
-            return self.batched_add(y, flat, rows, live)
-        runs = self.ctx.runs(rows, flat.shape[0])
-        if runs is None:
-            return None
-        return self.runs_add(y, flat, runs, frozenset(live))
+            return ("one", seg.uniform) if seg.uniform >= 0 else ("none",)
+        live = tuple(s for s in seg.slots if s in live_slots)
+        if not grad and self.batchable:  # inference: no per-slot gather
+            if n <= BATCHED_MAX_TOKENS:
+                tokens = self.ctx.token_slots(rows, n).tolist()
+                return ("batched", live, slot_ops.grouped_layout(tokens, live, seg.order.device))
+            runs = self.ctx.runs(rows, n)
+            if runs is not None:
+                return ("runs", runs)
+        return ("mixed", seg if len(live) == len(seg.slots) else keep(seg, live))
 
     def live_slots(self) -> frozenset[int]:
         """The slots that touch this layer (rank > 0); cached until a slot changes."""
@@ -254,9 +261,10 @@ class LoraModule(nn.Module):
     batchable = False
     """Whether ``batched_add`` is implemented (LoRA on linear layers)."""
 
-    def batched_add(self, y: Tensor, flat: Tensor, rows: int, slots: tuple[int, ...]) -> Tensor:
+    def batched_add(self, y: Tensor, flat: Tensor, slots: tuple[int, ...],
+                    layout: slot_ops.Grouped) -> Tensor:
         """Inference with few tokens: y plus every ``slots`` adapter's branch for its own
-        tokens, in one batched matmul pair, written into ``y``."""
+        tokens (placed by ``layout``), in one batched matmul pair, written into ``y``."""
         raise NotImplementedError
 
     def runs_add(self, y: Tensor, flat: Tensor, runs: tuple[tuple[int, int, int], ...],

@@ -55,7 +55,8 @@ class LoraLinear(LoraModule):
 
     batchable = True
 
-    def batched_add(self, y: Tensor, flat: Tensor, rows: int, slots: tuple[int, ...]) -> Tensor:
+    def batched_add(self, y: Tensor, flat: Tensor, slots: tuple[int, ...],
+                    layout: slot_ops.Grouped) -> Tensor:
         cached = self.__dict__.get("_batched")  # dropped by set_slot
         if (cached is None or cached[0] != slots
                 or [p._version for p in cached[1]] != cached[2]):  # changed in place
@@ -65,13 +66,12 @@ class LoraLinear(LoraModule):
             factors = slot_ops.grouped_factors(a, b, [s.scale for s in self.specs], slots)
             cached = (slots, params, [p._version for p in params], factors)
             self.__dict__["_batched"] = cached
-        n = flat.shape[0]
-        ctx = self.ctx
-        layout = ctx.memo(("grouped", rows, n, slots), lambda: slot_ops.grouped_layout(
-            ctx.token_slots(rows, n).tolist(), slots, flat.device))
-        out = y.reshape(n, self.out_features)
-        slot_ops.grouped_add(out, flat, *cached[3], layout)
-        return out.view(y.shape)
+        if y.is_contiguous():  # y's own memory, written in place
+            slot_ops.grouped_add(y.view(flat.shape[0], self.out_features), flat, *cached[3],
+                                 layout)
+            return y
+        out = y.reshape(flat.shape[0], self.out_features)
+        return slot_ops.grouped_add(out, flat, *cached[3], layout).view(y.shape)
 
     def runs_add(self, y: Tensor, flat: Tensor, runs: tuple[tuple[int, int, int], ...],
                  live: frozenset[int]) -> Tensor:
