@@ -190,6 +190,8 @@ class LoraModule(nn.Module):
                 return y
             self._check_slot(slot)
             return self._add_stack(y, x, slot)
+        if self.merged is None and not self.under and not self.live_slots():
+            return y  # no slot touches this layer (a serving table's q,v adapters in o_proj)
         return self._forward_per_token(y, x)
 
     def _forward_per_token(self, y: Tensor, x: Tensor) -> Tensor:
