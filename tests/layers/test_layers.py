@@ -140,10 +140,12 @@ def _mixed_equals_alone(index, x, changes=1):
             layer.lora_b[1].mul_(-3.0)
 
 
-@pytest.mark.parametrize("index", [[2, 2, -1, 0, 1], [1, 0, 1, 0, 1], [3, 3, 3, 0, -1]])
+@pytest.mark.parametrize("index", [[2, 2, -1, 0, 1], [1, 0, 1, 0, 1], [3, 3, 3, 0, -1],
+                                   [-1, 0, 0, 2, 2], [0, 1, 2, 3, 3]])
 def test_mixed_inference_over_long_rows_equals_each_row_alone(index):
-    """Rows longer than a decode step (prefill) take the in-place runs path when rows on one
-    slot are adjacent, else the per-slot path."""
+    """Rows longer than a decode step (prefill): rows sorted by slot, as many per live slot,
+    take one batched matmul pair over a view; other adjacent rows on one slot the in-place
+    runs path; the rest the per-slot path."""
     _mixed_equals_alone(index, torch.randn(5, 20, 6))  # 100 tokens: more than a decode step
 
 

@@ -47,9 +47,11 @@ class SlotSpec:
 
 
 BATCHED_MAX_TOKENS = 64
-"""At inference, a mixed batch of at most this many tokens (decode steps) runs all its
-slots' adapters in one batched matmul pair (``ops.slots.grouped_add``); larger ones
-(prefill, training) run one matmul pair per slot (or per run of rows) over its tokens."""
+"""At inference, a mixed batch runs all its slots' adapters in one batched matmul pair
+(``ops.slots.grouped_add``) when its rows are sorted by slot with as many rows per slot (a
+view, whatever the length), or when it has at most this many tokens (a decode step; its
+tokens are gathered); otherwise (prefill, training) one matmul pair per slot, or per run of
+rows, over that slot's tokens."""
 
 
 class LoraModule(nn.Module):
@@ -237,6 +239,9 @@ class LoraModule(nn.Module):
             return ("one", seg.uniform) if seg.uniform >= 0 else ("none",)
         live = tuple(s for s in seg.slots if s in live_slots)
         if not grad and self.batchable:  # inference: no per-slot gather
+            layout = self.ctx.grouped_rows(rows, n, live)
+            if layout is not None:  # rows sorted by slot, as many per slot: a view
+                return ("batched", live, layout)
             if n <= BATCHED_MAX_TOKENS:
                 tokens = self.ctx.token_slots(rows, n).tolist()
                 return ("batched", live, slot_ops.grouped_layout(tokens, live, seg.order.device))

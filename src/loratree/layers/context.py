@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loratree.ops.slots import Segments, row_runs, segment
+from loratree.ops.slots import Grouped, Segments, grouped_layout, row_runs, segment
 
 __all__ = ["SlotContext"]
 
@@ -95,6 +95,26 @@ class SlotContext:
             return False if found is None else found  # memo keeps no None
 
         found = self.memo(("runs", batch, n_tokens), make)
+        return found if found is not False else None
+
+    def grouped_rows(self, batch: int, n_tokens: int,
+                     slots: tuple[int, ...]) -> Grouped | None:
+        """The ``(k, m)`` layout of ``slots``' tokens (``ops.slots.grouped_layout``) when it
+        is a view of whole rows: the index is per row, sorted by slot among ``slots``, with
+        as many rows per slot (cached per ``use``); else None."""
+        index = self.index
+        assert index is not None
+        if index.dim() != 1 or index.shape[0] != batch or n_tokens % batch:
+            return None
+
+        def make() -> Grouped | bool:
+            rows = grouped_layout(index.tolist(), slots)
+            if rows.gather is not None:
+                return False  # memo keeps no None
+            per_row = n_tokens // batch
+            return Grouped(rows.slots, rows.m * per_row, rows.lo * per_row, n_tokens)
+
+        found = self.memo(("grouped-rows", batch, n_tokens, slots), make)
         return found if found is not False else None
 
     def token_slots(self, batch: int, n_tokens: int) -> Tensor:
