@@ -91,6 +91,23 @@ def test_idle_slots_are_reused_least_recently_used_first(store):
     torch.testing.assert_close(got, _alone(store, "all-r4", IDS, MASK), atol=1e-5, rtol=0)
 
 
+def test_a_refilled_slot_serves_its_new_adapter_in_a_mixed_batch(store):
+    """The table owns its slots (its layers skip the in-place check); refilling a slot
+    through the table drops the layer's batched factors, so the next mixed batch of few
+    tokens (the batched path) runs the new adapter."""
+    model, table = _table(store, n_slots=2)
+    assert all(layer.static_slots for layer in surgery.lora_layers(model).values())
+    for names in (["qv-r2", "all-r4"], ["qv-r2", "mlp-r3"]):  # mlp-r3 takes all-r4's slot
+        slots = [table.activate(n) for n in names]
+        rows = [names[0], names[0], names[1], names[1]]
+        index = torch.tensor([slots[0], slots[0], slots[1], slots[1]])
+        with torch.no_grad(), table.ctx.use(index):
+            mixed = model(input_ids=IDS, attention_mask=MASK).logits
+        for row, name in enumerate(rows):
+            want = _alone(store, name, IDS[row:row + 1], MASK[row:row + 1])
+            torch.testing.assert_close(mixed[row], want[0], atol=1e-5, rtol=0)
+
+
 def test_rank_above_the_slot_maximum_is_refused(store):
     _, table = _table(store, max_rank=4)
     with pytest.raises(RankTooLargeError, match="rank 8"):

@@ -65,7 +65,12 @@ class _Slot:
 
 class SlotTable:
     """``n_slots`` adapter slots on ``model`` for adapters of at most ``max_rank`` (LoRA)
-    or ``max_prefix`` virtual tokens (prefix)."""
+    or ``max_prefix`` virtual tokens (prefix).
+
+    The table owns its model's slots: their weights change only through it (``set_slot``),
+    never in place, so its layers skip the per-forward in-place check
+    (``LoraModule.static_slots``).
+    """
 
     def __init__(self, model: nn.Module, cache: AdapterCache, n_slots: int = 8,
                  max_rank: int = 64, max_prefix: int = 64,
@@ -76,6 +81,8 @@ class SlotTable:
         self.max_rank, self.max_prefix = max_rank, max_prefix
         indices = surgery.reserve_slots(model, n_slots, targets)
         self.layers = surgery.lora_layers(model)
+        for layer in self.layers.values():
+            layer.static_slots = True
         self.ctx = surgery.context(model)
         self._slots = [_Slot(i) for i in indices]
         self._by_name: dict[str, _Slot] = {}

@@ -66,6 +66,11 @@ class LoraModule(nn.Module):
         self.ctx = ctx
         self.module_name = name
         self.merged: int | None = None
+        self.static_slots = False
+        """Slot weights change only through ``set_slot`` (a serving ``SlotTable`` owns
+        them): mixed inference then skips checking, each forward, that no slot's weights
+        were edited in place (16 version counters a layer for 8 slots, a few percent of a
+        decode step)."""
         self.under: dict[int, int] = {}
         """slot -> a frozen slot that runs under it whenever it runs (a tree node being
         trained on top of its parent path). Single-slot forwards only."""

@@ -59,7 +59,8 @@ class LoraLinear(LoraModule):
                     layout: slot_ops.Grouped) -> Tensor:
         cached = self.__dict__.get("_batched")  # dropped by set_slot
         if (cached is None or cached[0] != slots
-                or [p._version for p in cached[1]] != cached[2]):  # changed in place
+                or (not self.static_slots  # else only set_slot changes them (and drops this)
+                    and [p._version for p in cached[1]] != cached[2])):  # changed in place
             params = [self.lora_a[k] for k in slots] + [self.lora_b[k] for k in slots]
             a = [p.detach() for p in self.lora_a]
             b = [p.detach() for p in self.lora_b]
