@@ -275,8 +275,9 @@ class LoraModule(nn.Module):
 
     def batched_add(self, y: Tensor, flat: Tensor, slots: tuple[int, ...],
                     layout: slot_ops.Grouped) -> Tensor:
-        """Inference with few tokens: y plus every ``slots`` adapter's branch for its own
-        tokens (placed by ``layout``), in one batched matmul pair, written into ``y``."""
+        """Inference (a decode step, or rows sorted by slot): y plus every ``slots``
+        adapter's branch for its own tokens (placed by ``layout``), in one batched matmul
+        pair, written into ``y``."""
         raise NotImplementedError
 
     def runs_add(self, y: Tensor, flat: Tensor, runs: tuple[tuple[int, int, int], ...],
