@@ -108,3 +108,30 @@ def test_row_runs_cover_each_run_of_rows_once():
         (2, 0, 6), (0, 9, 18), (2, 18, 21))
     assert slots.row_runs([-1, -1], 5, max_runs=1) == ()
     assert slots.row_runs([0, 1, 0, 1], 2, max_runs=3) is None  # would need 4 runs
+
+
+@pytest.mark.parametrize("ranks", [(2, 5, 3), (4, 0, 4), (3,)])
+def test_grouped_branch_equals_each_slot_alone_in_value_and_gradient(ranks):
+    """Training over rows sorted by slot (as many each): one bmm pair, padded ranks, a
+    rank-0 slot, against the per-token loop; the factors' gradients against autograd
+    through the loop."""
+    g = torch.Generator().manual_seed(0)
+    m, k = 5, len(ranks)
+    x = torch.randn(k * m, 6, generator=g, requires_grad=True)
+    a = [torch.randn(r, 6, generator=g).requires_grad_() for r in ranks]
+    b = [torch.randn(4, r, generator=g).requires_grad_() for r in ranks]
+    scales = [0.5, 2.0, 1.0][:k]
+    index = torch.arange(k).repeat_interleave(m)
+    upstream = torch.randn(k * m, 4, generator=g)
+
+    out = slots.grouped_branch(x, a, b, scales, tuple(range(k)))
+    grads = torch.autograd.grad((out * upstream).sum(), [x, *a, *b], allow_unused=True)
+    ref = _reference(x, a, b, scales, index)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), [x, *a, *b], allow_unused=True)
+
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    for got, want in zip(grads, ref_grads, strict=True):
+        if want is None:  # a rank-0 factor has no entries
+            assert got is None or got.numel() == 0
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -146,7 +146,10 @@ def test_a_burst_past_the_queue_gets_429_fast_and_admitted_requests_finish(many)
     ok = [r for r, _ in results if r.status_code == 200]
     refused = [(r, s) for r, s in results if r.status_code == 429]
     assert len(ok) == capacity and len(refused) == 3 * capacity
+    # fast: a refusal waits for no decode step, so it comes back before any admitted
+    # request (30 steps of at least 10 ms each) finishes, however busy the machine is
+    fastest_ok = min(s for r, s in results if r.status_code == 200)
     for r, seconds in refused:
-        assert r.headers["Retry-After"] == "1" and seconds < 0.1, seconds
+        assert r.headers["Retry-After"] == "1" and seconds < fastest_ok, (seconds, fastest_ok)
         assert r.json()["error"]["code"] == "queue_full"
     assert all(r.json()["usage"]["completion_tokens"] == 30 for r in ok)

@@ -17,8 +17,9 @@ from tests.train.driver import write_data
 STEPS = 20
 
 
-def _jobs(tmp_path, lr_of=None):
-    """Three jobs of different ranks, targets, lrs, batch sizes and data."""
+def _jobs(tmp_path, lr_of=None, batch_size=None):
+    """Three jobs of different ranks, targets, lrs, batch sizes (or one ``batch_size``)
+    and data."""
     shapes = {
         "qv-r2": dict(rank=2, alpha=4, targets=("q_proj", "v_proj"), lr=5e-3, batch_size=4),
         "all-r4": dict(rank=4, alpha=8, targets=("all-linear",), lr=3e-3, batch_size=3),
@@ -28,7 +29,7 @@ def _jobs(tmp_path, lr_of=None):
     configs = {}
     for i, (name, kw) in enumerate(shapes.items()):
         train_path, eval_path = write_data(tmp_path / f"data-{name}", n=24, seed=i)
-        kw = {"warmup_steps": 2, **kw}
+        kw = {"warmup_steps": 2, **kw, **({"batch_size": batch_size} if batch_size else {})}
         if lr_of and name in lr_of:
             kw["lr"] = lr_of[name]
         configs[name] = TrainConfig(data=str(train_path), eval_data=str(eval_path),
@@ -67,8 +68,18 @@ def _assert_same_adapter(a_dir, b_dir):
     return err
 
 
-def test_each_fused_job_equals_its_solo_run(tmp_path):
-    configs = _jobs(tmp_path)
+@pytest.mark.parametrize("batch_size", [None, 3], ids=["batches-differ", "batches-equal"])
+def test_each_fused_job_equals_its_solo_run(tmp_path, monkeypatch, batch_size):
+    """Batches that differ run each job's rows through its slot by gathering them; equal
+    batches run every slot's rows as a view in one batched matmul pair per layer (and a job
+    whose rows are much shorter gets a pass of its own): both equal the solo runs."""
+    from loratree.ops import slots as slot_ops
+
+    batched = []
+    real = slot_ops.grouped_branch
+    monkeypatch.setattr(slot_ops, "grouped_branch",
+                        lambda *a, **k: batched.append(1) or real(*a, **k))
+    configs = _jobs(tmp_path, batch_size=batch_size)
     result = train_many(ManyConfig(tuple(configs), tuple(configs.values())), progress=False,
                         model=tiny_llama(vocab=64), tokenizer=tiny_tokenizer(64))
     assert not result.errors and all(s == STEPS for s in result.steps.values())
@@ -78,6 +89,7 @@ def test_each_fused_job_equals_its_solo_run(tmp_path):
         assert _close(_losses(fused), _losses(solo)), name
         _assert_same_adapter(fused, solo)
         assert (fused / "loss.png").is_file()
+    assert bool(batched) == (batch_size is not None)  # which path the passes took
 
 
 def test_a_job_with_nan_data_stops_alone(tmp_path):
@@ -149,3 +161,23 @@ def test_jobs_toml_and_bad_job_sets(tmp_path):
         ManyConfig(("a",), (TrainConfig(data="a", out="x", method="full"),))
     with pytest.raises(ValueError, match="same model"):
         ManyConfig(("a", "b"), (a, TrainConfig(data="b", out="o/b", model="other")))
+
+
+def test_passes_keep_jobs_together_longest_first_and_split_on_padding_or_width():
+    from loratree.models.chat import Example
+    from loratree.train.many import MAX_EXTRA_PADDING, passes
+
+    def rows(*lengths):
+        return [Example([1] * n, [1] * n) for n in lengths]
+
+    long, also_long, short = object(), object(), object()
+    parts = [(short, rows(10, 9)), (long, rows(40, 38)), (also_long, rows(40, 39))]
+    cut = passes(parts)
+    # short rows would pad the pass by 2 * 30 of 6 * 40 tokens: a pass of their own
+    assert 2 * 30 > MAX_EXTRA_PADDING * 6 * 40
+    assert [[job for job, _ in p] for p in cut] == [[long, long, also_long, also_long],
+                                                    [short, short]]
+    assert [[job for job, _ in p] for p in passes(parts, width=3)] == [
+        [long, long], [also_long, also_long], [short, short]]
+    assert [len(p) for p in passes([(long, rows(5, 5, 5, 5, 5))], width=2)] == [2, 2, 1]
+    assert passes([(long, [])]) == []

@@ -216,7 +216,7 @@ class LoraModule(nn.Module):
         live_slots = self.live_slots()
         grad = torch.is_grad_enabled()
         plan = self.ctx.memo(("plan", live_slots, len(self.specs), self.batchable, rows, n,
-                              grad),
+                              grad, self.training),
                              lambda: self._plan(live_slots, rows, n, grad))
         kind = plan[0]
         if kind == "none":
@@ -227,13 +227,15 @@ class LoraModule(nn.Module):
             return self.batched_add(y, flat, plan[1], plan[2])
         if kind == "runs":
             return self.runs_add(y, flat, plan[1], live_slots)
+        if kind == "trained":
+            return self.trained_add(y, flat, plan[1], plan[2])
         out = self.mixed(flat, plan[1])
         return y + out.reshape(y.shape).to(y.dtype)
 
     def _plan(self, live_slots: frozenset[int], rows: int, n: int, grad: bool) -> tuple:
-        """("none",) | ("one", slot) | ("batched", slots, layout) | ("runs", runs) |
-        ("mixed", segments): how a layer whose live slots are ``live_slots`` adds the
-        batch's branches (checked once per forward)."""
+        """("none",) | ("one", slot) | ("trained", slots, layout) | ("batched", slots,
+        layout) | ("runs", runs) | ("mixed", segments): how a layer whose live slots are
+        ``live_slots`` adds the batch's branches (checked once per forward)."""
         batch = self.ctx.batch_slots()
         if batch[-1] >= len(self.specs):
             self._check_slot(batch[-1])
@@ -243,6 +245,11 @@ class LoraModule(nn.Module):
         if seg.uniform is not None:
             return ("one", seg.uniform) if seg.uniform >= 0 else ("none",)
         live = tuple(s for s in seg.slots if s in live_slots)
+        if grad and self.batchable and not (
+                self.training and any(self.specs[s].dropout for s in seg.slots)):
+            layout = self.ctx.grouped_rows(rows, n, seg.slots)
+            if layout is not None:  # fused training, rows sorted by job: a view
+                return ("trained", seg.slots, layout)
         if not grad and self.batchable:  # inference: no per-slot gather
             layout = self.ctx.grouped_rows(rows, n, live)
             if layout is not None:  # rows sorted by slot, as many per slot: a view
@@ -278,6 +285,13 @@ class LoraModule(nn.Module):
         """Inference (a decode step, or rows sorted by slot): y plus every ``slots``
         adapter's branch for its own tokens (placed by ``layout``), in one batched matmul
         pair, written into ``y``."""
+        raise NotImplementedError
+
+    def trained_add(self, y: Tensor, flat: Tensor, slots: tuple[int, ...],
+                    layout: slot_ops.Grouped) -> Tensor:
+        """Training on rows sorted by slot, as many per slot (``layout`` a view): y plus
+        every slot's branch for its own rows in one batched matmul pair, differentiable
+        (a new tensor; no gather and no scatter through autograd)."""
         raise NotImplementedError
 
     def runs_add(self, y: Tensor, flat: Tensor, runs: tuple[tuple[int, int, int], ...],

@@ -74,6 +74,15 @@ class LoraLinear(LoraModule):
         out = y.reshape(flat.shape[0], self.out_features)
         return slot_ops.grouped_add(out, flat, *cached[3], layout).view(y.shape)
 
+    def trained_add(self, y: Tensor, flat: Tensor, slots: tuple[int, ...],
+                    layout: slot_ops.Grouped) -> Tensor:
+        lo, a0 = layout.lo, self.lora_a[slots[0]]
+        out = slot_ops.grouped_branch(flat[lo:].to(a0.dtype), self.lora_a, self.lora_b,
+                                      [s.scale for s in self.specs], slots).to(y.dtype)
+        base = y.reshape(flat.shape[0], self.out_features)
+        out = base + out if lo == 0 else torch.cat([base[:lo], base[lo:] + out])
+        return out.view(y.shape)
+
     def runs_add(self, y: Tensor, flat: Tensor, runs: tuple[tuple[int, int, int], ...],
                  live: frozenset[int]) -> Tensor:
         out = y.reshape(-1, self.out_features)  # a view of y: rows are written in place

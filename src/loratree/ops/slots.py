@@ -29,6 +29,7 @@ __all__ = [
     "Segments",
     "expand",
     "grouped_add",
+    "grouped_branch",
     "grouped_factors",
     "grouped_layout",
     "keep",
@@ -265,3 +266,24 @@ def grouped_add(y: Tensor, x: Tensor, at: Tensor, bt: Tensor, layout: Grouped) -
     if layout.places.numel() != k * m:
         out = out.index_select(0, layout.places)
     return y.index_add_(0, layout.dest, out.to(y.dtype))
+
+
+def grouped_branch(x: Tensor, a: Sequence[Tensor], b: Sequence[Tensor],
+                   scales: Sequence[float], slots: Sequence[int]) -> Tensor:
+    """Every slot's LoRA output for its own block of rows, one batched matmul pair for all
+    slots, differentiable in ``a`` and ``b`` (training: the fused trainer's rows sorted by
+    job, as many per job, so the blocks are a view of the batch and nothing is gathered).
+
+    Semantics: out[j*m + i] = s_k B_k A_k x[j*m + i] for k = slots[j], m = N / len(slots);
+    a slot of rank 0 gives zeros. A smaller rank is padded with zeros to the largest, which
+    adds nothing to the output nor to the gradients of the real factors.
+    Shape: x (N, in), a[k] (r_k, in), b[k] (out, r_k) -> (N, out)
+    """
+    k = len(slots)
+    assert k and x.shape[0] % k == 0, f"{x.shape[0]} rows do not split into {k} slots"
+    r = max(a[s].shape[0] for s in slots)
+    at = torch.stack([F.pad(a[s].t(), (0, r - a[s].shape[0])) for s in slots])  # (K, in, R)
+    bt = torch.stack([F.pad(b[s].t() * scales[s], (0, 0, 0, r - b[s].shape[1]))
+                      for s in slots])  # (K, R, out)
+    h = torch.bmm(x.reshape(k, -1, x.shape[1]), at)  # (K, m, R)
+    return torch.bmm(h, bt).reshape(x.shape[0], bt.shape[2])  # (N, out)

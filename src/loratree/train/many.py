@@ -44,7 +44,7 @@ from loratree import surgery
 from loratree.adapters import save_adapter
 from loratree.errors import NonFiniteError
 from loratree.models import load_base
-from loratree.models.chat import Encoded, encode
+from loratree.models.chat import Encoded, Example, encode
 from loratree.train import checkpoint as ckpt
 from loratree.train import distributed
 from loratree.train.config import TrainConfig
@@ -81,9 +81,10 @@ class ManyConfig:
     names: tuple[str, ...]
     jobs: tuple[TrainConfig, ...]
     rows_per_pass: int = 0
-    """Rows per forward/backward pass of a fused step (gradients accumulate over the
-    passes); 0: the largest job's batch size, so peak memory is that of one job's step
-    while the frozen base and its weights are shared."""
+    """At most this many rows per forward/backward pass of a fused step (gradients
+    accumulate over the passes); 0: no limit, one pass over every job's rows (a pass may
+    still end where jobs' row lengths differ much: ``passes``). A limit caps the memory
+    that activations take."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -302,12 +303,9 @@ def _fused_step(run: ManyRun, jobs: Sequence[Job], pad: int) -> dict[str, float 
     for job in jobs:
         job.position, examples = next_batch(job.train_data, job.config, job.position)
         parts.append((job, label_tokens(examples), examples[d.rank :: d.world]))
-    rows = [(job, e) for job, _, mine in parts for e in mine]
     tokens = {job.name: max(n, 1) for job, n, _ in parts}
-    width = run.config.rows_per_pass or max(j.config.batch_size for j in run.jobs)
     sums = dict.fromkeys(tokens, 0.0)
-    for start in range(0, len(rows), width):
-        chunk = rows[start : start + width]
+    for chunk in passes([(job, mine) for job, _, mine in parts], run.config.rows_per_pass):
         batch = {k: v.to(d.device) for k, v in collate([e for _, e in chunk], pad).items()}
         slots = torch.tensor([job.slot for job, _ in chunk], device=d.device)
         with surgery.context(model).use(slots):
@@ -332,6 +330,43 @@ def _fused_step(run: ManyRun, jobs: Sequence[Job], pad: int) -> dict[str, float 
         else:
             losses[job.name] = None
     return losses
+
+
+MAX_EXTRA_PADDING = 0.05
+"""A fused pass pads every row to its longest; a job whose rows are shorter starts a pass
+of its own rather than pad the pass by more than this share of its tokens (beyond the
+padding each job has alone)."""
+
+
+def passes(parts: Sequence[tuple[Job, Sequence[Example]]], width: int = 0
+           ) -> list[list[tuple[Job, Example]]]:
+    """A fused step's rows cut into forward/backward passes.
+
+    Jobs go longest row first and each job's rows stay together, so a pass is sorted by
+    slot and, when its jobs have as many rows each, every LoRA layer runs the pass as one
+    view per job (``ops.slots.grouped_branch``). A pass ends at ``width`` rows (0: no
+    limit) and before a job whose shorter rows would pad it by more than
+    ``MAX_EXTRA_PADDING``.
+    """
+    longest = {id(job): max(len(e) for e in rows) for job, rows in parts if rows}
+    ordered = sorted((p for p in parts if p[1]), key=lambda p: -longest[id(p[0])])
+    out: list[list[tuple[Job, Example]]] = []
+    extra = 0
+    for job, rows in ordered:
+        length = longest[id(job)]
+        current = out[-1] if out else None
+        if current is not None:
+            top = longest[id(current[0][0])]  # the pass's longest row
+            grown = extra + len(rows) * (top - length)
+            if (not width or len(current) + len(rows) <= width) and \
+                    grown <= MAX_EXTRA_PADDING * (len(current) + len(rows)) * top:
+                current += [(job, e) for e in rows]
+                extra = grown
+                continue
+        extra = 0
+        for start in range(0, len(rows), width or len(rows)):
+            out.append([(job, e) for e in rows[start : start + (width or len(rows))]])
+    return out
 
 
 def _row_losses(model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:

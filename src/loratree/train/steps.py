@@ -42,28 +42,62 @@ def token_losses(model: nn.Module, batch: dict[str, Tensor], precision: str) -> 
     """Next-token cross-entropy of every position from the first labelled one on (fp32;
     0 where the label is ignored), shape ``(B, T')``.
 
-    Only those positions go through the LM head (``logits_to_keep``, where the model takes
-    it): with a completion-only loss most of a row is prompt, and the head's product with a
-    large vocabulary is a good part of a small model's step. The loss is the same.
+    Only labelled positions go through the LM head. With a completion-only loss most of a
+    row is prompt, and the head's product with a large vocabulary is a good part of a small
+    model's step. The model is cut to the columns from the first labelled one on
+    (``logits_to_keep``, where it takes it), and a pre-hook on the output head hands it the
+    labelled positions alone, gathered into one contiguous ``(n, C)`` block: a plain matrix
+    product, where the model's strided slice of a 3-D input that needs gradients runs as a
+    batched product over an expanded copy of the head's weight (on the CPU, about 3x the
+    time). The loss is the same.
     """
     device = batch["input_ids"].device
     labels = batch["labels"][:, 1:]  # position t predicts token t + 1
-    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-    first = int(labelled[0]) if len(labelled) else labels.shape[1]
+    labelled = labels != IGNORE_INDEX  # (B, T - 1)
+    columns = labelled.any(dim=0).nonzero()
+    first = int(columns[0]) if len(columns) else labels.shape[1]
     kwargs = {}
     if first > 0 and _takes_logits_to_keep(model):
         kwargs["logits_to_keep"] = batch["input_ids"].shape[1] - first
     else:
         first = 0
-    with autocast(device, precision):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       **kwargs).logits
-    n = labels.shape[1] - first
+    labels, labelled = labels[:, first:], labelled[:, first:]
+    # positions first .. T-1 reach the head; the last one predicts nothing
+    wanted = F.pad(labelled, (0, 1))  # (B, T - first)
+    gathered: list[bool] = []
+
+    def take_labelled(_module: nn.Module, args: tuple) -> tuple | None:
+        if gathered or not args or tuple(args[0].shape[:2]) != tuple(wanted.shape):
+            return None  # not the (B, T', C) block this hook expects: left as it is
+        gathered.append(True)
+        return (args[0][wanted], *args[1:])  # (n, C)
+
+    head = _output_head(model)
+    hook = head.register_forward_pre_hook(take_labelled) if head is not None else None
+    try:
+        with autocast(device, precision):
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"], **kwargs).logits
+    finally:
+        if hook is not None:
+            hook.remove()
+    if gathered:  # (n, V): the labelled positions in row order
+        token = F.cross_entropy(logits.float(), labels[labelled], reduction="none")
+        return torch.zeros(labels.shape, dtype=token.dtype, device=device).masked_scatter(
+            labelled, token)
+    n = labels.shape[1]
     logits = logits[:, -n - 1 : -1].float() if n else logits[:, :0].float()  # (B, n, V)
-    labels = labels[:, first:]
     token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="none")
     return token.view(labels.shape)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The module that maps hidden states to logits, under any DDP / PEFT wrapper."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) else None
 
 
 def loss_sum(model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
