@@ -109,8 +109,8 @@ class SweepConfig:
     tolerance: float = 2.0
     """Points of exact match: a configuration within this of the best is good enough."""
     rows_per_pass: int = 0
-    """Rows per forward/backward pass of the fused trainer (memory cap); 0: one job's
-    batch."""
+    """At most this many rows per forward/backward pass of the fused trainer (a memory
+    cap); 0: no limit."""
     timing_steps: int = 3
     """Solo optimizer steps timed per configuration, after one warm-up step."""
 
