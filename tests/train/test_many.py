@@ -68,11 +68,15 @@ def _assert_same_adapter(a_dir, b_dir):
     return err
 
 
-@pytest.mark.parametrize("batch_size", [None, 3], ids=["batches-differ", "batches-equal"])
-def test_each_fused_job_equals_its_solo_run(tmp_path, monkeypatch, batch_size):
-    """Batches that differ run each job's rows through its slot by gathering them; equal
-    batches run every slot's rows as a view in one batched matmul pair per layer (and a job
-    whose rows are much shorter gets a pass of its own): both equal the solo runs."""
+@pytest.mark.parametrize(("batch_size", "rows_per_pass", "batched_path"),
+                         [(None, 0, False), (None, 64, False), (3, 9, True)],
+                         ids=["one-job-per-pass", "batches-differ", "batches-equal"])
+def test_each_fused_job_equals_its_solo_run(tmp_path, monkeypatch, batch_size,
+                                            rows_per_pass, batched_path):
+    """By default a pass holds one job's rows (its slot alone). With wider passes, batches
+    that differ run each job's rows through its slot by gathering them; equal batches run
+    every slot's rows as a view in one batched matmul pair per layer (and a job whose rows
+    are much shorter gets a pass of its own). All equal the solo runs."""
     from loratree.ops import slots as slot_ops
 
     batched = []
@@ -80,8 +84,9 @@ def test_each_fused_job_equals_its_solo_run(tmp_path, monkeypatch, batch_size):
     monkeypatch.setattr(slot_ops, "grouped_branch",
                         lambda *a, **k: batched.append(1) or real(*a, **k))
     configs = _jobs(tmp_path, batch_size=batch_size)
-    result = train_many(ManyConfig(tuple(configs), tuple(configs.values())), progress=False,
-                        model=tiny_llama(vocab=64), tokenizer=tiny_tokenizer(64))
+    result = train_many(ManyConfig(tuple(configs), tuple(configs.values()), rows_per_pass),
+                        progress=False, model=tiny_llama(vocab=64),
+                        tokenizer=tiny_tokenizer(64))
     assert not result.errors and all(s == STEPS for s in result.steps.values())
     for name, config in configs.items():
         solo = _solo(tmp_path, name, config)
@@ -89,7 +94,7 @@ def test_each_fused_job_equals_its_solo_run(tmp_path, monkeypatch, batch_size):
         assert _close(_losses(fused), _losses(solo)), name
         _assert_same_adapter(fused, solo)
         assert (fused / "loss.png").is_file()
-    assert bool(batched) == (batch_size is not None)  # which path the passes took
+    assert bool(batched) == batched_path  # which path the passes took
 
 
 def test_a_job_with_nan_data_stops_alone(tmp_path):

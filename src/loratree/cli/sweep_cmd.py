@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ("max_new_tokens", int, "longest answer generated"),
         ("max_length", int, "examples are cut to this many tokens"),
         ("seed", int, "seed of every run"),
-        ("rows_per_pass", int, "most rows per fused forward pass, 0: no limit"),
+        ("rows_per_pass", int, "most rows per fused forward pass, 0: one job's batch"),
         ("timing_steps", int, "solo steps timed per configuration"),
     ):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind,

@@ -110,7 +110,7 @@ class SweepConfig:
     """Points of exact match: a configuration within this of the best is good enough."""
     rows_per_pass: int = 0
     """At most this many rows per forward/backward pass of the fused trainer (a memory
-    cap); 0: no limit."""
+    cap); 0: the largest job's batch (``ManyConfig.rows_per_pass``)."""
     timing_steps: int = 3
     """Solo optimizer steps timed per configuration, after one warm-up step."""
 

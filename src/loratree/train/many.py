@@ -82,9 +82,11 @@ class ManyConfig:
     jobs: tuple[TrainConfig, ...]
     rows_per_pass: int = 0
     """At most this many rows per forward/backward pass of a fused step (gradients
-    accumulate over the passes); 0: no limit, one pass over every job's rows (a pass may
-    still end where jobs' row lengths differ much: ``passes``). A limit caps the memory
-    that activations take."""
+    accumulate over the passes). 0 (the default): the largest job's rows in this process,
+    so a pass holds the activations of one solo step and the fused run's peak memory stays
+    that of one job. More rows per pass run more jobs in each batched matmul (a GPU gains;
+    on a CPU the matmuls already run at full speed with one job's rows) and take more
+    memory. A pass also ends where jobs' row lengths differ much (``passes``)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -305,7 +307,8 @@ def _fused_step(run: ManyRun, jobs: Sequence[Job], pad: int) -> dict[str, float 
         parts.append((job, label_tokens(examples), examples[d.rank :: d.world]))
     tokens = {job.name: max(n, 1) for job, n, _ in parts}
     sums = dict.fromkeys(tokens, 0.0)
-    for chunk in passes([(job, mine) for job, _, mine in parts], run.config.rows_per_pass):
+    width = run.config.rows_per_pass or max(len(mine) for _, _, mine in parts)
+    for chunk in passes([(job, mine) for job, _, mine in parts], width):
         batch = {k: v.to(d.device) for k, v in collate([e for _, e in chunk], pad).items()}
         slots = torch.tensor([job.slot for job, _ in chunk], device=d.device)
         with surgery.context(model).use(slots):
