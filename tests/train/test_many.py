@@ -170,7 +170,7 @@ def test_jobs_toml_and_bad_job_sets(tmp_path):
 
 def test_passes_keep_jobs_together_longest_first_and_split_on_padding_or_width():
     from loratree.models.chat import Example
-    from loratree.train.many import MAX_EXTRA_PADDING, passes
+    from loratree.train.passes import MAX_EXTRA_PADDING, passes
 
     def rows(*lengths):
         return [Example([1] * n, [1] * n) for n in lengths]

@@ -225,20 +225,17 @@ def grouped_layout(token_slots: Sequence[int], slots: Sequence[int],
 def grouped_factors(a: Sequence[Tensor], b: Sequence[Tensor], scales: Sequence[float],
                     slots: Sequence[int]) -> tuple[Tensor, Tensor]:
     """The given slots' factors batched for ``torch.bmm``: A transposed and B transposed
-    and scaled, a smaller rank padded with zeros to the largest.
+    and scaled, a smaller rank padded with zeros to the largest. Differentiable in ``a``
+    and ``b`` (the fused trainer stacks live parameters; serving passes detached ones).
 
     Semantics: At[j] = [A_k^T | 0], Bt[j] = [s_k B_k^T ; 0] for k = slots[j], so
     x At[j] Bt[j] = s_k x A_k^T B_k^T.
     Shape: a[k] (r_k, in), b[k] (out, r_k) -> (K, in, R), (K, R, out) with R = max r_k
     """
     r = max(a[k].shape[0] for k in slots)
-    a0, b0 = a[slots[0]], b[slots[0]]
-    at = a0.new_zeros((len(slots), a0.shape[1], r))
-    bt = b0.new_zeros((len(slots), r, b0.shape[0]))
-    for j, k in enumerate(slots):
-        rk = a[k].shape[0]
-        at[j, :, :rk] = a[k].t()
-        bt[j, :rk] = b[k].t() * scales[k]
+    at = torch.stack([F.pad(a[k].t(), (0, r - a[k].shape[0])) for k in slots])
+    bt = torch.stack([F.pad(b[k].t() * scales[k], (0, 0, 0, r - b[k].shape[1]))
+                      for k in slots])
     return at, bt
 
 
@@ -281,9 +278,6 @@ def grouped_branch(x: Tensor, a: Sequence[Tensor], b: Sequence[Tensor],
     """
     k = len(slots)
     assert k and x.shape[0] % k == 0, f"{x.shape[0]} rows do not split into {k} slots"
-    r = max(a[s].shape[0] for s in slots)
-    at = torch.stack([F.pad(a[s].t(), (0, r - a[s].shape[0])) for s in slots])  # (K, in, R)
-    bt = torch.stack([F.pad(b[s].t() * scales[s], (0, 0, 0, r - b[s].shape[1]))
-                      for s in slots])  # (K, R, out)
+    at, bt = grouped_factors(a, b, scales, slots)  # (K, in, R), (K, R, out)
     h = torch.bmm(x.reshape(k, -1, x.shape[1]), at)  # (K, m, R)
     return torch.bmm(h, bt).reshape(x.shape[0], bt.shape[2])  # (N, out)

@@ -44,7 +44,7 @@ from loratree import surgery
 from loratree.adapters import save_adapter
 from loratree.errors import NonFiniteError
 from loratree.models import load_base
-from loratree.models.chat import Encoded, Example, encode
+from loratree.models.chat import Encoded, encode
 from loratree.train import checkpoint as ckpt
 from loratree.train import distributed
 from loratree.train.config import TrainConfig
@@ -52,6 +52,7 @@ from loratree.train.data import RowSet, collate, pad_token_id, read_jsonl
 from loratree.train.evaluate import eval_loss, exact_match
 from loratree.train.loop import catch_signals, lr_schedule, next_batch
 from loratree.train.metrics import MetricsLog, read_metrics
+from loratree.train.passes import passes
 from loratree.train.steps import adamw, label_tokens, token_losses
 
 __all__ = [
@@ -333,43 +334,6 @@ def _fused_step(run: ManyRun, jobs: Sequence[Job], pad: int) -> dict[str, float 
         else:
             losses[job.name] = None
     return losses
-
-
-MAX_EXTRA_PADDING = 0.05
-"""A fused pass pads every row to its longest; a job whose rows are shorter starts a pass
-of its own rather than pad the pass by more than this share of its tokens (beyond the
-padding each job has alone)."""
-
-
-def passes(parts: Sequence[tuple[Job, Sequence[Example]]], width: int = 0
-           ) -> list[list[tuple[Job, Example]]]:
-    """A fused step's rows cut into forward/backward passes.
-
-    Jobs go longest row first and each job's rows stay together, so a pass is sorted by
-    slot and, when its jobs have as many rows each, every LoRA layer runs the pass as one
-    view per job (``ops.slots.grouped_branch``). A pass ends at ``width`` rows (0: no
-    limit) and before a job whose shorter rows would pad it by more than
-    ``MAX_EXTRA_PADDING``.
-    """
-    longest = {id(job): max(len(e) for e in rows) for job, rows in parts if rows}
-    ordered = sorted((p for p in parts if p[1]), key=lambda p: -longest[id(p[0])])
-    out: list[list[tuple[Job, Example]]] = []
-    extra = 0
-    for job, rows in ordered:
-        length = longest[id(job)]
-        current = out[-1] if out else None
-        if current is not None:
-            top = longest[id(current[0][0])]  # the pass's longest row
-            grown = extra + len(rows) * (top - length)
-            if (not width or len(current) + len(rows) <= width) and \
-                    grown <= MAX_EXTRA_PADDING * (len(current) + len(rows)) * top:
-                current += [(job, e) for e in rows]
-                extra = grown
-                continue
-        extra = 0
-        for start in range(0, len(rows), width or len(rows)):
-            out.append([(job, e) for e in rows[start : start + (width or len(rows))]])
-    return out
 
 
 def _row_losses(model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
