@@ -41,6 +41,7 @@ from loratree.serve.kv import BatchKV
 from loratree.serve.requests import AUTO, Completion, Handle, Request
 from loratree.surgery.cache_api import cache_kwarg
 from loratree.surgery.prefix import prefix_state
+from loratree.surgery.skinny import skinny_linears
 
 __all__ = ["Engine"]
 
@@ -66,16 +67,23 @@ class Engine:
 
     ``max_batch`` bounds the running rows; ``static`` admits new requests only when the
     batch is empty (the baseline continuous batching is measured against).
+    ``tune_linears`` (on a CPU) turns the model's plain linears into
+    ``layers.SkinnyLinear``, in place, so decode steps use the faster GEMM orientation.
     """
 
     def __init__(self, model: nn.Module, tokenizer: object, table: SlotTable, *,
                  max_batch: int = 8, static: bool = False, keep_logits: bool = False,
-                 merge_min_tokens: int = 16, router: Router | None = None) -> None:
+                 merge_min_tokens: int = 16, router: Router | None = None,
+                 tune_linears: bool = True) -> None:
         self.model, self.tokenizer, self.table = model, tokenizer, table
         self.router = router
         self.max_batch, self.static, self.keep_logits = max_batch, static, keep_logits
         self.merge_min_tokens = merge_min_tokens
         self.device = next(model.parameters()).device
+        if tune_linears and self.device.type == "cpu":
+            # decode steps multiply few rows: each plain linear measures which GEMM
+            # orientation is faster for its shape (layers.skinny); values are unchanged
+            skinny_linears(model)
         self._waiting: deque[Handle] = deque()
         self._rows: list[_Row] = []
         self._kv: BatchKV | None = None

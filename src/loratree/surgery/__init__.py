@@ -29,6 +29,7 @@ from loratree.surgery.quantize import (
     nf4_layers,
     quantize,
 )
+from loratree.surgery.skinny import skinny_linears
 from loratree.surgery.targets import adaptable_modules, find_targets
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "reserve_slots",
     "set_prefix",
     "set_trainable",
+    "skinny_linears",
     "slot_count",
     "stack",
     "switch",

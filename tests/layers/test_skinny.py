@@ -1,0 +1,57 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from loratree import surgery
+from loratree.layers import NF4Linear
+from loratree.layers.skinny import MAX_ROWS, SkinnyLinear, choices
+
+
+def _pair(bias: bool = True) -> tuple[nn.Linear, nn.Linear]:
+    torch.manual_seed(0)
+    plain = nn.Linear(24, 40, bias=bias)
+    fast = copy.deepcopy(plain)
+    fast.__class__ = SkinnyLinear
+    return plain, fast
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, MAX_ROWS, MAX_ROWS + 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_linear_equals_linear_outside_autograd(rows, bias):
+    plain, fast = _pair(bias)
+    x = torch.randn(rows, 1, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=0)
+    if rows <= MAX_ROWS:  # measured once, and kept
+        name = choices()[(40, 24, rows, torch.float32, bias)]
+        assert name in ("rows_first", "weight_first")
+
+
+def test_with_grad_it_is_linear_exactly():
+    plain, fast = _pair()
+    x = torch.randn(4, 24, requires_grad=True)
+    y = fast(x)
+    assert torch.equal(y, plain(x))
+    y.sum().backward()
+    assert fast.weight.grad is not None and x.grad is not None
+
+
+def test_skinny_linears_changes_plain_linears_only_and_keeps_the_state_dict():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8, bias=False),
+                          NF4Linear.from_linear(nn.Linear(64, 64)))
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        before = model[:3](x)
+    assert surgery.skinny_linears(model) == 2
+    assert surgery.skinny_linears(model) == 0  # idempotent
+    assert type(model[0]) is SkinnyLinear and isinstance(model[0], nn.Linear)
+    assert type(model[3]) is NF4Linear
+    state = model.state_dict()
+    assert state.keys() == keys.keys()
+    assert all(torch.equal(state[k], v) for k, v in keys.items())
+    with torch.no_grad():
+        torch.testing.assert_close(model[:3](x), before, atol=1e-6, rtol=0)
