@@ -25,7 +25,8 @@ def test_skinny_linear_equals_linear_outside_autograd(rows, bias):
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=0)
     if rows <= MAX_ROWS:  # measured once, and kept
-        name = choices()[(40, 24, rows, torch.float32, bias)]
+        bucket = {1: 1, 3: 4, 8: 8, MAX_ROWS: MAX_ROWS}[rows]
+        name = choices()[(40, 24, bucket, torch.float32, bias, True)]
         assert name in ("rows_first", "weight_first")
 
 
@@ -55,3 +56,17 @@ def test_skinny_linears_changes_plain_linears_only_and_keeps_the_state_dict():
     assert all(torch.equal(state[k], v) for k, v in keys.items())
     with torch.no_grad():
         torch.testing.assert_close(model[:3](x), before, atol=1e-6, rtol=0)
+
+
+def test_a_choice_is_kept_per_thread_kind():
+    import threading
+
+    _, fast = _pair()
+    x = torch.randn(2, 1, 24)
+    with torch.no_grad():
+        fast(x)
+        t = threading.Thread(target=lambda: torch.no_grad()(fast)(x))
+        t.start()
+        t.join()
+    assert {(40, 24, 2, torch.float32, True, True),
+            (40, 24, 2, torch.float32, True, False)} <= set(choices())

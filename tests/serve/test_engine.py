@@ -178,13 +178,29 @@ def test_end_of_sequence_stops_a_request_unless_it_ignores_eos(store):
 
 
 def test_threaded_engine_streams(store):
+    """In its own thread (decode steps with MKL on one thread there) the engine streams, and
+    a mixed batch gives each request the tokens and logits it gets alone."""
+    from loratree.serve import mkl
+
     engine = _engine(store).start()
     try:
         h = engine.submit(Request(PROMPTS[3], adapter="all-r4", max_new_tokens=5))
         text = "".join(h)
         assert text == h.result(timeout=30).text and len(h.result().tokens) == 5
+        names = ["qv-r2", "all-r4", BASE, "qv-r2"]
+        handles = [engine.submit(Request(p, adapter=a, max_new_tokens=6))
+                   for p, a in zip(PROMPTS, names, strict=True)]
+        for handle, prompt, name in zip(handles, PROMPTS, names, strict=True):
+            tokens, logits = solo_reference(store, name, prompt, 6)
+            assert list(handle.result(timeout=60).tokens) == tokens
+            torch.testing.assert_close(torch.stack(handle.logits), torch.stack(logits),
+                                       atol=1e-4, rtol=0)
     finally:
         engine.close()
+    if mkl.available():  # the thread's MKL setting was undone after every step
+        with mkl.threads(3):
+            pass
+        assert mkl._set_local()(0) == 0
 
 
 def test_auto_routes_to_the_adapter_whose_prompts_resemble_the_request(store, tmp_path):

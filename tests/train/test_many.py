@@ -186,3 +186,39 @@ def test_passes_keep_jobs_together_longest_first_and_split_on_padding_or_width()
         [long, long], [also_long, also_long], [short, short]]
     assert [len(p) for p in passes([(long, rows(5, 5, 5, 5, 5))], width=2)] == [2, 2, 1]
     assert passes([(long, [])]) == []
+
+
+def test_fused_evaluation_gives_each_job_its_slot_alone_answers(tmp_path):
+    """Due jobs' greedy evaluations share batches, each row through its job's slot (two
+    ``max_new_tokens`` here, so two groups); every job gets the answers, exact match and
+    eval loss its slot gives alone."""
+    from loratree import surgery
+    from loratree.train.evaluate import generate
+    from loratree.train.many import evaluate_jobs
+
+    n = 6
+    configs = {name: TrainConfig(**{**c.to_dict(), "max_steps": 6, "eval_examples": n,
+                                    "max_new_tokens": 5 if name == "mlp-r3" else 7})
+               for name, c in _jobs(tmp_path, lr_of={k: 5e-2 for k in
+                                                     ("qv-r2", "all-r4", "mlp-r3")}).items()}
+    run = setup_many(ManyConfig(tuple(configs), tuple(configs.values())),
+                     model=tiny_llama(vocab=64), tokenizer=tiny_tokenizer(64))
+    fit_many(run, progress=False)
+    fused = {job.name: dict(job.evals) for job in run.jobs}  # the last step's, fused
+    rows = [r for job in run.jobs for r in job.eval_rows.rows[:n]]
+    mixed = generate(run.model, run.tokenizer, rows, max_new_tokens=7, batch_size=4 * n,
+                     slots=[job.slot for job in run.jobs for _ in range(n)])
+    differs = False
+    for i, job in enumerate(run.jobs):
+        alone = evaluate_jobs(run, [job])[job.name]
+        assert set(alone) == {"eval_loss", "exact_match"} == set(fused[job.name])
+        assert alone["exact_match"] == fused[job.name]["exact_match"]
+        assert alone["eval_loss"] == pytest.approx(fused[job.name]["eval_loss"], rel=1e-6)
+        with surgery.context(run.model).use(job.slot):
+            solo = generate(run.model, run.tokenizer, job.eval_rows.rows[:n], max_new_tokens=7)
+        assert mixed[n * i : n * (i + 1)] == solo
+        other = run.jobs[(i + 1) % len(run.jobs)].slot
+        with surgery.context(run.model).use(other):
+            differs |= generate(run.model, run.tokenizer, job.eval_rows.rows[:n],
+                                max_new_tokens=7) != solo
+    assert differs  # the slots answer differently: the rows really ran through their own

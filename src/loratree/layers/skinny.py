@@ -2,12 +2,15 @@
 decode step on the CPU), runs whichever GEMM orientation of ``ops.skinny`` it measured to
 be faster for that shape.
 
-The choice is made once per (out, in, rows, dtype, bias) on the first such call, by timing
-both orientations on that call's own operands, and kept for the process. A decode step
-streams every weight from memory once, and the faster orientation with the weight in cache
-is not the faster one from memory (here: the other way round for most shapes), so each
-timed call runs after a read of a buffer twice the last-level cache. Training (grad
-enabled), CUDA and inputs of many rows go straight to ``F.linear``. The parameters, the
+The choice is made once per (out, in, rows rounded up to a power of two, dtype, bias) on
+the first such call, by timing the candidates on that call's own operands, and kept for
+the process. A decode step streams every weight from memory once, and the faster
+orientation with the weight in cache is not the faster one from memory (here: the other
+way round for most shapes), so each timed call runs after a read of a buffer twice the
+last-level cache. Training (grad
+enabled), CUDA and inputs of many rows go straight to ``F.linear``.
+The choice is kept per thread kind (main or other), since the engine's thread runs its
+decode steps with MKL on one thread (``serve.mkl``). The parameters, the
 state dict and ``isinstance(m, nn.Linear)`` are those of the ``nn.Linear`` it was.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from functools import cache
@@ -35,13 +39,16 @@ _TRIALS = 5
 _DEFAULT_LLC = 32 << 20
 
 Kernel = Callable[[Tensor, Tensor, Tensor | None], Tensor]
-_KERNELS: dict[str, Kernel] = {"rows_first": skinny.rows_first,
-                               "weight_first": skinny.weight_first}
 _chosen: dict[tuple, str] = {}
 
 
+_KERNELS: dict[str, Kernel] = {"rows_first": skinny.rows_first,
+                               "weight_first": skinny.weight_first}
+
+
 def choices() -> dict[tuple, str]:
-    """The orientation kept for each (out, in, rows, dtype, bias) measured so far."""
+    """The kernel kept for each (out, in, rows bucket, dtype, bias, main thread) measured
+    so far."""
     return dict(_chosen)
 
 
@@ -53,7 +60,10 @@ class SkinnyLinear(nn.Linear):
         if (rows > MAX_ROWS or x.device.type != "cpu" or torch.is_grad_enabled()
                 or x.dtype != self.weight.dtype):
             return skinny.rows_first(x, self.weight, self.bias)
-        key = (self.out_features, self.in_features, rows, x.dtype, self.bias is not None)
+        bucket = 1 << (rows - 1).bit_length()  # 1, 2, 4, ..., MAX_ROWS
+        main = threading.current_thread() is threading.main_thread()
+        key = (self.out_features, self.in_features, bucket, x.dtype, self.bias is not None,
+               main)
         name = _chosen.get(key)
         if name is None:
             name = _chosen[key] = self._measure(x)
@@ -65,10 +75,10 @@ class SkinnyLinear(nn.Linear):
         times: dict[str, list[float]] = {name: [] for name in _KERNELS}
         flush = torch.ones(2 * _last_level_cache() // 4)  # float32
         for trial in range(_TRIALS + 1):
-            for name, kernel in _KERNELS.items():
+            for name in times:
                 flush.sum()  # the weight out of cache, as in a decode step
                 t0 = time.perf_counter()
-                kernel(x, self.weight, self.bias)
+                _KERNELS[name](x, self.weight, self.bias)
                 if trial:
                     times[name].append(time.perf_counter() - t0)
         medians = {name: statistics.median(t) for name, t in times.items()}

@@ -21,6 +21,7 @@ alone, whatever joined before or after it.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import logging
@@ -37,6 +38,7 @@ from loratree.adapters.routing import Router
 from loratree.adapters.slot_table import SlotTable
 from loratree.errors import AdapterInUseError, CacheFullError, NonFiniteError
 from loratree.ops.sampling import sample
+from loratree.serve import mkl
 from loratree.serve.kv import BatchKV
 from loratree.serve.requests import AUTO, Completion, Handle, Request
 from loratree.surgery.cache_api import cache_kwarg
@@ -323,7 +325,7 @@ class Engine:
         mask = torch.cat([self._kv.mask, torch.ones(len(rows), 1, dtype=torch.long,
                                                     device=self.device)], dim=1)
         positions = torch.tensor([[r.next_pos] for r in rows], device=self.device)
-        with self.table.ctx.use(slots):
+        with self.table.ctx.use(slots), self._decode_threads():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              use_cache=True, **{cache_kwarg(self.model): self._kv.cache()})
         self.consecutive_failures = 0
@@ -333,6 +335,12 @@ class Engine:
         for i, row in enumerate(rows):
             row.next_pos += 1
             self._take(row, last[i], finite[i])
+
+    def _decode_threads(self) -> contextlib.AbstractContextManager:
+        """MKL on one thread for a decode step off the main thread, on a CPU (serve.mkl)."""
+        if self.device.type != "cpu" or threading.current_thread() is threading.main_thread():
+            return contextlib.nullcontext()
+        return mkl.threads(1)
 
     def _take(self, row: _Row, logits: torch.Tensor, finite: bool) -> None:
         req = row.handle.request

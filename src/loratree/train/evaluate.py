@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from loratree import surgery
 from loratree.models.chat import (
     Conversation,
     Example,
@@ -50,8 +52,13 @@ def file_loss(model: nn.Module, tokenizer, path: str, *, max_length: int = 256,
 def generate(
     model: nn.Module, tokenizer, conversations: Sequence[Conversation], *,
     max_new_tokens: int, batch_size: int = 16, device: torch.device | None = None,
+    slots: Sequence[int] | None = None,
 ) -> list[str]:
-    """Greedy completions of each conversation's prompt (its turns before the last answer)."""
+    """Greedy completions of each conversation's prompt (its turns before the last answer).
+
+    ``slots`` (one per conversation) runs each row through its own adapter slot, so the
+    conversations of several adapters share batches; without it the model's current slot
+    selection applies."""
     device = device or next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
@@ -66,10 +73,13 @@ def generate(
         for row, p in enumerate(prompts):  # left padding, so every prompt ends at the edge
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-            max_new_tokens=max_new_tokens, pad_token_id=pad,
-        )
+        use = (contextlib.nullcontext() if slots is None else surgery.context(model).use(
+            torch.tensor(slots[i : i + batch_size], device=device)))
+        with use:
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                max_new_tokens=max_new_tokens, pad_token_id=pad,
+            )
         answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     model.train(was_training)
     return [a.strip() for a in answers]
@@ -77,12 +87,13 @@ def generate(
 
 def exact_match(
     model: nn.Module, tokenizer, conversations: Sequence[Conversation], *, max_new_tokens: int,
-    device: torch.device | None = None,
+    device: torch.device | None = None, slots: Sequence[int] | None = None,
+    batch_size: int = 16,
 ) -> tuple[float, list[tuple[str, str]]]:
     """Fraction of greedy answers equal to the reference (whitespace-stripped), and the
-    (answer, reference) pairs."""
+    (answer, reference) pairs; ``slots`` and ``batch_size`` as in ``generate``."""
     answers = generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
-                       device=device)
+                       device=device, slots=slots, batch_size=batch_size)
     refs = [reference(c).strip() for c in conversations]
     hits = sum(a == r for a, r in zip(answers, refs, strict=True))
     return hits / max(len(refs), 1), list(zip(answers, refs, strict=True))
