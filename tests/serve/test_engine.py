@@ -305,3 +305,25 @@ def test_requests_wait_for_a_slot_when_every_slot_is_busy(store):
         assert h.result().finish_reason == "length", h.result().error
         assert list(h.result().tokens) == solo_reference(store, a, p, n)[0]
     assert cache.stats.bytes <= cache.budget
+
+
+def test_a_lone_joiner_waits_for_company_up_to_join_wait_prefills(store):
+    """While rows run, a request that would join alone waits (``join_wait`` prefill times)
+    for others, then they join in one prefill; ``join_wait=0`` joins at once. Each still
+    gets its solo tokens."""
+    for wait, joined_alone in ((1e9, False), (0.0, True)):
+        engine = _engine(store, max_batch=3, join_wait=wait)
+        first = engine.submit(Request(PROMPTS[0], adapter="qv-r2", max_new_tokens=8))
+        engine.step()  # prefills the first request: the batch now runs
+        second = engine.submit(Request(PROMPTS[1], adapter="all-r4", max_new_tokens=6))
+        engine.step()
+        assert (len(engine._rows) == 2) is joined_alone
+        third = engine.submit(Request(PROMPTS[2], adapter=BASE, max_new_tokens=6))
+        engine.step()  # two waiting fill the two free rows: they join together
+        assert len(engine._rows) == 3
+        while engine.busy():
+            engine.step()
+        for h, p, name in ((first, PROMPTS[0], "qv-r2"), (second, PROMPTS[1], "all-r4"),
+                           (third, PROMPTS[2], BASE)):
+            tokens, _ = solo_reference(store, name, p, h.request.max_new_tokens)
+            assert list(h.result().tokens) == tokens

@@ -69,6 +69,9 @@ class Engine:
 
     ``max_batch`` bounds the running rows; ``static`` admits new requests only when the
     batch is empty (the baseline continuous batching is measured against).
+    ``join_wait``: while rows are running, a request that would join alone (fewer waiting
+    than free rows) waits up to this many prefill times (a running mean) for others, so one
+    prefill stalls the batch for several; 0 joins at once.
     ``tune_linears`` (on a CPU) turns the model's plain linears into
     ``layers.SkinnyLinear``, in place, so decode steps use the faster GEMM orientation.
     """
@@ -76,11 +79,14 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: object, table: SlotTable, *,
                  max_batch: int = 8, static: bool = False, keep_logits: bool = False,
                  merge_min_tokens: int = 16, router: Router | None = None,
-                 tune_linears: bool = True) -> None:
+                 tune_linears: bool = True, join_wait: float = 2.0) -> None:
         self.model, self.tokenizer, self.table = model, tokenizer, table
         self.router = router
         self.max_batch, self.static, self.keep_logits = max_batch, static, keep_logits
         self.merge_min_tokens = merge_min_tokens
+        self.join_wait = join_wait
+        self._prefill_s: float | None = None
+        """Running mean (EMA) of a prefill's wall time, the unit of ``join_wait``."""
         self.device = next(model.parameters()).device
         if tune_linears and self.device.type == "cpu":
             # decode steps multiply few rows: each plain linear measures which GEMM
@@ -203,6 +209,8 @@ class Engine:
         prefill them together in one forward."""
         if self.static and self._rows:
             return
+        if self._wait_for_company():
+            return
         group: list[tuple[Handle, list[int], str, int]] = []
         while len(self._rows) + len(group) < self.max_batch:
             with self._lock:
@@ -236,6 +244,17 @@ class Engine:
                 self.table.release(slot)
                 self._reject(handle, e)
 
+    def _wait_for_company(self) -> bool:
+        """True while fewer requests wait than rows are free and the oldest has waited
+        under ``join_wait`` prefill times: one prefill then serves several of them."""
+        if not self._rows or self.join_wait <= 0 or self._prefill_s is None:
+            return False
+        with self._lock:
+            waiting = len(self._waiting)
+            oldest = self._waiting[0].submitted if waiting else None
+        return (oldest is not None and waiting < self.max_batch - len(self._rows)
+                and time.perf_counter() - oldest < self.join_wait * self._prefill_s)
+
     def _reject(self, handle: Handle, error: Exception) -> None:
         logger.warning("request %d failed: %s", handle.id, error)
         if not isinstance(error, ValueError | KeyError | CacheFullError):  # not the request
@@ -264,9 +283,12 @@ class Engine:
         slots = [slot for _, _, _, slot in group]
         use: int | torch.Tensor = (slots[0] if len(set(slots)) == 1
                                    else torch.tensor(slots, device=self.device))
+        started = time.perf_counter()
         with self.table.ctx.use(use):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                              use_cache=True, **self._last_logits_only)
+        took = time.perf_counter() - started
+        self._prefill_s = took if self._prefill_s is None else 0.8 * self._prefill_s + 0.2 * took
         cache = out.past_key_values
         prefix_mask, starts = prefix_state(cache, n, self.device)
         kv = BatchKV.from_cache(cache, torch.cat([prefix_mask, mask], dim=1))
