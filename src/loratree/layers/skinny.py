@@ -2,16 +2,15 @@
 decode step on the CPU), runs whichever GEMM orientation of ``ops.skinny`` it measured to
 be faster for that shape.
 
-The choice is made once per (out, in, rows rounded up to a power of two, dtype, bias) on
-the first such call, by timing the candidates on that call's own operands, and kept for
-the process. A decode step streams every weight from memory once, and the faster
-orientation with the weight in cache is not the faster one from memory (here: the other
-way round for most shapes), so each timed call runs after a read of a buffer twice the
-last-level cache. Training (grad
-enabled), CUDA and inputs of many rows go straight to ``F.linear``.
-The choice is kept per thread kind (main or other), since the engine's thread runs its
-decode steps with MKL on one thread (``serve.mkl``). The parameters, the
-state dict and ``isinstance(m, nn.Linear)`` are those of the ``nn.Linear`` it was.
+The choice is made once per (out, in, rows rounded up to a power of two, dtype, bias,
+thread kind) on the first such call, by timing both orientations on that call's own
+operands, and kept for the process. A decode step streams every weight from memory once,
+and the faster orientation with the weight in cache is not the faster one from memory
+(here: the other way round for most shapes), so each timed call runs after a read of a
+buffer twice the last-level cache. The thread kind (main or other) is part of the key
+since the engine's own thread decodes with MKL on one thread (``serve.mkl``). Training
+(grad enabled), CUDA and inputs of many rows go straight to ``F.linear``. The parameters,
+the state dict and ``isinstance(m, nn.Linear)`` are those of the ``nn.Linear`` it was.
 """
 
 from __future__ import annotations
@@ -39,11 +38,9 @@ _TRIALS = 5
 _DEFAULT_LLC = 32 << 20
 
 Kernel = Callable[[Tensor, Tensor, Tensor | None], Tensor]
-_chosen: dict[tuple, str] = {}
-
-
 _KERNELS: dict[str, Kernel] = {"rows_first": skinny.rows_first,
                                "weight_first": skinny.weight_first}
+_chosen: dict[tuple, str] = {}
 
 
 def choices() -> dict[tuple, str]:
@@ -66,10 +63,10 @@ class SkinnyLinear(nn.Linear):
                main)
         name = _chosen.get(key)
         if name is None:
-            name = _chosen[key] = self._measure(x)
+            name = _chosen[key] = self._measure(x, rows)
         return _KERNELS[name](x, self.weight, self.bias)
 
-    def _measure(self, x: Tensor) -> str:
+    def _measure(self, x: Tensor, rows: int) -> str:
         """Time both orientations on ``x`` (interleaved, after a warm-up each); the faster
         by median."""
         times: dict[str, list[float]] = {name: [] for name in _KERNELS}
@@ -84,7 +81,7 @@ class SkinnyLinear(nn.Linear):
         medians = {name: statistics.median(t) for name, t in times.items()}
         best = min(medians, key=medians.__getitem__)
         logger.debug("linear %dx%d over %d rows: %s (%s)", self.out_features,
-                     self.in_features, x.numel() // self.in_features, best,
+                     self.in_features, rows, best,
                      ", ".join(f"{n} {1e6 * t:.0f} us" for n, t in medians.items()))
         return best
 

@@ -25,6 +25,7 @@ floating-point rounding.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import random
@@ -44,12 +45,12 @@ from loratree import surgery
 from loratree.adapters import save_adapter
 from loratree.errors import NonFiniteError
 from loratree.models import load_base
-from loratree.models.chat import Encoded, encode, reference
+from loratree.models.chat import Encoded, encode
 from loratree.train import checkpoint as ckpt
 from loratree.train import distributed
 from loratree.train.config import TrainConfig
 from loratree.train.data import RowSet, collate, pad_token_id, read_jsonl
-from loratree.train.evaluate import eval_loss, generate
+from loratree.train.evaluate import eval_loss, exact_match
 from loratree.train.loop import catch_signals, lr_schedule, next_batch
 from loratree.train.metrics import MetricsLog, read_metrics
 from loratree.train.passes import passes
@@ -409,9 +410,10 @@ def evaluate_jobs(run: ManyRun, jobs: Sequence[Job]) -> dict[str, dict[str, floa
     same ``max_new_tokens``, each row through its job's slot. Decoding a few rows leaves
     the CPU's matmuls far from their speed, so 4 jobs' evaluations in one batch cost well
     under 4 solo ones; each answer is the one its job's solo run gives."""
-    if not run.dist.main:
-        return {job.name: {} for job in jobs}
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, float]] = {job.name: {} for job in jobs}
+    jobs = [job for job in jobs if job.eval_data is not None]
+    if not run.dist.main or not jobs:
+        return results
     for job in jobs:
         c = job.config
         with surgery.context(run.model).use(job.slot):
@@ -423,12 +425,13 @@ def evaluate_jobs(run: ManyRun, jobs: Sequence[Job]) -> dict[str, dict[str, floa
     for budget in sorted({j.config.max_new_tokens for j in scored}):
         group = [j for j in scored if j.config.max_new_tokens == budget]
         rows = {j.name: j.eval_rows.rows[: j.config.eval_examples] for j in group}
-        answers = iter(generate(
+        _, pairs = exact_match(
             run.model, run.tokenizer, [r for j in group for r in rows[j.name]],
             max_new_tokens=budget, batch_size=16 * len(group), device=run.dist.device,
-            slots=[j.slot for j in group for _ in rows[j.name]]))
+            slots=[j.slot for j in group for _ in rows[j.name]])
+        pairs_left = iter(pairs)
         for job in group:
-            hits = sum(next(answers) == reference(r).strip() for r in rows[job.name])
+            hits = sum(a == r for a, r in itertools.islice(pairs_left, len(rows[job.name])))
             results[job.name]["exact_match"] = hits / max(len(rows[job.name]), 1)
     for job in jobs:
         job.evals = results[job.name]
