@@ -341,14 +341,11 @@ def _arrivals(base, tokenizer, root, n_adapters=20, n_requests=80):
          "first 16 requests queued at once on static batches, the faster of 2 runs), "
          f"each for a random one of {n_adapters} q,v r=8 adapters, "
          f"{PROMPT}-token prompt, 8-24 new tokens; cache budget 4 adapters, 4 slots, batch "
-         "<= 4. Continuous: requests join between decode steps (one that would join alone "
-         "waits up to 2 prefill times for company). Static: a batch runs to its "
-         "end before the next is formed. Latency = submit to last token. Each mode runs "
-         "twice (continuous, static, static, continuous) and the two runs' latencies are "
-         "pooled, so p99 is not one request's. At a light load (half the capacity) the two "
-         "modes tie on p99 here, either ahead by turns: requests rarely wait, and a one-row "
-         "prefill costs more than a decode step on this CPU, which eats what joining early "
-         "saves."],
+         "<= 4. Continuous: requests join between decode steps, their prompts prefilled "
+         "inside the next decode step as one packed sequence (serve.packed). Static: a "
+         "batch runs to its end before the next is formed. Latency = submit to last token. "
+         "Each mode runs twice (continuous, static, static, continuous) and the two runs' "
+         "latencies are pooled, so p99 is not one request's."],
         peer_name="static")
     return table, [Check("arrivals: continuous batching p99 latency < static's",
                          f"{c['p99']:.1f} s vs {s['p99']:.1f} s", c["p99"] < s["p99"])]

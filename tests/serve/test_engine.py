@@ -308,11 +308,11 @@ def test_requests_wait_for_a_slot_when_every_slot_is_busy(store):
 
 
 def test_a_lone_joiner_waits_for_company_up_to_join_wait_prefills(store):
-    """While rows run, a request that would join alone waits (``join_wait`` prefill times)
-    for others, then they join in one prefill; ``join_wait=0`` joins at once. Each still
-    gets its solo tokens."""
+    """Without packed joins: while rows run, a request that would join alone waits
+    (``join_wait`` prefill times) for others, then they join in one prefill;
+    ``join_wait=0`` joins at once. Each still gets its solo tokens."""
     for wait, joined_alone in ((1e9, False), (0.0, True)):
-        engine = _engine(store, max_batch=3, join_wait=wait)
+        engine = _engine(store, max_batch=3, join_wait=wait, pack_joins=False)
         first = engine.submit(Request(PROMPTS[0], adapter="qv-r2", max_new_tokens=8))
         engine.step()  # prefills the first request: the batch now runs
         second = engine.submit(Request(PROMPTS[1], adapter="all-r4", max_new_tokens=6))

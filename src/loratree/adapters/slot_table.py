@@ -165,6 +165,13 @@ class SlotTable:
         slot = self._by_name.get(name)
         return slot.index if slot is not None else None
 
+    def kind_of(self, index: int) -> str:
+        """What slot ``index`` holds: "lora" or "prefix" ("base" for -1)."""
+        if index < 0:
+            return "base"
+        with self._lock:
+            return self._slot(index).kind
+
     def active(self) -> dict[str, int]:
         return {s.name: s.index for s in self._slots if s.name is not None}
 

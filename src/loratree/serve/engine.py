@@ -29,18 +29,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from loratree.adapters.routing import Router
 from loratree.adapters.slot_table import SlotTable
-from loratree.errors import AdapterInUseError, CacheFullError, NonFiniteError
-from loratree.ops.sampling import sample
+from loratree.errors import AdapterInUseError, CacheFullError
 from loratree.serve import mkl
 from loratree.serve.kv import BatchKV
+from loratree.serve.packed import pack, supports_packing
 from loratree.serve.requests import AUTO, Completion, Handle, Request
+from loratree.serve.rows import Row
 from loratree.surgery.cache_api import cache_kwarg
 from loratree.surgery.prefix import prefix_state
 from loratree.surgery.skinny import skinny_linears
@@ -49,19 +49,8 @@ __all__ = ["Engine"]
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class _Row:
-    handle: Handle
-    adapter: str
-    slot: int
-    prompt_len: int
-    next_pos: int
-    generator: torch.Generator | None
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    first_token_s: float = 0.0
-    error: BaseException | None = None
+_Admitted = tuple[Handle, list[int], str, int]
+"""An admitted request: its handle, prompt ids, adapter and the slot it holds."""
 
 
 class Engine:
@@ -69,9 +58,11 @@ class Engine:
 
     ``max_batch`` bounds the running rows; ``static`` admits new requests only when the
     batch is empty (the baseline continuous batching is measured against).
-    ``join_wait``: while rows are running, a request that would join alone (fewer waiting
-    than free rows) waits up to this many prefill times (a running mean) for others, so one
-    prefill stalls the batch for several; 0 joins at once.
+    ``pack_joins``: requests that join a running batch are prefilled inside its next
+    decode step, as one packed sequence (``serve.packed``), where the model allows it.
+    ``join_wait`` (only without packed joins): while rows are running, a request that
+    would join alone (fewer waiting than free rows) waits up to this many prefill times (a
+    running mean) for others, so one prefill stalls the batch for several; 0 joins at once.
     ``tune_linears`` (on a CPU) turns the model's plain linears into
     ``layers.SkinnyLinear``, in place, so decode steps use the faster GEMM orientation.
     """
@@ -79,12 +70,22 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: object, table: SlotTable, *,
                  max_batch: int = 8, static: bool = False, keep_logits: bool = False,
                  merge_min_tokens: int = 16, router: Router | None = None,
-                 tune_linears: bool = True, join_wait: float = 2.0) -> None:
+                 tune_linears: bool = True, pack_joins: bool = True,
+                 join_wait: float = 2.0) -> None:
         self.model, self.tokenizer, self.table = model, tokenizer, table
         self.router = router
         self.max_batch, self.static, self.keep_logits = max_batch, static, keep_logits
         self.merge_min_tokens = merge_min_tokens
         self.join_wait = join_wait
+        self.packs = pack_joins and supports_packing(model)
+        """Whether joining requests (other than prefix adapters') prefill inside a decode
+        step."""
+        self._mask_dtype = (None if getattr(model.config, "_attn_implementation", "") == "sdpa"
+                            else next(model.parameters()).dtype) if self.packs else None
+        self._joining: list[_Admitted] = []
+        """Admitted requests whose prompts the next decode step prefills."""
+        self.packed_joins = 0
+        """Requests prefilled inside a decode step."""
         self._prefill_s: float | None = None
         """Running mean (EMA) of a prefill's wall time, the unit of ``join_wait``."""
         self.device = next(model.parameters()).device
@@ -93,7 +94,7 @@ class Engine:
             # orientation is faster for its shape (layers.skinny); values are unchanged
             skinny_linears(model)
         self._waiting: deque[Handle] = deque()
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self._kv: BatchKV | None = None
         self._last_logits_only = (
             {"logits_to_keep": 1}
@@ -185,6 +186,7 @@ class Engine:
     def _fail_running(self, error: BaseException) -> None:
         """End every running request with ``error`` and drop the batch's cache, so a failed
         step never leaves requests hanging."""
+        self._fail_joining(error)
         rows, self._rows, self._kv = self._rows, [], None
         for row in rows:
             try:
@@ -194,11 +196,22 @@ class Engine:
             self._end(row.handle, "error", row.tokens, row.text, row.prompt_len,
                       first=row.first_token_s, error=error, adapter=row.adapter)
 
+    def _fail_joining(self, error: BaseException) -> None:
+        """End the requests admitted to join the next decode step with ``error``."""
+        joining, self._joining = self._joining, []
+        for handle, _, adapter, slot in joining:
+            self.table.release(slot)
+            self._end(handle, "error", [], "", 0, error=error, adapter=adapter)
+
     @torch.inference_mode()
     def step(self) -> None:
         """Admit, decode one token for every running row, retire finished rows."""
         self._admit()
         self._retire()
+        if self._joining and not self._rows:  # the batch they were to join has ended
+            group, self._joining = self._joining, []
+            self._prefill_or_reject(group)
+            self._retire()
         if self._rows:
             self._decode()
             self._retire()
@@ -211,7 +224,7 @@ class Engine:
             return
         if self._wait_for_company():
             return
-        group: list[tuple[Handle, list[int], str, int]] = []
+        group: list[_Admitted] = []
         while len(self._rows) + len(group) < self.max_batch:
             with self._lock:
                 if not self._waiting:
@@ -236,6 +249,13 @@ class Engine:
             group.append((handle, ids, adapter, slot))
         if not group:
             return
+        if self.packs and self._rows:
+            self._joining = [g for g in group if self.table.kind_of(g[3]) != "prefix"]
+            group = [g for g in group if self.table.kind_of(g[3]) == "prefix"]
+        if group:
+            self._prefill_or_reject(group)
+
+    def _prefill_or_reject(self, group: list[_Admitted]) -> None:
         group.sort(key=lambda g: g[3])  # by slot: adjacent rows share a slot (runs path)
         try:
             self._prefill(group)
@@ -247,7 +267,7 @@ class Engine:
     def _wait_for_company(self) -> bool:
         """True while fewer requests wait than rows are free and the oldest has waited
         under ``join_wait`` prefill times: one prefill then serves several of them."""
-        if not self._rows or self.join_wait <= 0 or self._prefill_s is None:
+        if self.packs or not self._rows or self.join_wait <= 0 or self._prefill_s is None:
             return False
         with self._lock:
             waiting = len(self._waiting)
@@ -270,7 +290,7 @@ class Engine:
             adapter = self.router.route(ids).adapter
         return ids, adapter
 
-    def _prefill(self, group: list[tuple[Handle, list[int], str, int]]) -> None:
+    def _prefill(self, group: list[_Admitted]) -> None:
         """One forward over the new requests' prompts, left-padded to the longest (the
         batch cache's right-aligned layout), each row through its own slot."""
         n, width = len(group), max(len(ids) for _, ids, _, _ in group)
@@ -296,10 +316,8 @@ class Engine:
         last = out.logits[:, -1]
         finite = _finite_rows(last)
         for i, (handle, ids, adapter, slot) in enumerate(group):
-            seed = handle.request.seed
-            generator = None if seed is None else torch.Generator().manual_seed(seed)
-            row = _Row(handle, adapter, slot, len(ids), int(starts[i]) + len(ids), generator)
-            self._take(row, last[i], finite[i])
+            row = Row.start(handle, adapter, slot, len(ids), int(starts[i]) + len(ids))
+            row.take(last[i], finite[i], self.keep_logits)
             rows.append(row)
         # nothing above raised: the rows join the batch together (a row whose first token
         # failed carries its error and retires at once)
@@ -330,24 +348,32 @@ class Engine:
 
     # -- decoding --------------------------------------------------------------------------
     def _decode(self) -> None:
+        """One decode step for every running row, prefilling the joining requests in the
+        same forward (``serve.packed``) when there are any."""
         assert self._kv is not None
-        rows = self._rows
-        plan = self.table.plan_slots([r.slot for r in rows], self.merge_min_tokens,
-                                     min(r.handle.request.max_new_tokens - len(r.tokens)
-                                         for r in rows))
+        rows, joining = self._rows, self._joining
+        slots = [r.slot for r in rows] + [g[3] for g in joining]
+        plan = self.table.plan_slots(
+            slots, self.merge_min_tokens,
+            min([r.handle.request.max_new_tokens - len(r.tokens) for r in rows]
+                + [g[0].request.max_new_tokens for g in joining]))
         self.modes[plan.mode] += 1
         if plan.mode == "unmerged" and self.table.merged_index is not None:
             self.table.unmerge()  # else every layer subtracts it again at every step
-        distinct = {r.slot for r in rows}
-        slots: int | torch.Tensor = (
+        use: int | torch.Tensor = (
             plan.slots[0] if plan.mode == "merged"
-            else next(iter(distinct)) if len(distinct) == 1  # no per-row gather at all
-            else torch.tensor([r.slot for r in rows], device=self.device))
+            else slots[0] if len(set(slots)) == 1  # no per-row gather at all
+            else None)
+        if joining:
+            self._packed_step(rows, joining, use)
+            return
+        if use is None:
+            use = torch.tensor(slots, device=self.device)
         ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
         mask = torch.cat([self._kv.mask, torch.ones(len(rows), 1, dtype=torch.long,
                                                     device=self.device)], dim=1)
         positions = torch.tensor([[r.next_pos] for r in rows], device=self.device)
-        with self.table.ctx.use(slots), self._decode_threads():
+        with self.table.ctx.use(use), self._decode_threads():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              use_cache=True, **{cache_kwarg(self.model): self._kv.cache()})
         self.consecutive_failures = 0
@@ -356,7 +382,45 @@ class Engine:
         finite = _finite_rows(last)
         for i, row in enumerate(rows):
             row.next_pos += 1
-            self._take(row, last[i], finite[i])
+            row.take(last[i], finite[i], self.keep_logits)
+
+    def _packed_step(self, rows: list[Row], joining: list[_Admitted],
+                     use: int | torch.Tensor | None) -> None:
+        """The decode step of ``rows`` and the prefill of ``joining`` as one sequence."""
+        assert self._kv is not None
+        try:
+            step = pack(self._kv, [r.tokens[-1] for r in rows], [r.next_pos for r in rows],
+                        [ids for _, ids, _, _ in joining], self._mask_dtype)
+            if use is None:  # a slot per token: each row's one, then each prompt's
+                use = torch.tensor([[r.slot for r in rows]
+                                    + [s for _, ids, _, s in joining for _ in ids]],
+                                   device=self.device)
+            with self.table.ctx.use(use):
+                out = self.model(**step.forward_kwargs(),
+                                 **{cache_kwarg(self.model): step.cache})
+            new, joined = step.new_entries(out.past_key_values)
+        except BaseException as e:  # the joiners fail here; the running rows by the caller
+            self._fail_joining(e)
+            raise
+        self._joining = []
+        self.consecutive_failures = 0
+        cache = self._kv.cache()
+        for layer, (k, v) in zip(cache.layers, new, strict=True):
+            layer.update(k, v)
+        self._kv = self._kv.append(cache).join(joined)
+        last = out.logits[0]
+        finite = _finite_rows(last)
+        for i, row in enumerate(rows):
+            row.next_pos += 1
+            row.take(last[i], finite[i], self.keep_logits)
+        joined_rows = []
+        for j, (handle, ids, adapter, slot) in enumerate(joining, start=len(rows)):
+            row = Row.start(handle, adapter, slot, len(ids), len(ids))
+            row.take(last[j], finite[j], self.keep_logits)
+            joined_rows.append(row)
+        self._rows = rows + joined_rows
+        self.packed_joins += len(joining)
+        self._sort_rows()
 
     def _decode_threads(self) -> contextlib.AbstractContextManager:
         """MKL on one thread for a decode step off the main thread, on a CPU (serve.mkl)."""
@@ -364,28 +428,10 @@ class Engine:
             return contextlib.nullcontext()
         return mkl.threads(1)
 
-    def _take(self, row: _Row, logits: torch.Tensor, finite: bool) -> None:
-        req = row.handle.request
-        if self.keep_logits:
-            row.handle.logits.append(logits.float().cpu())
-        if not finite:
-            row.error = NonFiniteError(
-                f"adapter {row.adapter!r} produced non-finite logits at token "
-                f"{len(row.tokens)}")
-            return
-        try:
-            token = sample(logits, req.temperature, req.top_k, req.top_p, row.generator)
-        except (RuntimeError, ValueError) as e:  # this request's settings: it fails alone
-            row.error = ValueError(f"sampling failed: {e}")
-            return
-        if not row.tokens:
-            row.first_token_s = time.perf_counter() - row.handle.submitted
-        row.tokens.append(token)
-
     def _retire(self) -> None:
         keep = []
         for i, row in enumerate(self._rows):
-            reason, text = self._status(row)
+            reason, text = row.status(self.tokenizer, self.eos)
             if reason is None:
                 keep.append(i)
                 continue
@@ -396,41 +442,6 @@ class Engine:
             return
         self._rows = [self._rows[i] for i in keep]
         self._kv = self._kv.select(keep) if keep and self._kv is not None else None
-
-    def _status(self, row: _Row) -> tuple[str | None, str]:
-        """(finish reason or None, the text so far); streams the new text."""
-        req = row.handle.request
-        if row.error is not None:
-            return "error", row.text
-        ended_by_eos = bool(row.tokens) and row.tokens[-1] in self.eos and not req.ignore_eos
-        tokens = row.tokens[:-1] if ended_by_eos else row.tokens
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        for s in req.stop:
-            cut = text.find(s)
-            if cut >= 0:
-                self._stream(row, text[:cut], final=True)
-                return "stop", text[:cut]
-        if row.handle.cancelled:
-            return "cancelled", text
-        if ended_by_eos:
-            self._stream(row, text, final=True)
-            return "stop", text
-        if len(row.tokens) >= req.max_new_tokens:
-            self._stream(row, text, final=True)
-            return "length", text
-        self._stream(row, text, final=False, hold=max((len(s) for s in req.stop), default=1) - 1)
-        return None, text
-
-    def _stream(self, row: _Row, text: str, *, final: bool, hold: int = 0) -> None:
-        """Send the text not yet sent, holding back a possible start of a stop string and
-        an incomplete character."""
-        upto = len(text) if final else max(len(row.text), len(text) - hold)
-        if not final:
-            while upto > len(row.text) and text[upto - 1] == "\ufffd":
-                upto -= 1
-        if upto > len(row.text):
-            row.handle._emit(text[len(row.text):upto])
-            row.text = text[:upto]
 
     def _end(self, handle: Handle, reason: str, tokens: list[int], text: str,
              prompt_len: int, *, first: float = 0.0, error: BaseException | None = None,

@@ -1,0 +1,94 @@
+"""A running request in the engine's batch: its tokens, its text, and when it is done.
+
+The engine owns the batch; a ``Row`` owns what is one request's alone: its generator, the
+tokens sampled so far with its own settings, and the text streamed so far (held back
+where a stop string may be starting or a character is incomplete).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from loratree.errors import NonFiniteError
+from loratree.ops.sampling import sample
+from loratree.serve.requests import Handle
+
+__all__ = ["Row"]
+
+
+@dataclass
+class Row:
+    handle: Handle
+    adapter: str
+    slot: int
+    prompt_len: int
+    next_pos: int
+    """The position of the next token fed (the last sampled one)."""
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    first_token_s: float = 0.0
+    error: BaseException | None = None
+
+    @classmethod
+    def start(cls, handle: Handle, adapter: str, slot: int, prompt_len: int,
+              next_pos: int) -> Row:
+        """The row of a request whose prompt was just prefilled."""
+        seed = handle.request.seed
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        return cls(handle, adapter, slot, prompt_len, next_pos, generator)
+
+    def take(self, logits: torch.Tensor, finite: bool, keep_logits: bool = False) -> None:
+        """Sample the next token from ``logits`` (V,), or record why not (the row then
+        fails alone)."""
+        req = self.handle.request
+        if keep_logits:
+            self.handle.logits.append(logits.float().cpu())
+        if not finite:
+            self.error = NonFiniteError(
+                f"adapter {self.adapter!r} produced non-finite logits at token "
+                f"{len(self.tokens)}")
+            return
+        try:
+            token = sample(logits, req.temperature, req.top_k, req.top_p, self.generator)
+        except (RuntimeError, ValueError) as e:  # this request's settings: it fails alone
+            self.error = ValueError(f"sampling failed: {e}")
+            return
+        if not self.tokens:
+            self.first_token_s = time.perf_counter() - self.handle.submitted
+        self.tokens.append(token)
+
+    def status(self, tokenizer: object, eos: set[int]) -> tuple[str | None, str]:
+        """(finish reason or None, the text so far); streams the new text."""
+        req = self.handle.request
+        if self.error is not None:
+            return "error", self.text
+        ended_by_eos = bool(self.tokens) and self.tokens[-1] in eos and not req.ignore_eos
+        tokens = self.tokens[:-1] if ended_by_eos else self.tokens
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        for s in req.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                self._stream(text[:cut], final=True)
+                return "stop", text[:cut]
+        if self.handle.cancelled:
+            return "cancelled", text
+        if ended_by_eos or len(self.tokens) >= req.max_new_tokens:
+            self._stream(text, final=True)
+            return ("stop" if ended_by_eos else "length"), text
+        self._stream(text, final=False, hold=max((len(s) for s in req.stop), default=1) - 1)
+        return None, text
+
+    def _stream(self, text: str, *, final: bool, hold: int = 0) -> None:
+        """Send the text not yet sent, holding back a possible start of a stop string and
+        an incomplete character."""
+        upto = len(text) if final else max(len(self.text), len(text) - hold)
+        if not final:
+            while upto > len(self.text) and text[upto - 1] == "\ufffd":
+                upto -= 1
+        if upto > len(self.text):
+            self.handle._emit(text[len(self.text):upto])
+            self.text = text[:upto]
