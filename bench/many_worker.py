@@ -1,10 +1,12 @@
 """``python -m bench.many_worker MODE DATA OUT [JOB]``: one variant of the fused-training
-benchmark in a fresh process; prints one JSON line with its train wall time (model load and
-evaluation excluded), peak RSS (VmHWM) and per-job held-out figures.
+benchmark in a fresh process; prints one JSON line with its wall time (model load
+excluded; each job's held-out evaluation at its last step included, and timed on its own as
+``eval``), peak RSS (VmHWM) and per-job held-out figures.
 
 MODE: ``fused`` (the 4 jobs in one ``train_many``), ``sequential`` (the 4 jobs one after
 another through ``train``, the base loaded once), ``peft`` (4 PEFT LoRA runs one after
-another, same data, batches, optimizer and steps), ``solo JOB`` (one job alone, for the
+another, same data, batches, optimizer and steps; training only, as PEFT has no
+evaluation loop), ``solo JOB`` (one job alone, for the
 concurrent-processes variant), ``inprocess`` (one fused step against the same 4 jobs' solo
 steps, interleaved in one process; and one forward/backward over 16 rows against 4 over 4
 rows, which is all a fused pass could gain).
@@ -23,7 +25,7 @@ import torch
 from bench.rss import _status_kib
 from loratree.models import load_base
 from loratree.train import TrainConfig, fit, save, setup
-from loratree.train.many import ManyConfig, evaluate_job, fit_many, setup_many
+from loratree.train.many import ManyConfig, fit_many, setup_many
 
 JOBS = (("dates", 0), ("numbers", 0), ("pirate", 0), ("dates", 1))
 """(demo task, seed): four jobs; the fourth is a second dates adapter from another seed."""
@@ -44,49 +46,33 @@ def job_configs(data: Path, out: Path) -> tuple[tuple[str, ...], tuple[TrainConf
 
 
 def _fused(data: Path, out: Path) -> dict:
+    """The 4 jobs in one ``fit_many``, each evaluated at its last step as configured (the
+    jobs are due together, so they evaluate together)."""
     names, configs = job_configs(data, out)
-    no_eval = tuple(TrainConfig(**{**c.to_dict(), "eval_data": None}) for c in configs)
-    run = setup_many(ManyConfig(names, no_eval))
+    run = setup_many(ManyConfig(names, configs))
     t0 = time.perf_counter()
-    fit_many(run, progress=False)
+    result = fit_many(run, progress=False)
     wall = time.perf_counter() - t0
-    quality = {}
-    for job, c in zip(run.jobs, configs, strict=True):  # evaluate after the timing
-        from loratree.models.chat import encode
-        from loratree.train.data import read_jsonl
-
-        job.eval_rows = read_jsonl(c.eval_data)
-        job.eval_data = encode(job.eval_rows, run.tokenizer, c.max_length)
-        job.config = c
-        quality[job.name] = evaluate_job(run, job)
-    return {"wall": wall, "quality": quality}
+    return {"wall": wall, "eval": result.eval_seconds, "quality": result.evals}
 
 
 def _sequential(data: Path, out: Path, only: int | None = None) -> dict:
+    """The 4 jobs one after another through ``fit`` (the base loaded once), each evaluated
+    at its last step as configured; ``only``: that job alone."""
     names, configs = job_configs(data, out)
     base, tokenizer = load_base(None)
-    wall, quality = 0.0, {}
+    wall, evals, quality = 0.0, 0.0, {}
     for i, (name, c) in enumerate(zip(names, configs, strict=True)):
         if only is not None and i != only:
             continue
-        run = setup(TrainConfig(**{**c.to_dict(), "eval_data": None}),
-                    model=copy.deepcopy(base), tokenizer=tokenizer)
+        run = setup(c, model=copy.deepcopy(base), tokenizer=tokenizer)
         t0 = time.perf_counter()
-        fit(run, progress=False)
+        result = fit(run, progress=False)
         wall += time.perf_counter() - t0
+        evals += result.eval_seconds
+        quality[name] = result.eval
         save(run)
-        if only is not None:  # the concurrent-processes variant: time and memory only
-            continue
-        from loratree.train.loop import evaluate
-
-        run.config = c
-        from loratree.models.chat import encode
-        from loratree.train.data import read_jsonl
-
-        run.eval_rows = read_jsonl(c.eval_data)
-        run.eval_data = encode(run.eval_rows, tokenizer, c.max_length)
-        quality[name] = evaluate(run, None)
-    return {"wall": wall, "quality": quality}
+    return {"wall": wall, "eval": evals, "quality": quality}
 
 
 def _peft(data: Path, out: Path) -> dict:
@@ -118,7 +104,7 @@ def _peft(data: Path, out: Path) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         wall += time.perf_counter() - t0
-    return {"wall": wall, "quality": {}}
+    return {"wall": wall, "eval": 0.0, "quality": {}}
 
 
 def _inprocess(data: Path, out: Path, rounds: int = 7) -> dict:

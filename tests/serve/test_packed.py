@@ -138,3 +138,17 @@ def test_models_without_what_packing_needs_are_not_packed():
     m.config.sliding_window = None
     m.config._attn_implementation = "flex_attention"
     assert not supports_packing(m)
+
+
+def test_prompts_past_the_packing_budget_prefill_on_their_own(store, monkeypatch):  # noqa: F811
+    import loratree.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PACK_TOKENS", 6)
+    engine = _engine(store)
+    plan = [("qv-r2", PROMPTS[0], 8, 0),
+            ("all-r4", PROMPTS[0], 4, 1), (BASE, PROMPTS[2], 4, 1),  # 5 packed; 7 > 6 alone
+            ("qv-r2", PROMPTS[1], 3, 3), ("all-r4", PROMPTS[3], 3, 3)]  # 3 packed; 3+2 <= 6
+    handles = _run(engine, plan)
+    assert engine.packed_joins == 3
+    for (name, prompt, n, _), h in zip(plan, handles, strict=True):
+        assert list(h.result().tokens) == solo_reference(store, name, prompt, n)[0], name

@@ -88,6 +88,7 @@ def test_each_fused_job_equals_its_solo_run(tmp_path, monkeypatch, batch_size,
                         progress=False, model=tiny_llama(vocab=64),
                         tokenizer=tiny_tokenizer(64))
     assert not result.errors and all(s == STEPS for s in result.steps.values())
+    assert 0 < result.eval_seconds < result.seconds  # the jobs evaluated, timed apart
     for name, config in configs.items():
         solo = _solo(tmp_path, name, config)
         fused = tmp_path / "fused" / name

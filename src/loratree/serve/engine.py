@@ -49,6 +49,10 @@ __all__ = ["Engine"]
 
 logger = logging.getLogger(__name__)
 
+PACK_TOKENS = 512
+"""Most prompt tokens a decode step prefills for joining requests; a longer prompt is
+prefilled on its own (a packed step's mask is dense: tokens x cached entries)."""
+
 _Admitted = tuple[Handle, list[int], str, int]
 """An admitted request: its handle, prompt ids, adapter and the slot it holds."""
 
@@ -136,8 +140,13 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------------
     def start(self) -> Engine:
-        """Run the loop on a daemon thread until ``close``."""
+        """Run the loop on a daemon thread until ``close``. The calling thread's OpenMP
+        pool is released first (``serve.mkl.release_openmp_pool``): with it and the loop's
+        both alive, every parallel region in the loop's forwards waits for sleeping
+        workers."""
         if self._thread is None:
+            if self.device.type == "cpu":
+                mkl.release_openmp_pool()
             self._thread = threading.Thread(target=self._loop, name="loratree-engine",
                                             daemon=True)
             self._thread.start()
@@ -250,10 +259,21 @@ class Engine:
         if not group:
             return
         if self.packs and self._rows:
-            self._joining = [g for g in group if self.table.kind_of(g[3]) != "prefix"]
-            group = [g for g in group if self.table.kind_of(g[3]) == "prefix"]
+            group = self._to_pack(group)
         if group:
             self._prefill_or_reject(group)
+
+    def _to_pack(self, group: list[_Admitted]) -> list[_Admitted]:
+        """Set aside for the next decode step the requests it can prefill (not a prefix
+        adapter's; up to ``PACK_TOKENS`` prompt tokens in all); returns the others."""
+        alone, total = [], 0
+        for g in group:
+            if self.table.kind_of(g[3]) != "prefix" and total + len(g[1]) <= PACK_TOKENS:
+                self._joining.append(g)
+                total += len(g[1])
+            else:
+                alone.append(g)
+        return alone
 
     def _prefill_or_reject(self, group: list[_Admitted]) -> None:
         group.sort(key=lambda g: g[3])  # by slot: adjacent rows share a slot (runs path)

@@ -83,6 +83,8 @@ class TrainResult:
     stopped_early: bool = False
     """With ``grow``: training stopped before ``max_steps`` because growing stopped helping
     (or would pass ``grow_max_rank``)."""
+    eval_seconds: float = 0.0
+    """Wall time spent in held-out evaluation."""
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True,
@@ -174,7 +176,7 @@ def fit(run: Run, *, resume: bool = False, progress: bool = True,
     restore = catch_signals(run.stop_signal)
     bar = tqdm(total=c.max_steps, initial=position.step, disable=not (progress and d.main),
                desc="train", unit="step")
-    loss, started, tokens_done, evals = math.nan, time.perf_counter(), 0, {}
+    loss, started, tokens_done, evals, eval_s = math.nan, time.perf_counter(), 0, {}, 0.0
     try:
         while position.step < c.max_steps and not _stopped(run):
             position, examples = next_batch(run.train_data, run.config, position)
@@ -196,7 +198,9 @@ def fit(run: Run, *, resume: bool = False, progress: bool = True,
             bar.update(1)
             last = position.step == c.max_steps
             if run.eval_data is not None and (position.step % c.eval_every == 0 or last):
+                t0 = time.perf_counter()
                 evals = evaluate(run, position.step)
+                eval_s += time.perf_counter() - t0
                 if run.grow is not None and not last:
                     last = run.grow.after_eval(evals["eval_loss"], position.step, run.model,
                                                run.optimizer, run.metrics)
@@ -210,11 +214,11 @@ def fit(run: Run, *, resume: bool = False, progress: bool = True,
                     _checkpoint(run, position)
                 logger.warning("signal %d: checkpointed at step %d; resume with --resume",
                                run.stop_signal[0], position.step)
-                return _result(run, position, loss, {}, interrupted=True)
+                return _result(run, position, loss, {}, eval_s, interrupted=True)
     finally:
         bar.close()
         restore()
-    return _result(run, position, loss, evals)
+    return _result(run, position, loss, evals, eval_s)
 
 
 def _stopped(run: Run) -> bool:
@@ -222,9 +226,10 @@ def _stopped(run: Run) -> bool:
 
 
 def _result(run: Run, position: ckpt.Position, loss: float, evals: dict[str, float],
-            interrupted: bool = False) -> TrainResult:
+            eval_s: float, interrupted: bool = False) -> TrainResult:
     ranks = tuple(run.grow.ranks) if run.grow is not None else ()
-    return TrainResult(position.step, loss, evals, run.out, interrupted, ranks, _stopped(run))
+    return TrainResult(position.step, loss, evals, run.out, interrupted, ranks, _stopped(run),
+                       eval_s)
 
 
 def evaluate(run: Run, step: int | None) -> dict[str, float]:

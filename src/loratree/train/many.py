@@ -25,7 +25,6 @@ floating-point rounding.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import random
@@ -50,8 +49,8 @@ from loratree.train import checkpoint as ckpt
 from loratree.train import distributed
 from loratree.train.config import TrainConfig
 from loratree.train.data import RowSet, collate, pad_token_id, read_jsonl
-from loratree.train.evaluate import eval_loss, exact_match
 from loratree.train.loop import catch_signals, lr_schedule, next_batch
+from loratree.train.many_eval import evaluate_job, evaluate_jobs
 from loratree.train.metrics import MetricsLog, read_metrics
 from loratree.train.passes import passes
 from loratree.train.steps import adamw, label_tokens, token_losses
@@ -190,6 +189,7 @@ class ManyRun:
     jobs: list[Job]
     dist: distributed.Dist
     stop_signal: list[int] = field(default_factory=list)
+    eval_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,8 @@ class ManyResult:
     errors: dict[str, str]
     seconds: float
     interrupted: bool = False
+    eval_seconds: float = 0.0
+    """Wall time spent in held-out evaluation (jobs due together evaluate together)."""
 
 
 def train_many(config: ManyConfig, *, resume: bool = False, progress: bool = True,
@@ -283,7 +285,9 @@ def fit_many(run: ManyRun, *, resume: bool = False, progress: bool = True,
             due = [job for job, bar in zip(run.jobs, bars, strict=True)
                    if job in active and _after_step(run, job, losses.get(job.name), bar)]
             if due:
+                t0 = time.perf_counter()
                 evaluate_jobs(run, due)
+                run.eval_seconds += time.perf_counter() - t0
             for job in active:
                 if losses.get(job.name) is not None:
                     _save_due(run, job)
@@ -399,46 +403,6 @@ def _save_due(run: ManyRun, job: Job) -> None:
         save_job(run, job)
 
 
-def evaluate_job(run: ManyRun, job: Job) -> dict[str, float]:
-    """Eval loss and exact match of one job's adapter (its slot alone)."""
-    return evaluate_jobs(run, [job])[job.name]
-
-
-def evaluate_jobs(run: ManyRun, jobs: Sequence[Job]) -> dict[str, dict[str, float]]:
-    """Each job's eval loss (its slot alone) and exact match, the jobs' greedy generations
-    sharing batches: each batch holds up to 16 rows (the solo batch) of every job with the
-    same ``max_new_tokens``, each row through its job's slot. Decoding a few rows leaves
-    the CPU's matmuls far from their speed, so 4 jobs' evaluations in one batch cost well
-    under 4 solo ones; each answer is the one its job's solo run gives."""
-    results: dict[str, dict[str, float]] = {job.name: {} for job in jobs}
-    jobs = [job for job in jobs if job.eval_data is not None]
-    if not run.dist.main or not jobs:
-        return results
-    for job in jobs:
-        c = job.config
-        with surgery.context(run.model).use(job.slot):
-            results[job.name] = {"eval_loss": eval_loss(
-                run.model, job.eval_data.examples, batch_size=c.batch_size,
-                pad_id=pad_token_id(run.tokenizer), device=run.dist.device,
-                precision=c.precision)}
-    scored = [j for j in jobs if j.config.eval_examples and j.eval_rows is not None]
-    for budget in sorted({j.config.max_new_tokens for j in scored}):
-        group = [j for j in scored if j.config.max_new_tokens == budget]
-        rows = {j.name: j.eval_rows.rows[: j.config.eval_examples] for j in group}
-        _, pairs = exact_match(
-            run.model, run.tokenizer, [r for j in group for r in rows[j.name]],
-            max_new_tokens=budget, batch_size=16 * len(group), device=run.dist.device,
-            slots=[j.slot for j in group for _ in rows[j.name]])
-        pairs_left = iter(pairs)
-        for job in group:
-            hits = sum(a == r for a, r in itertools.islice(pairs_left, len(rows[job.name])))
-            results[job.name]["exact_match"] = hits / max(len(rows[job.name]), 1)
-    for job in jobs:
-        job.evals = results[job.name]
-        job.metrics.write(step=job.position.step, **results[job.name])
-    return results
-
-
 def save_job(run: ManyRun, job: Job) -> Path:
     """The job's adapter (PEFT format, its slot), routing centroid and loss plot."""
     if not run.dist.main:
@@ -487,7 +451,7 @@ def _result(run: ManyRun, started: float, interrupted: bool = False) -> ManyResu
                       {j.name: list(j.losses) for j in jobs},
                       {j.name: dict(j.evals) for j in jobs},
                       {j.name: j.error for j in jobs if j.error is not None},
-                      time.perf_counter() - started, interrupted)
+                      time.perf_counter() - started, interrupted, run.eval_seconds)
 
 
 def summary(result: ManyResult) -> list[dict[str, Any]]:
