@@ -9,6 +9,7 @@ import logging
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench.many_worker import BATCH, JOBS, RANK, STEPS, job_configs
@@ -34,41 +35,67 @@ def _result(proc: subprocess.Popen) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _timed(*args: str) -> dict:
+    """One worker process, run to its end; its result with ``process``: the seconds from
+    its launch to its exit (start, imports, model load, the run, saving)."""
+    t0 = time.perf_counter()
+    result = _result(_worker(*args))
+    result["process"] = time.perf_counter() - t0
+    return result
+
+
+def _one_after_another(data: Path, out: Path) -> dict:
+    """The 4 jobs as 4 ``solo`` processes one after another (``loratree train`` 4 times):
+    times summed, qualities merged, the peak RSS the largest."""
+    parts = [_timed("solo", str(data), str(out), str(i)) for i in range(len(JOBS))]
+    return {"process": sum(p["process"] for p in parts), "wall": sum(p["wall"] for p in parts),
+            "eval": sum(p["eval"] for p in parts),
+            "quality": {k: v for p in parts for k, v in p["quality"].items()},
+            "peak_rss": max(p["peak_rss"] for p in parts)}
+
+
 def many_tables(root: Path) -> tuple[list[Table], list[Check]]:
     data = root / "data"
     write_tasks(data, 400, 50, names=tuple(sorted({t for t, _ in JOBS})))
-    walls: dict[str, list[float]] = {"fused": [], "sequential": []}
-    evals: dict[str, list[float]] = {"fused": [], "sequential": []}
-    runs = {}
-    # fused and sequential twice, sandwiched, so a slow spell of this shared machine
-    # does not land on one side only; each is a fresh process (its own peak RSS)
+    kept: dict[str, list[dict]] = {"fused": [], "sequential": []}
+    peft = {}
+    # fused and one-after-another twice, sandwiched, so a slow spell of this shared
+    # machine does not land on one side only; each job runs in a fresh process
     for i, mode in enumerate(("fused", "sequential", "peft", "sequential", "fused")):
         log.info("fused training bench: %s", mode)
-        runs[mode] = _result(_worker(mode, str(data), str(root / f"{mode}{i}")))
-        if mode in walls:
-            walls[mode].append(runs[mode]["wall"])
-            evals[mode].append(runs[mode]["eval"])
-    for mode, w in walls.items():
-        runs[mode]["wall"] = statistics.median(w)
-        runs[mode]["eval"] = statistics.median(evals[mode])
-        runs[mode]["train"] = statistics.median(a - b for a, b in zip(w, evals[mode],
-                                                                       strict=True))
+        where = root / f"{mode}{i}"
+        if mode == "fused":
+            kept[mode].append(_timed("fused", str(data), str(where)))
+        elif mode == "sequential":
+            kept[mode].append(_one_after_another(data, where))
+        else:
+            peft = _result(_worker("peft", str(data), str(where)))
+    runs = {}
+    for mode, results in kept.items():
+        runs[mode] = {
+            "quality": results[0]["quality"], "peak_rss": results[0]["peak_rss"],
+            **{k: statistics.median(r[k] for r in results) for k in ("process", "wall", "eval")},
+            "train": statistics.median(r["wall"] - r["eval"] for r in results)}
     log.info("fused training bench: steps interleaved in one process")
     inproc = _result(_worker("inprocess", str(data), str(root / "inprocess")))
     log.info("fused training bench: 4 processes at once")
+    t0 = time.perf_counter()
     procs = [_worker("solo", str(data), str(root / "procs"), str(i)) for i in range(len(JOBS))]
     separate = [_result(p) for p in procs]
-    fused, seq, peft = runs["fused"], runs["sequential"], runs["peft"]
-    at_once = max(r["wall"] for r in separate)  # they run side by side
+    at_once = time.perf_counter() - t0  # they run side by side: launch of all to the last exit
+    fused, seq = runs["fused"], runs["sequential"]
     procs_peak = sum(r["peak_rss"] for r in separate)
     rows = [
-        Row("wall time (training + held-out evaluation), 4 jobs one after another (our "
-            "trainer)", fused["wall"], seq["wall"], "ms"),
+        Row("end to end, 4 jobs one after another (4 single-job processes, as `loratree "
+            "train` runs them: each starts, loads the base, trains, evaluates, saves)",
+            fused["process"], seq["process"], "ms"),
+        Row("in the trainer (training + held-out evaluation; start and base load excluded)",
+            fused["wall"], seq["wall"], "ms"),
         Row("of which training steps", fused["train"], seq["train"], "ms"),
         Row("of which held-out evaluation", fused["eval"], seq["eval"], "ms"),
         Row("training steps, 4 PEFT runs one after another", fused["train"], peft["wall"],
             "ms"),
-        Row("wall time, 4 separate processes at once", fused["wall"], at_once, "ms"),
+        Row("end to end, 4 separate processes at once", fused["process"], at_once, "ms"),
         Row("peak RSS, fused vs sum of 4 separate processes", fused["peak_rss"], procs_peak,
             "bytes"),
         Row("one fused step vs the 4 jobs' solo steps, interleaved in one process",
@@ -83,19 +110,23 @@ def many_tables(root: Path) -> tuple[list[Table], list[Check]]:
         [f"4 jobs ({', '.join(names)}), LoRA r={RANK} all-linear, {STEPS} steps of batch "
          f"{BATCH} (up to 128 tokens) each, AdamW; 'ours' is always the fused run (one "
          "process, one forward and backward over the 4 jobs' rows per step), the other "
-         "column the alternative named in the row. Wall time is each job's run as "
-         "configured: 30 steps, then its held-out evaluation (eval loss on 50 rows, exact "
-         "match of greedy answers on 30) at the last step; model load excluded. Fused, the "
-         "4 jobs are due together and their generations share batches (16 rows of each job "
-         "per batch, each row through its job's slot); alone, each job generates in "
-         "batches of 16. The split rows time the two parts; PEFT's runs are training "
-         "steps only (PEFT has no evaluation loop). The separate processes' time is the "
-         "longest of the 4, run side by side on this machine's 2 cores. Peak RSS is each process's "
-         "VmHWM. Fused and one-after-another wall times are medians of 2 runs each (fused, "
-         "sequential, PEFT, sequential, fused). The last two rows time single steps in one "
-         "process, alternating, medians of 7 rounds; the bound row runs 16 random rows of "
-         "56 tokens through one all-linear r=8 slot in one pass or in 4: what a fused pass "
-         "over every job's rows could gain on this CPU at most."],
+         "column the alternative named in the row. Each job runs as configured: 30 steps, "
+         "then its held-out evaluation (eval loss on 50 rows, exact match of greedy answers "
+         "on 30) at the last step, then its adapter is saved. One after another, each job "
+         "is its own process, as `loratree train` runs it; 'end to end' times each process "
+         "from launch to exit (Python start and imports, base load, data, training, "
+         "evaluation, saving: what a user waits), 'in the trainer' the training and "
+         "evaluation alone. Fused, the 4 jobs are due together and their generations share "
+         "batches (16 rows of each job per batch, each row through its job's slot, a row "
+         "leaving its batch when it stops); alone, each job generates in batches of 16. "
+         "PEFT's runs are training steps only (PEFT has no evaluation loop), in one "
+         "process. The separate processes at once run side by side on this machine's 2 "
+         "cores, timed from the launch of all to the last exit. Peak RSS is each process's "
+         "VmHWM. Fused and one-after-another times are medians of 2 runs each (fused, "
+         "one after another, PEFT, one after another, fused). The last two rows time single "
+         "steps in one process, alternating, medians of 7 rounds; the bound row runs 16 "
+         "random rows of 56 tokens through one all-linear r=8 slot in one pass or in 4: "
+         "what a fused pass over every job's rows could gain on this CPU at most."],
         peer_name="alternative")
     qrows = []
     gaps = {}
@@ -111,9 +142,12 @@ def many_tables(root: Path) -> tuple[list[Table], list[Check]]:
                      "alone by `train` with the same seed, data order and steps."],
                     peer_name="alone")
     checks = [
-        Check("fused 4 jobs <= 0.9x the time of running them one after another",
-              f"{fused['wall'] / seq['wall']:.2f} (training steps alone "
-              f"{fused['train'] / seq['train']:.2f})", fused["wall"] <= 0.9 * seq["wall"]),
+        Check("fused 4 jobs <= 0.9x the time of running them one after another (end to "
+              "end: one fused process vs 4 single-job processes, as `loratree train` runs them)",
+              f"{fused['process'] / seq['process']:.2f} (in the trainer, start and base "
+              f"load excluded: {fused['wall'] / seq['wall']:.2f}; training steps "
+              f"{fused['train'] / seq['train']:.2f})",
+              fused["process"] <= 0.9 * seq["process"]),
         Check("fused peak RSS <= 0.4x the sum over 4 separate processes",
               f"{fused['peak_rss'] / procs_peak:.2f}", fused["peak_rss"] <= 0.4 * procs_peak),
         Check("each fused job's held-out EM within 2 points of its solo run",

@@ -1,15 +1,17 @@
 """``python -m bench.many_worker MODE DATA OUT [JOB]``: one variant of the fused-training
-benchmark in a fresh process; prints one JSON line with its wall time (model load
-excluded; each job's held-out evaluation at its last step included, and timed on its own as
-``eval``), peak RSS (VmHWM) and per-job held-out figures.
+benchmark in a fresh process; prints one JSON line with its wall time in the trainer
+(process start, imports and model load excluded; each job's held-out evaluation at its
+last step included, and timed on its own as ``eval``), peak RSS (VmHWM) and per-job
+held-out figures. The caller times the whole process as well: that is the end-to-end time
+a user of ``loratree train-many`` / ``loratree train`` waits.
 
-MODE: ``fused`` (the 4 jobs in one ``train_many``), ``sequential`` (the 4 jobs one after
-another through ``train``, the base loaded once), ``peft`` (4 PEFT LoRA runs one after
-another, same data, batches, optimizer and steps; training only, as PEFT has no
-evaluation loop), ``solo JOB`` (one job alone, for the
-concurrent-processes variant), ``inprocess`` (one fused step against the same 4 jobs' solo
-steps, interleaved in one process; and one forward/backward over 16 rows against 4 over 4
-rows, which is all a fused pass could gain).
+MODE: ``fused`` (the 4 jobs in one ``train_many``), ``solo JOB`` (one job alone through
+``train``, as ``loratree train`` runs it: 4 of them one after another are the sequential
+variant, 4 at once the concurrent one), ``peft`` (4 PEFT LoRA runs one after another in
+one process, same data, batches, optimizer and steps; training only, as PEFT has no
+evaluation loop), ``inprocess`` (one fused step against the same 4 jobs' solo steps,
+interleaved in one process; and one forward/backward over 16 rows against 4 over 4 rows,
+which is all a fused pass could gain).
 """
 
 from __future__ import annotations
@@ -56,23 +58,18 @@ def _fused(data: Path, out: Path) -> dict:
     return {"wall": wall, "eval": result.eval_seconds, "quality": result.evals}
 
 
-def _sequential(data: Path, out: Path, only: int | None = None) -> dict:
-    """The 4 jobs one after another through ``fit`` (the base loaded once), each evaluated
-    at its last step as configured; ``only``: that job alone."""
+def _solo(data: Path, out: Path, index: int) -> dict:
+    """Job ``index`` alone through ``fit`` and ``save``, as ``loratree train`` runs it:
+    the base loaded for it alone, the job evaluated at its last step as configured."""
     names, configs = job_configs(data, out)
     base, tokenizer = load_base(None)
-    wall, evals, quality = 0.0, 0.0, {}
-    for i, (name, c) in enumerate(zip(names, configs, strict=True)):
-        if only is not None and i != only:
-            continue
-        run = setup(c, model=copy.deepcopy(base), tokenizer=tokenizer)
-        t0 = time.perf_counter()
-        result = fit(run, progress=False)
-        wall += time.perf_counter() - t0
-        evals += result.eval_seconds
-        quality[name] = result.eval
-        save(run)
-    return {"wall": wall, "eval": evals, "quality": quality}
+    run = setup(configs[index], model=base, tokenizer=tokenizer)
+    t0 = time.perf_counter()
+    result = fit(run, progress=False)
+    wall = time.perf_counter() - t0
+    save(run)
+    return {"wall": wall, "eval": result.eval_seconds,
+            "quality": {names[index]: result.eval}}
 
 
 def _peft(data: Path, out: Path) -> dict:
@@ -169,10 +166,8 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(int(argv[4]) if len(argv) > 4 else torch.get_num_threads())
     if mode == "fused":
         result = _fused(data, out)
-    elif mode == "sequential":
-        result = _sequential(data, out)
     elif mode == "solo":
-        result = _sequential(data, out, only=int(argv[3]))
+        result = _solo(data, out, int(argv[3]))
     elif mode == "peft":
         result = _peft(data, out)
     elif mode == "inprocess":

@@ -18,6 +18,7 @@ from loratree.models.chat import (
     reference,
 )
 from loratree.train.data import collate, pad_token_id, read_jsonl
+from loratree.train.greedy import greedy_tokens, stop_tokens, supports_greedy
 from loratree.train.steps import label_tokens, loss_sum
 
 __all__ = ["eval_loss", "exact_match", "file_loss", "generate"]
@@ -58,31 +59,48 @@ def generate(
 
     ``slots`` (one per conversation) runs each row through its own adapter slot, so the
     conversations of several adapters share batches; without it the model's current slot
-    selection applies."""
+    selection applies. A row leaves its batch as soon as it stops (``train.greedy``);
+    models with a prefix adapter, or whose forward takes no positions, use
+    ``transformers``' ``generate``, which gives the same tokens."""
     device = device or next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     answers: list[str] = []
+    own_loop = supports_greedy(model)
+    stop = stop_tokens(model, tokenizer)
     for i in range(0, len(conversations), batch_size):
         prompts = [encode_prompt(prompt_messages(c), tokenizer)
                    for c in conversations[i : i + batch_size]]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):  # left padding, so every prompt ends at the edge
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        use = (contextlib.nullcontext() if slots is None else surgery.context(model).use(
-            torch.tensor(slots[i : i + batch_size], device=device)))
-        with use:
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                max_new_tokens=max_new_tokens, pad_token_id=pad,
-            )
-        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        batch_slots = None if slots is None else slots[i : i + batch_size]
+        if own_loop:
+            tokens = greedy_tokens(model, prompts, max_new_tokens=max_new_tokens, pad_id=pad,
+                                   stop=stop, device=device, slots=batch_slots)
+        else:
+            tokens = _hf_generate(model, prompts, max_new_tokens=max_new_tokens, pad_id=pad,
+                                  device=device, slots=batch_slots)
+        answers += tokenizer.batch_decode(tokens, skip_special_tokens=True)
     model.train(was_training)
     return [a.strip() for a in answers]
+
+
+def _hf_generate(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
+                 pad_id: int, device: torch.device, slots: Sequence[int] | None
+                 ) -> list[list[int]]:
+    """``transformers``' greedy ``generate`` over one left-padded batch: the new tokens of
+    each row (the finished rows padded on to the batch's end)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):  # left padding, so every prompt ends at the edge
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    use = (contextlib.nullcontext() if slots is None
+           else surgery.context(model).use(torch.tensor(list(slots), device=device)))
+    with use:
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id)
+    return out[:, width:].tolist()
 
 
 def exact_match(
