@@ -309,7 +309,7 @@ LOAD = 0.75
 faster engine, or a faster day of this shared machine, at a lighter load)."""
 
 
-def _arrivals(base, tokenizer, root, n_adapters=20, n_requests=80):
+def _arrivals(base, tokenizer, root, n_adapters=20, n_requests=160):
     store = _store(base, QV_R8, root, n_adapters)
     rng = random.Random(3)
     shape = [(rng.expovariate(1.0), f"a{rng.randrange(n_adapters)}", rng.randint(8, 24))

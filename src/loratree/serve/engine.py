@@ -398,11 +398,17 @@ class Engine:
                              use_cache=True, **{cache_kwarg(self.model): self._kv.cache()})
         self.consecutive_failures = 0
         self._kv = self._kv.append(out.past_key_values)
-        last = out.logits[:, -1]
+        self._advance(rows, out.logits[:, -1])
+
+    def _advance(self, rows: list[Row], last: torch.Tensor) -> list[bool]:
+        """Each running row moves one position on and takes its next token from its row of
+        ``last`` (logits, rows first, then any joiners'); the finite flag of every row of
+        ``last``."""
         finite = _finite_rows(last)
         for i, row in enumerate(rows):
             row.next_pos += 1
             row.take(last[i], finite[i], self.keep_logits)
+        return finite
 
     def _packed_step(self, rows: list[Row], joining: list[_Admitted],
                      use: int | torch.Tensor | None) -> None:
@@ -429,10 +435,7 @@ class Engine:
             layer.update(k, v)
         self._kv = self._kv.append(cache).join(joined)
         last = out.logits[0]
-        finite = _finite_rows(last)
-        for i, row in enumerate(rows):
-            row.next_pos += 1
-            row.take(last[i], finite[i], self.keep_logits)
+        finite = self._advance(rows, last)
         joined_rows = []
         for j, (handle, ids, adapter, slot) in enumerate(joining, start=len(rows)):
             row = Row.start(handle, adapter, slot, len(ids), len(ids))
