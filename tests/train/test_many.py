@@ -46,6 +46,10 @@ def _solo(tmp_path, name, config):
     return out
 
 
+def _centroid(out):
+    return json.loads((out / "routing.json").read_text())["centroid"]
+
+
 def _losses(out):
     return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
 
@@ -95,6 +99,7 @@ def test_each_fused_job_equals_its_solo_run(tmp_path, monkeypatch, batch_size,
         assert _close(_losses(fused), _losses(solo)), name
         _assert_same_adapter(fused, solo)
         assert (fused / "loss.png").is_file()
+        assert _centroid(fused) == pytest.approx(_centroid(solo), abs=1e-6)  # as train writes
     assert bool(batched) == batched_path  # which path the passes took
 
 

@@ -11,6 +11,7 @@ No second model is needed: the base model is already in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ def prompt_features(model: nn.Module, prompts: Sequence[Sequence[int]],
     """
     device = next(model.parameters()).device
     ctx = _context(model)
+    body = _body(model)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[start:start + batch_size]]
@@ -48,16 +50,23 @@ def prompt_features(model: nn.Module, prompts: Sequence[Sequence[int]],
         ids = torch.tensor([p + [0] * (width - len(p)) for p in chunk], device=device)
         mask = (torch.arange(width, device=device)[None]
                 < torch.tensor([len(p) for p in chunk], device=device)[:, None]).long()
-        if ctx is not None:
-            with ctx.use(-1):
+        with ctx.use(-1) if ctx is not None else contextlib.nullcontext():
+            if body is not None:  # the last hidden state without the LM head's product
+                hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+            else:
                 hidden = model(input_ids=ids, attention_mask=mask,
                                output_hidden_states=True).hidden_states[-1]
-        else:
-            hidden = model(input_ids=ids, attention_mask=mask,
-                           output_hidden_states=True).hidden_states[-1]
         pooled = (hidden.float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         out.append(torch.nn.functional.normalize(pooled, dim=-1))
     return torch.cat(out).cpu()
+
+
+def _body(model: nn.Module) -> nn.Module | None:
+    """The decoder under a transformers LM head (``base_model``), whose output's
+    ``last_hidden_state`` is the LM's last hidden state; None where there is no such
+    part (the full model then runs, its logits discarded)."""
+    body = getattr(model, "base_model", None)
+    return body if isinstance(body, nn.Module) and body is not model else None
 
 
 def _context(model: nn.Module):

@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 from loratree import surgery
 from loratree.adapters import AdapterStore, read_adapter, save_adapter, tree
 from loratree.adapters.files import load_adapter_file
-from loratree.adapters.routing import prompt_features, write_centroid
 from loratree.models import load_base, save_model
 from loratree.models.chat import Encoded, encode
 from loratree.train import checkpoint as ckpt
 from loratree.train import distributed
+from loratree.train.centroid import save_centroid
 from loratree.train.config import TrainConfig
 from loratree.train.data import RowSet, batch_order, from_records, pad_token_id, read_jsonl
 from loratree.train.evaluate import eval_loss, exact_match
@@ -258,7 +258,7 @@ def save(run: Run) -> Path:
         return run.out
     if run.config.method != "full":
         save_adapter(run.model, run.out, 0, base_model=run.config.model)
-        _save_centroid(run)
+        save_centroid(run.model, run.out, run.train_data.examples)
         _save_node(run)
     else:
         save_model(run.model, run.tokenizer, run.out / "model")
@@ -266,24 +266,6 @@ def save(run: Run) -> Path:
 
     plot_losses(read_metrics(run.metrics.path), run.out / "loss.png")
     return run.out
-
-
-ROUTING_PROMPTS = 256
-"""Training prompts whose base-model features make the adapter's routing centroid."""
-
-
-def _save_centroid(run: Run) -> None:
-    """``routing.json`` beside the adapter: where ``adapter="auto"`` requests go (serve)."""
-    prompts = []
-    for e in run.train_data.examples[:ROUTING_PROMPTS]:
-        first = next((i for i, lab in enumerate(e.labels) if lab != -100), len(e.labels))
-        if first > 0:
-            prompts.append(e.input_ids[:first])
-    if prompts:
-        was_training = run.model.training
-        run.model.eval()
-        write_centroid(run.out, prompt_features(run.model, prompts))
-        run.model.train(was_training)
 
 
 def _rows(given: Iterable[Mapping] | RowSet | None, path: str | None,

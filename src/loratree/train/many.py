@@ -47,6 +47,7 @@ from loratree.models import load_base
 from loratree.models.chat import Encoded, encode
 from loratree.train import checkpoint as ckpt
 from loratree.train import distributed
+from loratree.train.centroid import Features, save_centroid
 from loratree.train.config import TrainConfig
 from loratree.train.data import RowSet, collate, pad_token_id, read_jsonl
 from loratree.train.loop import catch_signals, lr_schedule, next_batch
@@ -190,6 +191,8 @@ class ManyRun:
     dist: distributed.Dist
     stop_signal: list[int] = field(default_factory=list)
     eval_seconds: float = 0.0
+    features: Features = field(default_factory=dict)
+    """Base-model features of routing prompts, shared by jobs on the same data."""
 
 
 @dataclass(frozen=True)
@@ -404,10 +407,12 @@ def _save_due(run: ManyRun, job: Job) -> None:
 
 
 def save_job(run: ManyRun, job: Job) -> Path:
-    """The job's adapter (PEFT format, its slot), routing centroid and loss plot."""
+    """The job's adapter (PEFT format, its slot), routing centroid (as ``train`` writes
+    it; jobs on the same prompts share the base's features) and loss plot."""
     if not run.dist.main:
         return job.out
     save_adapter(run.model, job.out, job.slot, base_model=job.config.model)
+    save_centroid(run.model, job.out, job.train_data.examples, run.features)
     from loratree.plots import plot_losses
 
     plot_losses(read_metrics(job.metrics.path), job.out / "loss.png")
