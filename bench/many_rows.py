@@ -49,7 +49,7 @@ def _one_after_another(data: Path, out: Path) -> dict:
     times summed, qualities merged, the peak RSS the largest."""
     parts = [_timed("solo", str(data), str(out), str(i)) for i in range(len(JOBS))]
     return {"process": sum(p["process"] for p in parts), "wall": sum(p["wall"] for p in parts),
-            "eval": sum(p["eval"] for p in parts),
+            "eval": sum(p["eval"] for p in parts), "save": sum(p["save"] for p in parts),
             "quality": {k: v for p in parts for k, v in p["quality"].items()},
             "peak_rss": max(p["peak_rss"] for p in parts)}
 
@@ -74,8 +74,9 @@ def many_tables(root: Path) -> tuple[list[Table], list[Check]]:
     for mode, results in kept.items():
         runs[mode] = {
             "quality": results[0]["quality"], "peak_rss": results[0]["peak_rss"],
-            **{k: statistics.median(r[k] for r in results) for k in ("process", "wall", "eval")},
-            "train": statistics.median(r["wall"] - r["eval"] for r in results)}
+            **{k: statistics.median(r[k] for r in results)
+               for k in ("process", "wall", "eval", "save")},
+            "train": statistics.median(r["wall"] - r["eval"] - r["save"] for r in results)}
     log.info("fused training bench: steps interleaved in one process")
     inproc = _result(_worker("inprocess", str(data), str(root / "inprocess")))
     log.info("fused training bench: 4 processes at once")
@@ -89,10 +90,12 @@ def many_tables(root: Path) -> tuple[list[Table], list[Check]]:
         Row("end to end, 4 jobs one after another (4 single-job processes, as `loratree "
             "train` runs them: each starts, loads the base, trains, evaluates, saves)",
             fused["process"], seq["process"], "ms"),
-        Row("in the trainer (training + held-out evaluation; start and base load excluded)",
-            fused["wall"], seq["wall"], "ms"),
+        Row("in the trainer (training, held-out evaluation, saving; start and base load "
+            "excluded)", fused["wall"], seq["wall"], "ms"),
         Row("of which training steps", fused["train"], seq["train"], "ms"),
         Row("of which held-out evaluation", fused["eval"], seq["eval"], "ms"),
+        Row("of which saving (adapter files and routing centroid)", fused["save"],
+            seq["save"], "ms"),
         Row("training steps, 4 PEFT runs one after another", fused["train"], peft["wall"],
             "ms"),
         Row("end to end, 4 separate processes at once", fused["process"], at_once, "ms"),
@@ -115,8 +118,10 @@ def many_tables(root: Path) -> tuple[list[Table], list[Check]]:
          "on 30) at the last step, then its adapter is saved. One after another, each job "
          "is its own process, as `loratree train` runs it; 'end to end' times each process "
          "from launch to exit (Python start and imports, base load, data, training, "
-         "evaluation, saving: what a user waits), 'in the trainer' the training and "
-         "evaluation alone. Fused, the 4 jobs are due together and their generations share "
+         "evaluation, saving: what a user waits), 'in the trainer' the training, "
+         "evaluation and saving alone (saving computes each adapter's routing centroid "
+         "over its first 256 training prompts; fused jobs on the same prompts share one "
+         "feature pass). Fused, the 4 jobs are due together and their generations share "
          "batches (16 rows of each job per batch, each row through its job's slot, a row "
          "leaving its batch when it stops); alone, each job generates in batches of 16. "
          "PEFT's runs are training steps only (PEFT has no evaluation loop), in one "

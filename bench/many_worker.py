@@ -1,7 +1,8 @@
 """``python -m bench.many_worker MODE DATA OUT [JOB]``: one variant of the fused-training
 benchmark in a fresh process; prints one JSON line with its wall time in the trainer
 (process start, imports and model load excluded; each job's held-out evaluation at its
-last step included, and timed on its own as ``eval``), peak RSS (VmHWM) and per-job
+last step and its save with the routing centroid included, and timed on their own as
+``eval`` and ``save``), peak RSS (VmHWM) and per-job
 held-out figures. The caller times the whole process as well: that is the end-to-end time
 a user of ``loratree train-many`` / ``loratree train`` waits.
 
@@ -49,26 +50,44 @@ def job_configs(data: Path, out: Path) -> tuple[tuple[str, ...], tuple[TrainConf
 
 def _fused(data: Path, out: Path) -> dict:
     """The 4 jobs in one ``fit_many``, each evaluated at its last step as configured (the
-    jobs are due together, so they evaluate together)."""
+    jobs are due together, so they evaluate together), then saved by ``fit_many``; the
+    saves (each with its routing centroid) are timed on their own as ``save``."""
+    from loratree.train import many
+
     names, configs = job_configs(data, out)
     run = setup_many(ManyConfig(names, configs))
+    saving = [0.0]
+    save_job = many.save_job
+
+    def timed_save(*args: object) -> Path:
+        t = time.perf_counter()
+        try:
+            return save_job(*args)
+        finally:
+            saving[0] += time.perf_counter() - t
+
+    many.save_job = timed_save  # fit_many looks it up at call time
     t0 = time.perf_counter()
     result = fit_many(run, progress=False)
     wall = time.perf_counter() - t0
-    return {"wall": wall, "eval": result.eval_seconds, "quality": result.evals}
+    return {"wall": wall, "eval": result.eval_seconds, "save": saving[0],
+            "quality": result.evals}
 
 
 def _solo(data: Path, out: Path, index: int) -> dict:
     """Job ``index`` alone through ``fit`` and ``save``, as ``loratree train`` runs it:
-    the base loaded for it alone, the job evaluated at its last step as configured."""
+    the base loaded for it alone, the job evaluated at its last step as configured, then
+    saved with its routing centroid (timed as ``save``, inside ``wall`` as in the fused
+    run)."""
     names, configs = job_configs(data, out)
     base, tokenizer = load_base(None)
     run = setup(configs[index], model=base, tokenizer=tokenizer)
     t0 = time.perf_counter()
     result = fit(run, progress=False)
-    wall = time.perf_counter() - t0
+    t1 = time.perf_counter()
     save(run)
-    return {"wall": wall, "eval": result.eval_seconds,
+    wall = time.perf_counter() - t0
+    return {"wall": wall, "eval": result.eval_seconds, "save": time.perf_counter() - t1,
             "quality": {names[index]: result.eval}}
 
 
@@ -101,7 +120,7 @@ def _peft(data: Path, out: Path) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         wall += time.perf_counter() - t0
-    return {"wall": wall, "eval": 0.0, "quality": {}}
+    return {"wall": wall, "eval": 0.0, "save": 0.0, "quality": {}}
 
 
 def _inprocess(data: Path, out: Path, rounds: int = 7) -> dict:

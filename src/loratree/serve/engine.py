@@ -41,6 +41,7 @@ from loratree.serve.kv import BatchKV
 from loratree.serve.packed import pack, supports_packing
 from loratree.serve.requests import AUTO, Completion, Handle, Request
 from loratree.serve.rows import Row
+from loratree.serve.thread_choice import DecodeThreads
 from loratree.surgery.cache_api import cache_kwarg
 from loratree.surgery.prefix import prefix_state
 from loratree.surgery.skinny import skinny_linears
@@ -93,6 +94,8 @@ class Engine:
         self._prefill_s: float | None = None
         """Running mean (EMA) of a prefill's wall time, the unit of ``join_wait``."""
         self.device = next(model.parameters()).device
+        self.decode_threads = DecodeThreads()
+        """MKL's thread count for decode steps in the engine's thread, by measurement."""
         if tune_linears and self.device.type == "cpu":
             # decode steps multiply few rows: each plain linear measures which GEMM
             # orientation is faster for its shape (layers.skinny); values are unchanged
@@ -393,7 +396,7 @@ class Engine:
         mask = torch.cat([self._kv.mask, torch.ones(len(rows), 1, dtype=torch.long,
                                                     device=self.device)], dim=1)
         positions = torch.tensor([[r.next_pos] for r in rows], device=self.device)
-        with self.table.ctx.use(use), self._decode_threads():
+        with self.table.ctx.use(use), self._decode_threads(len(rows)):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              use_cache=True, **{cache_kwarg(self.model): self._kv.cache()})
         self.consecutive_failures = 0
@@ -445,11 +448,12 @@ class Engine:
         self.packed_joins += len(joining)
         self._sort_rows()
 
-    def _decode_threads(self) -> contextlib.AbstractContextManager:
-        """MKL on one thread for a decode step off the main thread, on a CPU (serve.mkl)."""
+    def _decode_threads(self, rows: int) -> contextlib.AbstractContextManager:
+        """A decode step off the main thread, on a CPU, runs MKL on one thread or on all,
+        whichever the first steps measured faster (``serve.thread_choice``)."""
         if self.device.type != "cpu" or threading.current_thread() is threading.main_thread():
             return contextlib.nullcontext()
-        return mkl.threads(1)
+        return self.decode_threads.step(rows)
 
     def _retire(self) -> None:
         keep = []

@@ -10,12 +10,10 @@ thread's pool was released (``release_openmp_pool``, OpenMP 5's
 ``omp_pause_resource_all``, which frees the calling thread's pool; it comes back if that
 thread runs OpenMP work again). ``Engine.start`` does that for the thread calling it.
 
-Here MKL's threaded GEMMs on few rows run 1.5-2.5x slower in any thread but the first
-that used MKL (the engine's own thread, when the model was loaded or warmed up in the
-main thread), and single-threaded they do not: a decode step of 4 rows in the engine
-thread took 73 ms with MKL on 2 threads and 45 ms on one (44 ms on the main thread). The
-engine therefore runs decode steps off the main thread with MKL on one thread; prefill
-keeps every thread, and other libraries' OpenMP work is untouched.
+MKL's per-thread count is how the engine picks its decode steps' threads: on some hosts
+MKL's threaded GEMMs on few rows run 1.5-2.5x slower in any thread but the first that used
+MKL, and single-threaded they do not; on others one thread is the slower. The engine
+measures which (``serve.thread_choice``).
 """
 
 from __future__ import annotations
