@@ -162,8 +162,16 @@ def _config(tmp_path, out, **kw):
     return TrainConfig(**{**settings, **kw})
 
 
-def _run(config, stop_after=None, resume=False):
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread for these runs, given back after each test."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(config, stop_after=None, resume=False):
     run = setup(config, model=tiny_llama(vocab=64), tokenizer=tiny_tokenizer(64))
 
     def stop(step, loss):

@@ -8,7 +8,7 @@ operands, and kept for the process. A decode step streams every weight from memo
 and the faster orientation with the weight in cache is not the faster one from memory
 (here: the other way round for most shapes), so each timed call runs after a read of a
 buffer twice the last-level cache. The thread kind (main or other) is part of the key
-since the engine's own thread decodes with MKL on one thread (``serve.mkl``). Training
+since the engine's own thread may decode with MKL on one thread (``serve.thread_choice``). Training
 (grad enabled), CUDA and inputs of many rows go straight to ``F.linear``. The parameters,
 the state dict and ``isinstance(m, nn.Linear)`` are those of the ``nn.Linear`` it was.
 """

@@ -22,7 +22,6 @@ alone, whatever joined before or after it.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 import logging
 import threading
@@ -42,7 +41,7 @@ from loratree.serve.packed import pack, supports_packing
 from loratree.serve.requests import AUTO, Completion, Handle, Request
 from loratree.serve.rows import Row
 from loratree.serve.thread_choice import DecodeThreads
-from loratree.surgery.cache_api import cache_kwarg
+from loratree.surgery.cache_api import cache_kwarg, forward_takes
 from loratree.surgery.prefix import prefix_state
 from loratree.surgery.skinny import skinny_linears
 
@@ -104,8 +103,7 @@ class Engine:
         self._rows: list[Row] = []
         self._kv: BatchKV | None = None
         self._last_logits_only = (
-            {"logits_to_keep": 1}
-            if "logits_to_keep" in inspect.signature(type(model).forward).parameters else {})
+            {"logits_to_keep": 1} if forward_takes(model, "logits_to_keep") else {})
         """Prefill computes the LM head for the last position only, where the model can."""
         self._ids = itertools.count()
         self._lock = threading.Lock()

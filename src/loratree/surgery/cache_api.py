@@ -1,4 +1,5 @@
-"""Which keyword a model's forward takes its key/value cache by.
+"""Which keyword a model's forward takes its key/value cache by, and whether it takes
+another keyword at all (``forward_takes``).
 
 transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name still works with
 a deprecation warning until 5.40; ``generate`` passes the new one). Code that hands a
@@ -14,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["CACHE_KWARGS", "cache_kwarg", "pop_cache"]
+__all__ = ["CACHE_KWARGS", "cache_kwarg", "forward_takes", "pop_cache"]
 
 CACHE_KWARGS = ("cache", "past_key_values")
 
@@ -28,6 +29,20 @@ def _kwarg_for(cls: type) -> str:
 def cache_kwarg(model: nn.Module) -> str:
     """``"cache"`` when ``model.forward`` takes that keyword, else ``"past_key_values"``."""
     return _kwarg_for(type(model))
+
+
+@functools.cache
+def _params_of(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def forward_takes(model: nn.Module, name: str) -> bool:
+    """Whether the forward of ``model``, under any DDP (``.module``) or PEFT
+    (``get_base_model``) wrapper, has a parameter ``name``."""
+    inner = getattr(model, "module", model)
+    get_base = getattr(inner, "get_base_model", None)
+    inner = get_base() if callable(get_base) else inner
+    return name in _params_of(type(inner))
 
 
 def pop_cache(kwargs: dict[str, Any]) -> Any:

@@ -18,7 +18,7 @@ from loratree.models.chat import (
     reference,
 )
 from loratree.train.data import collate, pad_token_id, read_jsonl
-from loratree.train.greedy import greedy_tokens, stop_tokens, supports_greedy
+from loratree.train.greedy import greedy_tokens, left_padded, stop_tokens, supports_greedy
 from loratree.train.steps import label_tokens, loss_sum
 
 __all__ = ["eval_loss", "exact_match", "file_loss", "generate"]
@@ -89,18 +89,13 @@ def _hf_generate(model: nn.Module, prompts: list[list[int]], *, max_new_tokens: 
                  ) -> list[list[int]]:
     """``transformers``' greedy ``generate`` over one left-padded batch: the new tokens of
     each row (the finished rows padded on to the batch's end)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):  # left padding, so every prompt ends at the edge
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
+    ids, mask = left_padded(prompts, pad_id)
     use = (contextlib.nullcontext() if slots is None
            else surgery.context(model).use(torch.tensor(list(slots), device=device)))
     with use:
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id)
-    return out[:, width:].tolist()
+    return out[:, ids.shape[1]:].tolist()
 
 
 def exact_match(

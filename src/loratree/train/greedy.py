@@ -12,26 +12,35 @@ positions (the mask's running count) and argmax per step.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import DynamicCache
 
 from loratree import surgery
-from loratree.surgery.cache_api import cache_kwarg
+from loratree.surgery.cache_api import cache_kwarg, forward_takes
 
-__all__ = ["greedy_tokens", "stop_tokens", "supports_greedy"]
+__all__ = ["greedy_tokens", "left_padded", "stop_tokens", "supports_greedy"]
 
 
 def supports_greedy(model: nn.Module) -> bool:
     """Whether ``greedy_tokens`` can drive ``model``: its forward takes positions and a
     cache, and no prefix adapter is attached (the prefix hook keeps per-row state on the
     cache that dropping rows would break; those models decode with ``generate``)."""
-    params = inspect.signature(type(model).forward).parameters
-    return ("position_ids" in params and cache_kwarg(model) in params
-            and surgery.prefix_bank(model) is None)
+    return forward_takes(model, "position_ids") and surgery.prefix_bank(model) is None
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """The prompts as one batch, padded on the left so every prompt ends at the last
+    column: ids and attention mask, both (B, T) long, T the longest prompt."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
 
 
 def stop_tokens(model: nn.Module, tokenizer) -> set[int]:
@@ -61,22 +70,14 @@ def greedy_tokens(
     """
     if not prompts or max_new_tokens <= 0:
         return [[] for _ in prompts]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):  # left padding: every prompt ends at the last column
-        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[row, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = (t.to(device) for t in left_padded(prompts, pad_id))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     row_slots = None if slots is None else torch.tensor(list(slots), device=device)
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
     alive = torch.arange(len(prompts), device=device)  # the original row of each batch row
     out: list[list[int]] = [[] for _ in prompts]
     cache = DynamicCache(config=getattr(model, "config", None))
-    keep_last = ({"logits_to_keep": 1}
-                 if "logits_to_keep" in inspect.signature(type(model).forward).parameters
-                 else {})
+    keep_last = {"logits_to_keep": 1} if forward_takes(model, "logits_to_keep") else {}
     step_ids, step_pos = ids, positions
     for step in range(max_new_tokens):
         use = (contextlib.nullcontext() if row_slots is None

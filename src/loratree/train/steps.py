@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Iterable, Sequence
 
@@ -13,6 +12,7 @@ from torch import Tensor, nn
 
 from loratree.errors import NonFiniteError
 from loratree.models.chat import IGNORE_INDEX, Example
+from loratree.surgery.cache_api import forward_takes
 from loratree.train.data import collate
 
 __all__ = ["adamw", "autocast", "label_tokens", "loss_sum", "optimizer_step", "token_losses"]
@@ -57,7 +57,7 @@ def token_losses(model: nn.Module, batch: dict[str, Tensor], precision: str) -> 
     columns = labelled.any(dim=0).nonzero()
     first = int(columns[0]) if len(columns) else labels.shape[1]
     kwargs = {}
-    if first > 0 and _takes_logits_to_keep(model):
+    if first > 0 and forward_takes(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = batch["input_ids"].shape[1] - first
     else:
         first = 0
@@ -103,21 +103,6 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 def loss_sum(model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
     """Summed next-token cross-entropy over the labelled tokens of a batch (fp32)."""
     return token_losses(model, batch, precision).sum()
-
-
-def _takes_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the model under any DDP / PEFT wrapper has a ``logits_to_keep`` argument."""
-    inner = getattr(model, "module", model)  # DistributedDataParallel
-    get_base = getattr(inner, "get_base_model", None)  # peft.PeftModel
-    inner = get_base() if callable(get_base) else inner
-    known = _ACCEPTS.get(type(inner))
-    if known is None:
-        known = "logits_to_keep" in inspect.signature(inner.forward).parameters
-        _ACCEPTS[type(inner)] = known
-    return known
-
-
-_ACCEPTS: dict[type, bool] = {}
 
 
 def optimizer_step(
