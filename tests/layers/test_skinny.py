@@ -70,3 +70,31 @@ def test_a_choice_is_kept_per_thread_kind():
         t.join()
     assert {(40, 24, 2, torch.float32, True, True),
             (40, 24, 2, torch.float32, True, False)} <= set(choices())
+
+
+def test_warm_makes_every_bucket_choice_once_in_the_calling_thread():
+    import threading
+
+    from loratree.layers.skinny import BUCKETS, warm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 56), nn.Linear(56, 24), nn.Linear(24, 56))
+    surgery.skinny_linears(model)
+    made: list[int] = []
+    t = threading.Thread(target=lambda: made.append(warm(model.modules())))
+    t.start()
+    t.join()
+    assert made == [2 * len(BUCKETS)]  # two shapes (the third layer shares the first's)
+    keys = {(o, i, b, torch.float32, True, False) for o, i in ((56, 24), (24, 56))
+            for b in BUCKETS}
+    assert keys <= set(choices())
+    t = threading.Thread(target=lambda: made.append(warm(model.modules())))
+    t.start()
+    t.join()
+    assert made[1] == 0  # kept for the process
+    x = torch.randn(3, 24)
+    with torch.inference_mode():  # values stay those of nn.Linear
+        torch.testing.assert_close(model(x), nn.functional.linear(
+            nn.functional.linear(nn.functional.linear(x, model[0].weight, model[0].bias),
+                                 model[1].weight, model[1].bias),
+            model[2].weight, model[2].bias), atol=1e-5, rtol=0)

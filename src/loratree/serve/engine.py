@@ -43,7 +43,7 @@ from loratree.serve.rows import Row
 from loratree.serve.thread_choice import DecodeThreads
 from loratree.surgery.cache_api import cache_kwarg, forward_takes
 from loratree.surgery.prefix import prefix_state
-from loratree.surgery.skinny import skinny_linears
+from loratree.surgery.skinny import skinny_linears, warm_linears
 
 __all__ = ["Engine"]
 
@@ -95,7 +95,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.decode_threads = DecodeThreads()
         """MKL's thread count for decode steps in the engine's thread, by measurement."""
-        if tune_linears and self.device.type == "cpu":
+        self._tuned = tune_linears and self.device.type == "cpu"
+        if self._tuned:
             # decode steps multiply few rows: each plain linear measures which GEMM
             # orientation is faster for its shape (layers.skinny); values are unchanged
             skinny_linears(model)
@@ -110,6 +111,7 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._ready = threading.Event()
         self.modes: dict[str, int] = {"merged": 0, "unmerged": 0}
         """Decode steps run in each mode."""
         self.faults = 0
@@ -141,16 +143,18 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------------
     def start(self) -> Engine:
-        """Run the loop on a daemon thread until ``close``. The calling thread's OpenMP
-        pool is released first (``serve.mkl.release_openmp_pool``): with it and the loop's
-        both alive, every parallel region in the loop's forwards waits for sleeping
-        workers."""
+        """Run the loop on a daemon thread until ``close``; returns once the loop has made
+        the linears' orientation choices (``surgery.warm_linears``), so no request waits
+        for them. The calling thread's OpenMP pool is released first
+        (``serve.mkl.release_openmp_pool``): with it and the loop's both alive, every
+        parallel region in the loop's forwards waits for sleeping workers."""
         if self._thread is None:
             if self.device.type == "cpu":
                 mkl.release_openmp_pool()
             self._thread = threading.Thread(target=self._loop, name="loratree-engine",
                                             daemon=True)
             self._thread.start()
+            self._ready.wait()
         return self
 
     def close(self) -> None:
@@ -175,6 +179,13 @@ class Engine:
         return self._thread is None or self._thread.is_alive() or self._stopping
 
     def _loop(self) -> None:
+        try:
+            if self._tuned:  # in this thread: the choices are kept per thread kind
+                warm_linears(self.model)  # now, so the first requests do not wait for it
+        except Exception:
+            logger.exception("warming the linears failed; they measure on first use")
+        finally:
+            self._ready.set()
         while not self._stopping:
             if not self.busy():
                 self._wake.wait(0.05)

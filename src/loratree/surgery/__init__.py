@@ -29,7 +29,7 @@ from loratree.surgery.quantize import (
     nf4_layers,
     quantize,
 )
-from loratree.surgery.skinny import skinny_linears
+from loratree.surgery.skinny import skinny_linears, warm_linears
 from loratree.surgery.targets import adaptable_modules, find_targets
 
 __all__ = [
@@ -68,4 +68,5 @@ __all__ = [
     "switch",
     "unload",
     "unmerge",
+    "warm_linears",
 ]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from loratree.layers.skinny import SkinnyLinear
+from loratree.layers.skinny import SkinnyLinear, warm
 
-__all__ = ["skinny_linears"]
+__all__ = ["skinny_linears", "warm_linears"]
 
 
 def skinny_linears(model: nn.Module) -> int:
@@ -21,3 +21,9 @@ def skinny_linears(model: nn.Module) -> int:
             module.__class__ = SkinnyLinear
             changed += 1
     return changed
+
+
+def warm_linears(model: nn.Module) -> int:
+    """Make the orientation choices of every ``SkinnyLinear`` under ``model`` for every
+    row bucket now, in the calling thread (``layers.skinny.warm``); how many were made."""
+    return warm(model.modules())
