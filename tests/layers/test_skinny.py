@@ -98,3 +98,30 @@ def test_warm_makes_every_bucket_choice_once_in_the_calling_thread():
             nn.functional.linear(nn.functional.linear(x, model[0].weight, model[0].bias),
                                  model[1].weight, model[1].bias),
             model[2].weight, model[2].bias), atol=1e-5, rtol=0)
+
+
+def test_a_wide_weight_also_times_the_blocked_product():
+    from loratree.layers import skinny as layer_skinny
+
+    torch.manual_seed(0)
+    wide = nn.Linear(8, layer_skinny._WIDE, bias=True)
+    plain = copy.deepcopy(wide)
+    wide.__class__ = SkinnyLinear
+    times: dict = {}
+    real = layer_skinny._measure
+
+    def spy(items, flush=None):
+        made = real(items, flush)
+        times.update(made)
+        return made
+
+    layer_skinny._measure = spy
+    try:
+        x = torch.randn(4, 8)
+        with torch.inference_mode():
+            torch.testing.assert_close(wide(x), plain(x), atol=1e-5, rtol=0)
+    finally:
+        layer_skinny._measure = real
+    assert layer_skinny._kernels(wide) == ("rows_first", "weight_first", "blocked")
+    assert layer_skinny._kernels(nn.Linear(8, 64)) == ("rows_first", "weight_first")
+    assert set(times.values()) <= {"rows_first", "weight_first", "blocked"}

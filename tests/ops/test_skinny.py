@@ -12,7 +12,8 @@ def _naive(x, w, b):
 
 @pytest.mark.parametrize("shape", [(7,), (1, 7), (5, 7), (3, 1, 7), (2, 4, 7)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("fn", [skinny.rows_first, skinny.weight_first])
+@pytest.mark.parametrize("fn", [skinny.rows_first, skinny.weight_first,
+                                lambda x, w, b: skinny.blocked(x, w, b, block=4)])
 def test_both_orientations_equal_the_naive_product(shape, bias, fn):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(*shape, generator=g), torch.randn(11, 7, generator=g)

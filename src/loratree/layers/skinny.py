@@ -1,9 +1,10 @@
 """``SkinnyLinear``: an ``nn.Linear`` that, for inputs of few rows outside autograd (a
 decode step on the CPU), runs whichever GEMM orientation of ``ops.skinny`` it measured to
-be faster for that shape.
+be faster for that shape (for a wide weight, such as an LM head, also its product in row
+blocks).
 
 The choice is made once per (out, in, rows rounded up to a power of two, dtype, bias,
-thread kind) on the first such call, by timing both orientations on that call's own
+thread kind) on the first such call, by timing the kernels on that call's own
 operands, and kept for the process. A decode step streams every weight from memory once,
 and the faster orientation with the weight in cache is not the faster one from memory
 (here: the other way round for most shapes), so each timed call runs after a read of a
@@ -41,7 +42,10 @@ _DEFAULT_LLC = 32 << 20
 
 Kernel = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 _KERNELS: dict[str, Kernel] = {"rows_first": skinny.rows_first,
-                               "weight_first": skinny.weight_first}
+                               "weight_first": skinny.weight_first,
+                               "blocked": skinny.blocked}
+_WIDE = 8192
+"""``blocked`` is timed only for weights of at least this many rows (an LM head)."""
 _chosen: dict[tuple, str] = {}
 
 
@@ -104,15 +108,17 @@ def warm(modules: Iterable[nn.Module], rows: Sequence[int] = BUCKETS) -> int:
 
 def _measure(items: list[tuple[tuple, SkinnyLinear, Tensor]],
              flush: Tensor | None = None) -> dict[tuple, str]:
-    """Time both orientations for each (key, layer, input) of ``items`` (interleaved,
+    """Time the kernels for each (key, layer, input) of ``items`` (interleaved,
     after a warm-up each, every timed call after a cache flush: items have distinct
     weights, so each call reads its weight from memory) and keep the faster by median."""
     flush = _flush_buffer() if flush is None else flush
-    times = {key: {name: [] for name in _KERNELS} for key, _, _ in items}
+    times = {key: {name: [] for name in _kernels(m)} for key, m, _ in items}
     for trial in range(_TRIALS + 1):
         for name, kernel in _KERNELS.items():
             flush.sum()  # the weights out of cache, as in a decode step
             for key, m, x in items:
+                if name not in times[key]:
+                    continue
                 t0 = time.perf_counter()
                 kernel(x, m.weight, m.bias)
                 if trial:
@@ -125,6 +131,12 @@ def _measure(items: list[tuple[tuple, SkinnyLinear, Tensor]],
                      x.numel() // m.in_features, made[key],
                      ", ".join(f"{n} {1e6 * t:.0f} us" for n, t in medians.items()))
     return made
+
+
+def _kernels(m: nn.Linear) -> tuple[str, ...]:
+    if m.out_features >= _WIDE:
+        return tuple(_KERNELS)
+    return ("rows_first", "weight_first")
 
 
 def _flush_buffer() -> Tensor:

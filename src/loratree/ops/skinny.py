@@ -4,15 +4,20 @@
 1-32 (one token per request in a decode step) some CPU BLAS builds run that far below
 memory speed, while the same product posed the other way round, ``(W @ x^T)^T`` with the
 weight's rows as M, runs up to 1.4x faster here. Which one wins depends on the BLAS, the
-shape and the machine, so ``layers.skinny`` times both and keeps the faster.
+shape and the machine, so ``layers.skinny`` times both and keeps the faster; for a wide
+weight it also times ``blocked``.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["rows_first", "weight_first"]
+__all__ = ["BLOCK", "blocked", "rows_first", "weight_first"]
+
+BLOCK = 512
+"""Weight rows per GEMM in ``blocked``."""
 
 
 def rows_first(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -36,3 +41,20 @@ def weight_first(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def blocked(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+            block: int = BLOCK) -> Tensor:
+    """``F.linear`` over blocks of ``block`` weight rows, the outputs side by side. For a
+    wide weight (SmolLM2's LM head: 49152 x 576) against 4-8 rows, one GEMM over all of it
+    ran far below memory speed here (4 rows 8.7 ms, 8 rows 13 ms, against 4.5 ms for one
+    row); in blocks of 512 rows, 6.6 and 7.8 ms.
+
+    Semantics: y[..., j:j+block] = x @ W[j:j+block]^T + b[j:j+block]
+    Shape: x (..., in), weight (out, in), bias (out,) -> (..., out)
+    """
+    flat = x.reshape(-1, weight.shape[1])  # (N, in)
+    parts = [F.linear(flat, weight[j : j + block],
+                      None if bias is None else bias[j : j + block])
+             for j in range(0, weight.shape[0], block)]
+    return torch.cat(parts, dim=1).view(*x.shape[:-1], weight.shape[0])
