@@ -181,6 +181,9 @@ class LoraModule(nn.Module):
             pb.requires_grad_(False)
         self.specs[slot] = spec
         self.__dict__.pop("_batched", None)
+        kept = self.__dict__.get("_slot_factors", {})  # (slot, rank) -> padded factors
+        for key in [key for key in kept if key[0] == slot]:
+            del kept[key]
         self.__dict__.pop("_live", None)
 
     # -- forward ------------------------------------------------------------------------

@@ -34,6 +34,7 @@ __all__ = [
     "grouped_layout",
     "keep",
     "map_segments",
+    "padded_factors",
     "row_runs",
     "segment",
     "shrink",
@@ -233,10 +234,18 @@ def grouped_factors(a: Sequence[Tensor], b: Sequence[Tensor], scales: Sequence[f
     Shape: a[k] (r_k, in), b[k] (out, r_k) -> (K, in, R), (K, R, out) with R = max r_k
     """
     r = max(a[k].shape[0] for k in slots)
-    at = torch.stack([F.pad(a[k].t(), (0, r - a[k].shape[0])) for k in slots])
-    bt = torch.stack([F.pad(b[k].t() * scales[k], (0, 0, 0, r - b[k].shape[1]))
-                      for k in slots])
-    return at, bt
+    parts = [padded_factors(a[k], b[k], scales[k], r) for k in slots]
+    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
+def padded_factors(a: Tensor, b: Tensor, scale: float, rank: int) -> tuple[Tensor, Tensor]:
+    """One slot's factors as ``grouped_factors`` stacks them, padded to ``rank``.
+
+    Semantics: At = [A^T | 0], Bt = [s B^T ; 0], so x At Bt = s x A^T B^T.
+    Shape: a (r, in), b (out, r) -> (in, rank), (rank, out); rank >= r
+    """
+    return (F.pad(a.t(), (0, rank - a.shape[0])),
+            F.pad(b.t() * scale, (0, 0, 0, rank - b.shape[1])))
 
 
 def grouped_add(y: Tensor, x: Tensor, at: Tensor, bt: Tensor, layout: Grouped) -> Tensor:

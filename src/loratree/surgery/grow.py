@@ -115,6 +115,7 @@ def _grow_layer(layer: LoraModule, slot: int, factor: int,
                                                                 spec.rslora),
                                  spec.dropout, spec.rslora)
     layer.__dict__.pop("_batched", None)  # batched factors of the old rank
+    layer.__dict__.pop("_slot_factors", None)
     layer.__dict__.pop("_live", None)
     return pa.numel() + pb.numel() - before
 
