@@ -28,7 +28,8 @@ def supports_greedy(model: nn.Module) -> bool:
     """Whether ``greedy_tokens`` can drive ``model``: its forward takes positions and a
     cache, and no prefix adapter is attached (the prefix hook keeps per-row state on the
     cache that dropping rows would break; those models decode with ``generate``)."""
-    return forward_takes(model, "position_ids") and surgery.prefix_bank(model) is None
+    return (forward_takes(model, "position_ids") and forward_takes(model, cache_kwarg(model))
+            and surgery.prefix_bank(model) is None)
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
