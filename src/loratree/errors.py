@@ -23,6 +23,7 @@ __all__ = [
     "TreeError",
     "UnexpectedKeyError",
     "UnsafeFormatError",
+    "UnsupportedModelError",
 ]
 
 
@@ -96,3 +97,8 @@ class RankTooLargeError(ValueError):
 class TreeError(ValueError):
     """An adapter tree is inconsistent: a node's parent is missing or is not a LoRA adapter,
     it was trained on another base model, or its record is malformed or too deep."""
+
+
+class UnsupportedModelError(ValueError):
+    """The model has a kind of attention (or layer) loratree cannot run exactly; it is
+    refused up front rather than served wrong."""

@@ -26,3 +26,16 @@ def test_additive_mask_is_zero_where_seen_and_lowest_elsewhere():
     assert out.dtype == torch.float32
     assert out.tolist() == [[0.0, torch.finfo(torch.float32).min],
                             [torch.finfo(torch.float32).min, 0.0]]
+
+
+def test_windowed_keeps_the_last_window_entries_of_each_query():
+    from loratree.ops.packing import windowed
+
+    torch.manual_seed(0)
+    mask = torch.rand(6, 9) > 0.3
+    q_seq, kv_seq = torch.randint(0, 12, (6,)), torch.randint(0, 12, (9,))
+    out = windowed(mask, q_seq, kv_seq, 3)
+    for t in range(6):
+        for s in range(9):
+            want = bool(mask[t, s]) and q_seq[t] - 3 < kv_seq[s]
+            assert bool(out[t, s]) == want

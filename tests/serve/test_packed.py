@@ -134,7 +134,7 @@ def test_models_without_what_packing_needs_are_not_packed():
     m = tiny_model()
     assert supports_packing(m)
     m.config.sliding_window, m.config.use_sliding_window = 4, True
-    assert not supports_packing(m)
+    assert supports_packing(m)  # every layer slides: one windowed mask (tests/serve/test_sliding)
     m.config.sliding_window = None
     m.config._attn_implementation = "flex_attention"
     assert not supports_packing(m)

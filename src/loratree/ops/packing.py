@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["additive", "packed_mask"]
+__all__ = ["additive", "packed_mask", "windowed"]
 
 
 def packed_mask(q_owner: Tensor, q_pos: Tensor, kv_owner: Tensor, kv_pos: Tensor) -> Tensor:
@@ -23,6 +23,17 @@ def packed_mask(q_owner: Tensor, q_pos: Tensor, kv_owner: Tensor, kv_pos: Tensor
     """
     same = kv_owner[None, :] == q_owner[:, None]
     return same & (kv_owner[None, :] >= 0) & (kv_pos[None, :] <= q_pos[:, None])
+
+
+def windowed(mask: Tensor, q_seq: Tensor, kv_seq: Tensor, window: int) -> Tensor:
+    """A packed mask narrowed to a sliding window: each query sees only the entries of the
+    last ``window`` sequence indices up to its own (transformers' sliding-window rule).
+
+    Semantics: out[t, s] = mask[t, s] and kv_seq[s] > q_seq[t] - window, where a token's
+    sequence index is its column in its own request's sequence (cached columns included).
+    Shape: mask (T, S) bool, q_seq (T,), kv_seq (S,) -> (T, S) bool
+    """
+    return mask & (kv_seq[None, :] > q_seq[:, None] - window)
 
 
 def additive(mask: Tensor, dtype: torch.dtype) -> Tensor:

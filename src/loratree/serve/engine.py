@@ -31,10 +31,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from loratree.adapters.routing import Router
 from loratree.adapters.slot_table import SlotTable
 from loratree.errors import AdapterInUseError, CacheFullError
+from loratree.models.attention import check_attention, layer_windows, sliding_window
 from loratree.serve import mkl
 from loratree.serve.kv import BatchKV
 from loratree.serve.packed import pack, supports_packing
@@ -76,7 +78,11 @@ class Engine:
                  merge_min_tokens: int = 16, router: Router | None = None,
                  tune_linears: bool = True, pack_joins: bool = True,
                  join_wait: float = 2.0) -> None:
+        check_attention(model)  # an attention kind run wrong is refused, not served
         self.model, self.tokenizer, self.table = model, tokenizer, table
+        self.windowed = sliding_window(model) is not None
+        """Some layers attend over a sliding window: a row's columns must be contiguous
+        (``_prefill_groups``)."""
         self.router = router
         self.max_batch, self.static, self.keep_logits = max_batch, static, keep_logits
         self.merge_min_tokens = merge_min_tokens
@@ -288,13 +294,27 @@ class Engine:
         return alone
 
     def _prefill_or_reject(self, group: list[_Admitted]) -> None:
-        group.sort(key=lambda g: g[3])  # by slot: adjacent rows share a slot (runs path)
-        try:
-            self._prefill(group)
-        except Exception as e:
-            for handle, _, _, slot in group:
-                self.table.release(slot)
-                self._reject(handle, e)
+        for part in self._prefill_groups(group):
+            part.sort(key=lambda g: g[3])  # by slot: adjacent rows share a slot (runs path)
+            try:
+                self._prefill(part)
+            except Exception as e:
+                for handle, _, _, slot in part:
+                    self.table.release(slot)
+                    self._reject(handle, e)
+
+    def _prefill_groups(self, group: list[_Admitted]) -> list[list[_Admitted]]:
+        """The forwards that prefill ``group``: one, except on a model with sliding-window
+        layers, where a prefix row shares its forward only with prefix rows of its prompt
+        length. A batched prefill lays a row out as [prefix | padding | prompt]; a window
+        counts columns, so padding between a prefix and its prompt would shift it."""
+        if not self.windowed:
+            return [group]
+        parts: dict[int, list[_Admitted]] = {}
+        for g in group:
+            key = len(g[1]) if self.table.kind_of(g[3]) == "prefix" else -1
+            parts.setdefault(key, []).append(g)
+        return list(parts.values())
 
     def _wait_for_company(self) -> bool:
         """True while fewer requests wait than rows are free and the oldest has waited
@@ -336,9 +356,12 @@ class Engine:
         use: int | torch.Tensor = (slots[0] if len(set(slots)) == 1
                                    else torch.tensor(slots, device=self.device))
         started = time.perf_counter()
+        # a cache of full layers: sliding-window layers keep every column too, so all
+        # layers' keys line up with the batch's mask (the window lives in the mask)
         with self.table.ctx.use(use):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                             use_cache=True, **self._last_logits_only)
+                             use_cache=True, **self._last_logits_only,
+                             **{cache_kwarg(self.model): DynamicCache()})
         took = time.perf_counter() - started
         self._prefill_s = took if self._prefill_s is None else 0.8 * self._prefill_s + 0.2 * took
         cache = out.past_key_values
@@ -428,7 +451,8 @@ class Engine:
         assert self._kv is not None
         try:
             step = pack(self._kv, [r.tokens[-1] for r in rows], [r.next_pos for r in rows],
-                        [ids for _, ids, _, _ in joining], self._mask_dtype)
+                        [ids for _, ids, _, _ in joining], self._mask_dtype,
+                        layer_windows(self.model))
             if use is None:  # a slot per token: each row's one, then each prompt's
                 use = torch.tensor([[r.slot for r in rows]
                                     + [s for _, ids, _, s in joining for _ in ids]],

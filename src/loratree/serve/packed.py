@@ -14,9 +14,12 @@ gets exactly the rotary position it has alone. Afterwards the running rows' new 
 back into the batch cache and each joiner's entries become a batch row of its own.
 
 Used where the model takes a 4-D mask as given, ``position_ids`` and tensor
-``logits_to_keep`` (transformers' masking utilities, sdpa or eager attention) and has no
-sliding window, which a custom mask would bypass; prefix adapters, whose entries the
-prefix hook puts into a fresh cache, join through their own prefill.
+``logits_to_keep`` (transformers' masking utilities, sdpa or eager attention); prefix
+adapters, whose entries the prefix hook puts into a fresh cache, join through their own
+prefill. Sliding-window layers get the mask narrowed to their window, counted in each
+request's own sequence indices (its cache columns, then its new tokens): one mask when every
+layer slides, else one per layer type (``{"full_attention": ..., "sliding_attention": ...}``,
+the mapping transformers' hybrid models take).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from loratree.ops.packing import additive, packed_mask
+from loratree.models.attention import layer_windows
+from loratree.ops.packing import additive, packed_mask, windowed
 from loratree.serve.kv import BatchKV, GrowingLayer
 from loratree.surgery.prefix import mark_external
 
@@ -41,9 +45,11 @@ def supports_packing(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if config is None or not {"logits_to_keep", "position_ids", "attention_mask"} <= set(params):
         return False
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True):
-        return False
+    windows = set(layer_windows(model))
+    if len(windows - {None}) > 1:
+        return False  # one window for all sliding layers is what a config can say
+    if None in windows and len(windows) > 1 and not getattr(config, "layer_types", None):
+        return False  # full and sliding layers, but no per-type mask mapping
     return getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
@@ -55,8 +61,9 @@ class Packed:
     """(1, T) token ids: the running rows' last tokens, then each joiner's prompt."""
     position_ids: Tensor
     """(1, T) each token's position in its own request."""
-    attention_mask: Tensor
-    """(1, 1, T, S + T) bool (or additive for eager attention)."""
+    attention_mask: Tensor | dict[str, Tensor]
+    """(1, 1, T, S + T) bool (or additive for eager attention); per layer type when the
+    model mixes full and sliding-window layers."""
     logits_to_keep: Tensor
     """(B + G,) where each running row's and each joiner's next-token logits are."""
     cache: DynamicCache
@@ -92,10 +99,13 @@ class Packed:
 
 
 def pack(kv: BatchKV, tokens: list[int], positions: list[int], prompts: list[list[int]],
-         mask_dtype: torch.dtype | None = None) -> Packed:
+         mask_dtype: torch.dtype | None = None,
+         windows: tuple[int | None, ...] = ()) -> Packed:
     """The packed forward for a batch (cache ``kv``, each row's last token and its
     position) and the prompts of joining requests (each starting at position 0).
-    ``mask_dtype``: None for a boolean mask (sdpa), else the additive mask's dtype."""
+    ``mask_dtype``: None for a boolean mask (sdpa), else the additive mask's dtype.
+    ``windows``: each layer's sliding window, None for a full layer
+    (``models.attention.layer_windows``; empty: every layer full)."""
     device = kv.mask.device
     b, length = kv.mask.shape
     if len(tokens) != b or len(positions) != b:
@@ -113,15 +123,27 @@ def pack(kv: BatchKV, tokens: list[int], positions: list[int], prompts: list[lis
     kv_owner = torch.where(kv.mask.bool(), rows, -1).reshape(-1)
     cached_pos = torch.full_like(kv_owner, -1)  # a row's cached entries precede its queries
     mask = packed_mask(q_owner, q_pos, torch.cat([kv_owner, q_owner]),
-                       torch.cat([cached_pos, q_pos]))[None, None]
-    if mask_dtype is not None:
-        mask = additive(mask, mask_dtype)
+                       torch.cat([cached_pos, q_pos]))
+    window = next((w for w in windows if w is not None), None)
+    masks = {"full_attention": mask}
+    if window is not None:
+        # sequence index: a running row's cached entries are its columns 0..L-1 (rows are
+        # right-aligned and contiguous) and its new token is L; a joiner's tokens 0..n-1
+        q_seq = torch.cat([torch.full((b,), length, device=device)] + [
+            torch.arange(n, device=device) for n in lens])
+        kv_seq = torch.arange(length, device=device).repeat(b)
+        masks["sliding_attention"] = windowed(mask, q_seq, torch.cat([kv_seq, q_seq]), window)
+    masks = {k: m[None, None] if mask_dtype is None else additive(m[None, None], mask_dtype)
+             for k, m in masks.items()}
+    final: Tensor | dict[str, Tensor] = (
+        masks["full_attention"] if window is None
+        else masks["sliding_attention"] if None not in windows else masks)
     cache = DynamicCache()
     cache.layers[:] = [GrowingLayer(_one_row(k), _one_row(v))
                        for k, v in zip(kv.keys, kv.values, strict=True)]
     ends = torch.tensor(lens, device=device).cumsum(0) - 1 + b
     keep = torch.cat([torch.arange(b, device=device), ends])
-    return Packed(ids[None], q_pos[None], mask, keep, mark_external(cache), b, b * length,
+    return Packed(ids[None], q_pos[None], final, keep, mark_external(cache), b, b * length,
                   tuple(lens))
 
 

@@ -91,9 +91,22 @@ def geometry(model: nn.Module) -> PrefixGeometry:
     heads = getattr(cfg, "num_attention_heads", None)
     if not layers or not heads:
         raise ValueError(f"{type(cfg).__name__} gives no num_hidden_layers / num_attention_heads")
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    kv_heads = _kv_heads(cfg, int(heads))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return PrefixGeometry(int(layers), int(kv_heads), int(head_dim))
+
+
+def _kv_heads(cfg: Any, heads: int) -> int:
+    """Key/value heads as the family's config spells them: ``num_key_value_heads``
+    (grouped-query); Falcon's ``multi_query`` (one shared head, outside its new decoder
+    architecture) or ``num_kv_heads``; else one per query head."""
+    value = getattr(cfg, "num_key_value_heads", None)
+    if value:
+        return int(value)
+    if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture",
+                                                          False):
+        return 1
+    return int(getattr(cfg, "num_kv_heads", None) or getattr(cfg, "n_head_kv", None) or heads)
 
 
 def prefix_bank(model: nn.Module) -> PrefixBank | None:
