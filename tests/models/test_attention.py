@@ -33,7 +33,7 @@ def test_a_window_the_family_turns_off_is_no_window():
 def test_an_attention_kind_loratree_does_not_run_is_refused_by_name():
     model = tiny_family("qwen2")
     model.config.layer_types = ["full_attention", "linear_attention"]
-    with pytest.raises(UnsupportedModelError, match="qwen2.*linear_attention"):
+    with pytest.raises(UnsupportedModelError, match=r"qwen2.*linear_attention"):
         check_attention(model)
     model.config.layer_types = ["full_attention", "full_attention"]
     model.config.attention_chunk_size = 8
