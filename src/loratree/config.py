@@ -45,6 +45,9 @@ class LoraConfig:
     """Per-module rank overrides: module-name suffix or regex -> rank (PEFT's semantics)."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alpha overrides, as ``rank_pattern``."""
+    use_dora: bool = False
+    """DoRA (PEFT's ``use_dora``): each adapted linear layer also learns a magnitude per
+    output feature, ``y = bias + m / ||W + s B A|| * (W x + s B A x)``."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -64,6 +67,8 @@ class LoraConfig:
             problems.append(f"targets must be non-empty strings, got {self.targets!r}")
         if self.init not in ("kaiming", "gaussian"):
             problems.append(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            problems.append(f"use_dora must be a bool, got {self.use_dora!r}")
         problems += _pattern_problems(self.rank_pattern, self.alpha_pattern)
         if problems:
             raise ValueError("invalid LoraConfig: " + "; ".join(problems))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from loratree.adapters.peft_format import (
     WEIGHTS_NAME,
     config_from_peft,
     config_to_peft,
+    magnitude_key,
     parse_key,
     peft_key,
     read_config,
@@ -34,12 +35,15 @@ from loratree.errors import (
     AdapterFileError,
     CorruptFileError,
     MissingKeyError,
+    NonFiniteError,
     ShapeMismatchError,
+    TargetError,
     UnexpectedKeyError,
 )
 from loratree.fsio import atomic_write
 from loratree.layers import LoraEmbedding, SlotContext
 from loratree.surgery import adaptable_modules, find_targets, inject, lora_layers, prefix_bank
+from loratree.surgery import adapter_parameters as surgery_parameters
 from loratree.surgery.inject import wrap
 from loratree.surgery.targets import pattern_value
 
@@ -65,6 +69,8 @@ class AdapterFile:
     raw_config: dict
     embeddings: frozenset[str] = frozenset()
     """Modules whose tensors are PEFT's ``lora_embedding_A`` / ``_B`` (embedding layers)."""
+    magnitudes: dict[str, Tensor] = field(default_factory=dict)
+    """DoRA (``config.use_dora``): per module, the magnitude ``(out,)``."""
 
     @property
     def base_model(self) -> str | None:
@@ -90,6 +96,9 @@ def save_adapter(
         emb = isinstance(layer, LoraEmbedding)
         tensors[peft_key(name, "a", emb)] = layer.lora_a[slot].detach().contiguous().cpu()
         tensors[peft_key(name, "b", emb)] = layer.lora_b[slot].detach().contiguous().cpu()
+        if str(slot) in layer.lora_magnitude:  # DoRA
+            m = layer.lora_magnitude[str(slot)]
+            tensors[magnitude_key(name)] = m.detach().contiguous().cpu()
     specs = {n: m.specs[slot] for n, m in layers.items()}
     config = summarize(specs)
     if base_model is None:
@@ -133,7 +142,31 @@ def read_adapter(path: str | Path) -> AdapterFile:
     weights = {module: _pair(path, module, pair, config) for module, pair in halves.items()}
     if not weights:
         raise MissingKeyError(f"{path.name}: {WEIGHTS_NAME} holds no LoRA tensors")
-    return AdapterFile(config, weights, base_weights, raw, frozenset(embeddings))
+    magnitudes = {module: _magnitude(path, module, pair, config)
+                  for module, pair in halves.items() if config.use_dora or "m" in pair}
+    return AdapterFile(config, weights, base_weights, raw, frozenset(embeddings), magnitudes)
+
+
+def _magnitude(path: Path, module: str, pair: dict[str, Tensor], config: LoraConfig
+               ) -> Tensor:
+    """One module's DoRA magnitude, checked: present exactly when the config says
+    ``use_dora``, float, one finite value per output feature (B's rows)."""
+    key = magnitude_key(module)
+    if not config.use_dora:
+        raise UnexpectedKeyError(f"{path.name}: {key!r} is a DoRA magnitude, but the config "
+                                 "does not set use_dora")
+    if "m" not in pair:
+        raise MissingKeyError(f"{path.name}: the config sets use_dora, but {key!r} is missing")
+    m, out = pair["m"], pair["b"].shape[0]
+    if not m.is_floating_point():
+        raise CorruptFileError(f"{path.name}: {key!r} holds {m.dtype}; a DoRA magnitude is "
+                               "floating point")
+    if tuple(m.shape) != (out,):
+        raise ShapeMismatchError(f"{path.name}: {key!r} has shape {tuple(m.shape)}; DoRA on "
+                                 f"this module needs ({out},) (one value per output feature)")
+    if not torch.isfinite(m).all():
+        raise NonFiniteError(f"{path.name}: {key!r} holds NaN or Inf")
+    return m
 
 
 def _pair(path: Path, module: str, pair: dict[str, Tensor], config: LoraConfig
@@ -174,6 +207,8 @@ def write_adapter_file(adapter: AdapterFile, path: str | Path) -> Path:
         emb = module in adapter.embeddings
         tensors[peft_key(module, "a", emb)] = a.detach().contiguous().cpu()
         tensors[peft_key(module, "b", emb)] = b.detach().contiguous().cpu()
+    for module, m in adapter.magnitudes.items():
+        tensors[magnitude_key(module)] = m.detach().contiguous().cpu()
     path.mkdir(parents=True, exist_ok=True)
     atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), {"format": "pt"}))
     text = json.dumps(adapter.raw_config, indent=2, sort_keys=True) + "\n"
@@ -213,11 +248,10 @@ def load_adapter_file(model: nn.Module, adapter: AdapterFile, label: str, *,
     report = inject(model, adapter.config, trainable=trainable, names=tuple(adapter.weights))
     layers = lora_layers(model)
     for module, (a, b) in adapter.weights.items():
-        layers[module].load_slot(report.slot, a, b)
+        layers[module].load_slot(report.slot, a, b, adapter.magnitudes.get(module))
     if not trainable:
-        for module in adapter.weights:
-            layers[module].lora_a[report.slot].requires_grad_(False)
-            layers[module].lora_b[report.slot].requires_grad_(False)
+        for p in surgery_parameters(model, report.slot):
+            p.requires_grad_(False)
     return report.slot
 
 
@@ -253,6 +287,7 @@ def check_against(model: nn.Module, adapter: AdapterFile, label: str) -> None:
                     f"{label}: {module!r} lora_{part} has shape {tuple(t.shape)}, "
                     f"the model needs {tuple(want)}"
                 )
+        _check_magnitude(adapter, module, layer, label)
     for module, w in adapter.base_weights.items():
         base = candidates.get(module)
         if base is None or tuple(base.weight.shape) != tuple(w.shape) or not torch.equal(
@@ -264,6 +299,20 @@ def check_against(model: nn.Module, adapter: AdapterFile, label: str) -> None:
             )
 
 
+def _check_magnitude(adapter: AdapterFile, module: str, layer: object, label: str) -> None:
+    """A DoRA magnitude fits ``layer``: DoRA is implemented there and the shape is its."""
+    m = adapter.magnitudes.get(module)
+    if m is None:
+        return
+    if not getattr(layer, "dora_ok", False):
+        raise TargetError(f"{label}: {magnitude_key(module)!r}: DoRA is supported on linear "
+                          f"layers only, {module!r} is a {type(layer).__name__}")
+    want = (layer.b_shape(1)[0],)
+    if tuple(m.shape) != want:
+        raise ShapeMismatchError(f"{label}: {magnitude_key(module)!r} has shape "
+                                 f"{tuple(m.shape)}, the model needs {want}")
+
+
 def summarize(specs: dict[str, object]) -> LoraConfig:
     ranks = Counter(s.rank for s in specs.values())
     alphas = Counter(s.alpha for s in specs.values())
@@ -271,6 +320,9 @@ def summarize(specs: dict[str, object]) -> LoraConfig:
     rslora = {s.rslora for s in specs.values()}
     if len(rslora) > 1:
         raise ValueError("cannot save one adapter that mixes rsLoRA and plain LoRA scaling")
+    dora = {s.dora for s in specs.values()}
+    if len(dora) > 1:
+        raise ValueError("cannot save one adapter that mixes DoRA and plain LoRA layers")
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
     return LoraConfig(
         rank=rank,
@@ -278,6 +330,7 @@ def summarize(specs: dict[str, object]) -> LoraConfig:
         dropout=max(dropouts),
         targets=tuple(specs),
         use_rslora=rslora.pop(),
+        use_dora=dora.pop(),
         rank_pattern={re.escape(n): s.rank for n, s in specs.items() if s.rank != rank},
         alpha_pattern={re.escape(n): s.alpha for n, s in specs.items() if s.alpha != alpha},
     )

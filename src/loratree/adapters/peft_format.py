@@ -3,6 +3,8 @@
 On disk a LoRA adapter is ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A`` /
 ``lora_embedding_B`` for embeddings). In code we say ``lora_a`` / ``lora_b`` per slot.
+A DoRA adapter (``use_dora: true``) also holds ``<module>.lora_magnitude_vector`` (no
+``.weight`` suffix), one value per output feature.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "config_from_peft",
     "config_to_peft",
+    "magnitude_key",
     "parse_key",
     "peft_key",
     "read_config",
@@ -30,11 +33,10 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\."
-    r"(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$"
 )
 _UNSUPPORTED = {
-    "use_dora": "DoRA",
     "lora_bias": "LoRA bias terms",
     "layer_replication": "layer replication",
     "modules_to_save": "modules_to_save (full copies of modules)",
@@ -50,11 +52,19 @@ def peft_key(module: str, part: Literal["a", "b"], embedding: bool) -> str:
     return f"{_PREFIX}{module}.lora_{letter}.weight"
 
 
-def parse_key(key: str) -> tuple[str, Literal["a", "b"]] | None:
-    """PEFT's tensor key -> (module name, "a" | "b"), or None if it is not a LoRA tensor."""
+def magnitude_key(module: str) -> str:
+    """PEFT's key of a DoRA magnitude."""
+    return f"{_PREFIX}{module}.lora_magnitude_vector"
+
+
+def parse_key(key: str) -> tuple[str, Literal["a", "b", "m"]] | None:
+    """PEFT's tensor key -> (module name, "a" | "b" | "m" (a DoRA magnitude)), or None if
+    it is not a LoRA tensor."""
     m = _KEY.match(key)
     if m is None:
         return None
+    if m["kind"] == "lora_magnitude_vector":
+        return m["module"], "m"
     return m["module"], "a" if m["kind"].endswith("A") else "b"
 
 
@@ -118,6 +128,7 @@ def config_from_peft(raw: dict[str, Any]) -> LoraConfig:
             targets=targets,
             exclude=exclude,
             use_rslora=bool(raw.get("use_rslora", False)),
+            use_dora=bool(raw.get("use_dora", False)),
             rank_pattern=dict(raw.get("rank_pattern") or {}),
             alpha_pattern=dict(raw.get("alpha_pattern") or {}),
         )
@@ -133,8 +144,9 @@ def config_to_peft(
     task_type: str | None,
     fan_in_fan_out: bool,
 ) -> dict[str, Any]:
-    """``LoraConfig`` -> the fields PEFT reads, and only those."""
-    return {
+    """``LoraConfig`` -> the fields PEFT reads, and only those (``use_dora`` only when set,
+    so a plain adapter's file is as before)."""
+    raw = {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model,
@@ -151,3 +163,6 @@ def config_to_peft(
         "inference_mode": True,
         "modules_to_save": None,
     }
+    if config.use_dora:
+        raw["use_dora"] = True
+    return raw

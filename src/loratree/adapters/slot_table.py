@@ -303,14 +303,15 @@ class SlotTable:
                 check_against(self.model, adapter.lora, adapter.name)
                 plan = [(module, self.layers[module], SlotSpec(
                     a.shape[0], float(pattern_value(config.alpha_pattern, module, config.alpha)),
-                    0.0, config.use_rslora))
+                    0.0, config.use_rslora, config.use_dora))
                     for module, (a, _) in adapter.lora.weights.items()]
                 if len(self._fits) >= 4096:
                     self._fits.clear()
                 self._fits[key] = plan
             weights = adapter.lora.weights  # the plan holds no tensors: the cache owns them
+            magnitudes = adapter.lora.magnitudes  # DoRA's, else empty
             for module, layer, spec in plan:
-                layer.set_slot(slot.index, spec, *weights[module])
+                layer.set_slot(slot.index, spec, *weights[module], magnitudes.get(module))
             slot.layers = tuple(adapter.lora.weights)
         slot.name, slot.kind, slot.version = adapter.name, adapter.kind, adapter.version
         self._by_name[adapter.name] = slot

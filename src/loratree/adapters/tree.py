@@ -298,6 +298,9 @@ def compose_files(files: list[AdapterFile], label: str = "") -> AdapterFile:
         raise TreeError(f"{label}: nothing to compose")
     if len(files) == 1:
         return files[0]
+    if any(f.config.use_dora for f in files):
+        raise TreeError(f"{label}: a DoRA adapter on a path does not compose into one LoRA "
+                        "adapter (its magnitude rescales the sum, not one term)")
     bases = {f.base_model for f in files} - {None}
     if len(bases) > 1:
         raise TreeError(f"{label}: the path's adapters were trained on different base models "

@@ -14,7 +14,7 @@ from loratree.train import TrainConfig, train
 
 __all__ = ["add_parser", "config_from_args", "run"]
 
-_ALIASES = {"eval_data": ["--eval"], "use_rslora": ["--rslora"]}
+_ALIASES = {"eval_data": ["--eval"], "use_rslora": ["--rslora"], "use_dora": ["--dora"]}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

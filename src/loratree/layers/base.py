@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from loratree.errors import NonFiniteError, QuantizedBaseError
+from loratree.errors import NonFiniteError, QuantizedBaseError, TargetError
+from loratree.layers import dora
 from loratree.layers.context import SlotContext
 from loratree.ops import lora as lora_ops
 from loratree.ops import slots as slot_ops
@@ -34,6 +35,8 @@ class SlotSpec:
     alpha: float
     dropout: float = 0.0
     rslora: bool = False
+    dora: bool = False
+    """DoRA: the slot also holds a magnitude ``m`` ``(out,)`` (``layers.dora``)."""
 
     def __post_init__(self) -> None:
         if self.rank < 0:
@@ -62,6 +65,8 @@ class LoraModule(nn.Module):
         self.base = base
         self.lora_a = nn.ParameterList()
         self.lora_b = nn.ParameterList()
+        self.lora_magnitude = nn.ParameterDict()
+        """str(slot) -> DoRA magnitude ``(out,)``, for DoRA slots only."""
         self.specs: list[SlotSpec] = []
         self.ctx = ctx
         self.module_name = name
@@ -129,16 +134,51 @@ class LoraModule(nn.Module):
         else:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         b = torch.zeros(self.b_shape(spec.rank), dtype=dtype, device=device)
+        if spec.dora and spec.rank:
+            self._check_dora()
+            self.lora_magnitude[str(len(self.specs))] = dora.new_magnitude(
+                self, spec.rank, spec.scale)
         self.lora_a.append(nn.Parameter(a))
         self.lora_b.append(nn.Parameter(b))
         self.specs.append(spec)
-        self.__dict__.pop("_live", None)
+        self._drop_caches()
         return len(self.specs) - 1
 
+    dora_ok = False
+    """Whether DoRA slots are implemented (matrix multiplies: ``LoraLinear``)."""
+
+    def _check_dora(self) -> None:
+        if not self.dora_ok:
+            raise TargetError(f"{self.module_name}: DoRA is supported on linear layers only, "
+                              f"not on {type(self).__name__}")
+        _ = self.weight  # a quantized base has no float weight for the norm
+
+    def _drop_caches(self, slot: int | None = None) -> None:
+        self.__dict__.pop("_live", None)
+        self.__dict__.pop("_dora_live", None)
+        if slot is not None:
+            self.__dict__.get("_dora_norms", {}).pop(slot, None)
+
+    def dora_slots(self) -> frozenset[int]:
+        """The DoRA slots that touch this layer; cached until a slot changes."""
+        found = self.__dict__.get("_dora_live")
+        if found is None:
+            found = frozenset(i for i, s in enumerate(self.specs) if s.dora and s.rank > 0)
+            self.__dict__["_dora_live"] = found
+        return found
+
     @torch.no_grad()
-    def load_slot(self, slot: int, a: Tensor, b: Tensor) -> None:
-        """Copy weights into a slot; shapes must match the slot's rank."""
-        for name, src, dst in (("A", a, self.lora_a[slot]), ("B", b, self.lora_b[slot])):
+    def load_slot(self, slot: int, a: Tensor, b: Tensor, magnitude: Tensor | None = None
+                  ) -> None:
+        """Copy weights into a slot; shapes must match the slot's rank. A DoRA slot also
+        takes its magnitude."""
+        pairs = [("A", a, self.lora_a[slot]), ("B", b, self.lora_b[slot])]
+        if self.specs[slot].dora and self.specs[slot].rank:
+            if magnitude is None:
+                raise ValueError(f"{self.module_name}: DoRA slot {slot} needs its magnitude")
+            pairs.append(("magnitude", magnitude, self.lora_magnitude[str(slot)]))
+        self._drop_caches(slot)
+        for name, src, dst in pairs:
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(
                     f"{self.module_name}: lora {name} of slot {slot} must be "
@@ -147,7 +187,7 @@ class LoraModule(nn.Module):
             dst.copy_(src)
 
     def set_slot(self, slot: int, spec: SlotSpec, a: Tensor | None = None,
-                 b: Tensor | None = None) -> None:
+                 b: Tensor | None = None, magnitude: Tensor | None = None) -> None:
         """Put another adapter in ``slot``: its spec and factors (shared, not copied, when
         dtype and device already match).
 
@@ -175,6 +215,7 @@ class LoraModule(nn.Module):
                                      f"be {tuple(want)}, got {tuple(t.shape)}")
             if a.dtype != pa.dtype or a.device != pa.device:
                 a, b = a.to(pa), b.to(pb)
+        self._set_magnitude(slot, spec, magnitude)
         pa.data, pb.data = a, b
         if pa.requires_grad or pb.requires_grad:
             pa.requires_grad_(False)
@@ -184,7 +225,25 @@ class LoraModule(nn.Module):
         kept = self.__dict__.get("_slot_factors", {})  # (slot, rank) -> padded factors
         for key in [key for key in kept if key[0] == slot]:
             del kept[key]
-        self.__dict__.pop("_live", None)
+        self._drop_caches(slot)
+
+    def _set_magnitude(self, slot: int, spec: SlotSpec, magnitude: Tensor | None) -> None:
+        """``set_slot``'s DoRA part: keep ``magnitude`` (frozen) for a DoRA spec, drop the
+        slot's magnitude otherwise."""
+        key = str(slot)
+        if not (spec.dora and spec.rank):
+            if key in self.lora_magnitude:
+                del self.lora_magnitude[key]
+            return
+        self._check_dora()
+        want = (self.b_shape(spec.rank)[0],)
+        if magnitude is None or tuple(magnitude.shape) != want:
+            got = None if magnitude is None else tuple(magnitude.shape)
+            raise ValueError(f"{self.module_name}: DoRA slot {slot} needs a magnitude of "
+                             f"shape {want}, got {got}")
+        dtype, device = self.factor_like()
+        self.lora_magnitude[key] = nn.Parameter(magnitude.to(dtype=dtype, device=device),
+                                                requires_grad=False)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -195,10 +254,12 @@ class LoraModule(nn.Module):
             if slot == self.merged:
                 return y
             if self.merged is not None:
-                y = y - self.branch(x, self.merged).to(y.dtype)
+                y = self._take_out_merged(y, x)
             if slot < 0:
                 return y
             self._check_slot(slot)
+            if self.specs[slot].dora and self.specs[slot].rank:
+                return dora.single(self, y, x, slot)
             return self._add_stack(y, x, slot)
         if self.merged is None and not self.under and not self.live_slots():
             return y  # no slot touches this layer (a serving table's q,v adapters in o_proj)
@@ -210,8 +271,23 @@ class LoraModule(nn.Module):
             raise RuntimeError(f"{self.module_name}: a slot stacked on another runs alone, "
                                "not in a per-token mixed batch")
         if self.merged is not None:
-            y = y - self.branch(x, self.merged).to(y.dtype)
+            y = self._take_out_merged(y, x)
         rows, flat = self.tokens(x)
+        found = self.dora_slots()
+        if found:
+            found = found.intersection(self.ctx.batch_slots())
+            if found:
+                return dora.per_token(self, y, x, rows, flat, found)
+        return self._lora_per_token(y, x, rows, flat)
+
+    def _take_out_merged(self, y: Tensor, x: Tensor) -> Tensor:
+        """The base output from ``y`` computed with slot ``merged`` folded in."""
+        if self.specs[self.merged].dora and self.specs[self.merged].rank:
+            return dora.take_out_merged(self, y, x)
+        return y - self.branch(x, self.merged).to(y.dtype)
+
+    def _lora_per_token(self, y: Tensor, x: Tensor, rows: int, flat: Tensor) -> Tensor:
+        """``y`` plus every token's plain LoRA branch, by the strategy the plan picks."""
         n = flat.shape[0]
         # how this layer runs the batch depends only on the batch and on which slots touch
         # the layer, so layers alike share one plan per forward (a decode step's per-layer
@@ -277,6 +353,8 @@ class LoraModule(nn.Module):
         y = self.add_branch(y, x, slot)
         under = self.under.get(slot)
         if under is not None and self.specs[under].rank:
+            if self.specs[under].dora:
+                raise RuntimeError(f"{self.module_name}: no slot stacks on DoRA slot {under}")
             y = self.add_branch(y, x, under)
         return y
 
@@ -333,7 +411,9 @@ class LoraModule(nn.Module):
         if slot in self.under:
             raise RuntimeError(f"{self.module_name}: slot {slot} runs on top of slot "
                                f"{self.under[slot]}; merge their composition instead")
-        if self.specs[slot].rank:  # a slot empty in this layer changes nothing here
+        if self.specs[slot].dora and self.specs[slot].rank:
+            dora.merge(self, slot)
+        elif self.specs[slot].rank:  # a slot empty in this layer changes nothing here
             self._add(self.delta_weight(slot), f"merging slot {slot}")
         self.merged = slot
 
@@ -342,7 +422,9 @@ class LoraModule(nn.Module):
         """Take the merged slot back out of the base weight. No-op when none is merged."""
         if self.merged is None:
             return
-        if self.specs[self.merged].rank:
+        if self.specs[self.merged].dora and self.specs[self.merged].rank:
+            dora.unmerge(self)
+        elif self.specs[self.merged].rank:
             self._add(self.delta_weight(self.merged), f"unmerging slot {self.merged}",
                       sign=-1.0)
         self.merged = None
@@ -367,8 +449,9 @@ class LoraModule(nn.Module):
         if not new_rank and not old_rank:  # neither touches this layer
             self.merged = slot
             return
-        if not new_rank or not old_rank:
-            self.unmerge()  # only one side touches this layer: one plain fold
+        if not new_rank or not old_rank or self.specs[slot].dora or self.specs[
+                self.merged].dora:
+            self.unmerge()  # one side only touches this layer, or DoRA: no difference form
             self.merge(slot)
             return
         lo, hi = sorted((slot, self.merged))
@@ -396,7 +479,10 @@ class LoraModule(nn.Module):
 
     def check_finite(self, slot: int) -> None:
         """Raise ``NonFiniteError`` naming this layer if slot ``slot`` holds NaN or Inf."""
-        for part, t in (("A", self.lora_a[slot]), ("B", self.lora_b[slot])):
+        parts = [("A", self.lora_a[slot]), ("B", self.lora_b[slot])]
+        if str(slot) in self.lora_magnitude:
+            parts.append(("magnitude", self.lora_magnitude[str(slot)]))
+        for part, t in parts:
             if not torch.isfinite(t).all():
                 raise NonFiniteError(
                     f"{self.module_name}: lora {part} of slot {slot} is not finite"

@@ -54,6 +54,7 @@ class LoraLinear(LoraModule):
         return out.view(y.shape)
 
     batchable = True
+    dora_ok = True
 
     def batched_add(self, y: Tensor, flat: Tensor, slots: tuple[int, ...],
                     layout: slot_ops.Grouped) -> Tensor:

@@ -4,6 +4,6 @@ Every function's docstring gives a ``Semantics:`` line (the naive formula the te
 against) and the ``Shape:`` of each argument.
 """
 
-from loratree.ops import compose, lora, nf4, prefix, skinny, slots
+from loratree.ops import compose, dora, lora, nf4, prefix, skinny, slots
 
-__all__ = ["compose", "lora", "nf4", "prefix", "skinny", "slots"]
+__all__ = ["compose", "dora", "lora", "nf4", "prefix", "skinny", "slots"]

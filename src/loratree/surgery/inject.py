@@ -119,7 +119,8 @@ def inject(
         if name in targets:
             rank = int(pattern_value(config.rank_pattern, name, config.rank))
             alpha = pattern_value(config.alpha_pattern, name, config.alpha)
-            spec = SlotSpec(rank, float(alpha), config.dropout, config.use_rslora)
+            spec = SlotSpec(rank, float(alpha), config.dropout, config.use_rslora,
+                            config.use_dora)
         else:
             spec = SlotSpec(0, 1.0)
         layer.add_slot(spec, config.init)
@@ -175,6 +176,8 @@ def adapter_parameters(model: nn.Module, slot: int | None = None) -> Iterator[nn
             if layer.specs[s].rank > 0:
                 yield layer.lora_a[s]
                 yield layer.lora_b[s]
+                if str(s) in layer.lora_magnitude:  # DoRA
+                    yield layer.lora_magnitude[str(s)]
     bank = prefix_bank(model)
     if bank is not None:
         for s in bank.slots() if slot is None else (slot,):

@@ -47,6 +47,8 @@ class TrainConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = ("all-linear",)
     use_rslora: bool = False
+    use_dora: bool = False
+    """DoRA: also learn a magnitude per output feature of each adapted linear layer."""
     virtual_tokens: int = 20
     """Prefix-tuning: virtual tokens per attention layer."""
     prefix_projection: bool = False
@@ -117,7 +119,8 @@ class TrainConfig:
 
     def lora(self) -> LoraConfig:
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                          targets=self.targets, use_rslora=self.use_rslora)
+                          targets=self.targets, use_rslora=self.use_rslora,
+                          use_dora=self.use_dora)
 
     def prefix(self) -> PrefixConfig:
         return PrefixConfig(n_virtual=self.virtual_tokens, projection=self.prefix_projection,
