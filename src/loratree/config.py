@@ -45,6 +45,13 @@ class LoraConfig:
     """Per-module rank overrides: module-name suffix or regex -> rank (PEFT's semantics)."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alpha overrides, as ``rank_pattern``."""
+    lora_bias: bool = False
+    """PEFT's ``lora_bias``: every adapted linear layer's B gets a trainable bias b, and
+    the branch becomes ``scale * (B A x + b)`` (merging adds ``scale * b`` to the base
+    bias, so it needs a base layer with a bias)."""
+    modules_to_save: tuple[str, ...] = ()
+    """PEFT's ``modules_to_save``: modules (name suffixes, e.g. ``lm_head``) this adapter
+    replaces by a full trainable copy of its own (a Linear or an Embedding)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -53,7 +60,14 @@ class LoraConfig:
             object.__setattr__(self, "exclude", (self.exclude,))
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        if isinstance(self.modules_to_save, str):
+            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
+        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
         problems = []
+        if not isinstance(self.lora_bias, bool):
+            problems.append(f"lora_bias must be a bool, got {self.lora_bias!r}")
+        if not all(isinstance(m, str) and m for m in self.modules_to_save):
+            problems.append(f"modules_to_save must be module names, got {self.modules_to_save!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
             problems.append(f"rank must be a positive int, got {self.rank!r}")
         if not _finite_number(self.alpha) or self.alpha <= 0:

@@ -255,4 +255,6 @@ def _rank(lora: AdapterFile) -> int:
 def _nbytes(lora: AdapterFile) -> int:
     nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
                  for a, b in lora.weights.values())
-    return nbytes + sum(t.numel() * t.element_size() for t in lora.base_weights.values())
+    nbytes += sum(t.numel() * t.element_size() for t in lora.biases.values())
+    return nbytes + lora.copy_bytes + sum(t.numel() * t.element_size()
+                                          for t in lora.base_weights.values())

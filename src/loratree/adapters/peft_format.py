@@ -3,6 +3,8 @@
 On disk a LoRA adapter is ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
 ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (``lora_embedding_A`` /
 ``lora_embedding_B`` for embeddings). In code we say ``lora_a`` / ``lora_b`` per slot.
+With ``lora_bias`` B's bias is ``...lora_B.bias``; a ``modules_to_save`` copy is saved
+under the module's own name: ``base_model.model.<module>.weight`` (and ``.bias``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ __all__ = [
     "WEIGHTS_NAME",
     "config_from_peft",
     "config_to_peft",
+    "copy_key",
+    "matches_saved",
+    "parse_copy_key",
     "parse_key",
     "peft_key",
     "read_config",
@@ -31,31 +36,56 @@ _PREFIX = "base_model.model."
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\."
     r"(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-    r"(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$"
+    r"(?:\.(?!(?:weight|bias)$)(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$"
 )
+_COPY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.modules_to_save\.[^.]+)?"
+    r"\.(?P<param>weight|bias)$"
+)
+Part = Literal["a", "b", "bias"]
 _UNSUPPORTED = {
     "use_dora": "DoRA",
-    "lora_bias": "LoRA bias terms",
     "layer_replication": "layer replication",
-    "modules_to_save": "modules_to_save (full copies of modules)",
     "trainable_token_indices": "trainable token indices",
 }
 
 
-def peft_key(module: str, part: Literal["a", "b"], embedding: bool) -> str:
-    """Our (module, lora_a | lora_b) -> PEFT's tensor key."""
+def peft_key(module: str, part: Part, embedding: bool) -> str:
+    """Our (module, lora_a | lora_b | lora_bias) -> PEFT's tensor key."""
+    if part == "bias":
+        return f"{_PREFIX}{module}.lora_B.bias"
     letter = part.upper()
     if embedding:
         return f"{_PREFIX}{module}.lora_embedding_{letter}"
     return f"{_PREFIX}{module}.lora_{letter}.weight"
 
 
-def parse_key(key: str) -> tuple[str, Literal["a", "b"]] | None:
-    """PEFT's tensor key -> (module name, "a" | "b"), or None if it is not a LoRA tensor."""
+def parse_key(key: str) -> tuple[str, Part] | None:
+    """PEFT's tensor key -> (module name, "a" | "b" | "bias"), or None if it is not a LoRA
+    tensor. Only B has a bias (``lora_bias``); ``lora_A.bias`` is not a LoRA tensor."""
     m = _KEY.match(key)
     if m is None:
         return None
+    if m["param"] == "bias":
+        return (m["module"], "bias") if m["kind"] == "lora_B" else None
     return m["module"], "a" if m["kind"].endswith("A") else "b"
+
+
+def copy_key(module: str, param: str) -> str:
+    """The key of a ``modules_to_save`` copy's ``weight`` / ``bias``, as PEFT saves it."""
+    return f"{_PREFIX}{module}.{param}"
+
+
+def parse_copy_key(key: str) -> tuple[str, str] | None:
+    """A ``modules_to_save`` copy's key -> (module name, "weight" | "bias"), or None."""
+    m = _COPY.match(key)
+    return None if m is None else (m["module"], m["param"])
+
+
+def matches_saved(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether module ``name`` is one of ``modules_to_save`` (PEFT: the name or a suffix
+    after a dot)."""
+    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -99,6 +129,9 @@ def config_from_peft(raw: dict[str, Any]) -> LoraConfig:
     for field, what in _UNSUPPORTED.items():
         if raw.get(field):
             raise AdapterConfigError(f"{field}: {what} is not supported")
+    saved = raw.get("modules_to_save") or ()
+    if isinstance(saved, str) or not all(isinstance(m, str) and m for m in saved):
+        raise AdapterConfigError(f"modules_to_save must be a list of names, got {saved!r}")
     if raw.get("bias", "none") != "none":
         raise AdapterConfigError(f"bias: only 'none' is supported, got {raw.get('bias')!r}")
     targets = raw.get("target_modules")
@@ -120,6 +153,8 @@ def config_from_peft(raw: dict[str, Any]) -> LoraConfig:
             use_rslora=bool(raw.get("use_rslora", False)),
             rank_pattern=dict(raw.get("rank_pattern") or {}),
             alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+            lora_bias=bool(raw.get("lora_bias", False)),
+            modules_to_save=tuple(saved),
         )
     except (ValueError, TypeError) as e:
         raise AdapterConfigError(f"invalid LoRA settings: {e}") from e
@@ -149,5 +184,6 @@ def config_to_peft(
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "lora_bias": config.lora_bias,
+        "modules_to_save": list(config.modules_to_save) or None,
     }

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from loratree.errors import NonFiniteError, QuantizedBaseError
+from loratree.errors import MergeError, NonFiniteError, QuantizedBaseError
 from loratree.layers.context import SlotContext
 from loratree.ops import lora as lora_ops
 from loratree.ops import slots as slot_ops
@@ -34,6 +34,8 @@ class SlotSpec:
     alpha: float
     dropout: float = 0.0
     rslora: bool = False
+    bias: bool = False
+    """PEFT's ``lora_bias``: B carries a bias b, and the branch is s * (B A x + b)."""
 
     def __post_init__(self) -> None:
         if self.rank < 0:
@@ -62,6 +64,8 @@ class LoraModule(nn.Module):
         self.base = base
         self.lora_a = nn.ParameterList()
         self.lora_b = nn.ParameterList()
+        self.lora_bias = nn.ParameterList()
+        """Per slot, the bias of B ``(out,)`` when ``specs[slot].bias``, else ``(0,)``."""
         self.specs: list[SlotSpec] = []
         self.ctx = ctx
         self.module_name = name
@@ -81,6 +85,22 @@ class LoraModule(nn.Module):
 
     def b_shape(self, rank: int) -> tuple[int, ...]:
         raise NotImplementedError
+
+    bias_features: int | None = None
+    """The length of a LoRA bias (the output features); None: the layer takes none."""
+
+    def bias_shape(self, spec: SlotSpec) -> tuple[int, ...]:
+        """``(out,)`` for a slot with a LoRA bias, ``(0,)`` otherwise."""
+        if not spec.bias or not spec.rank:
+            return (0,)
+        if self.bias_features is None:
+            raise ValueError(f"{self.module_name}: a {type(self).__name__} takes no LoRA bias "
+                             "(lora_bias is for linear layers)")
+        return (self.bias_features,)
+
+    def has_bias(self, slot: int) -> bool:
+        """Whether ``slot`` adds a LoRA bias in this layer."""
+        return self.specs[slot].bias and self.specs[slot].rank > 0
 
     def branch(self, x: Tensor, slot: int) -> Tensor:
         """The LoRA output of ``slot`` for input ``x`` (any leading shape the layer takes)."""
@@ -129,16 +149,22 @@ class LoraModule(nn.Module):
         else:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         b = torch.zeros(self.b_shape(spec.rank), dtype=dtype, device=device)
+        bias = torch.zeros(self.bias_shape(spec), dtype=dtype, device=device)
         self.lora_a.append(nn.Parameter(a))
         self.lora_b.append(nn.Parameter(b))
+        self.lora_bias.append(nn.Parameter(bias))
         self.specs.append(spec)
         self.__dict__.pop("_live", None)
         return len(self.specs) - 1
 
     @torch.no_grad()
-    def load_slot(self, slot: int, a: Tensor, b: Tensor) -> None:
-        """Copy weights into a slot; shapes must match the slot's rank."""
-        for name, src, dst in (("A", a, self.lora_a[slot]), ("B", b, self.lora_b[slot])):
+    def load_slot(self, slot: int, a: Tensor, b: Tensor, bias: Tensor | None = None) -> None:
+        """Copy weights into a slot; shapes must match the slot's rank (and its bias)."""
+        parts = [("A", a, self.lora_a[slot]), ("B", b, self.lora_b[slot])]
+        if bias is not None or self.has_bias(slot):
+            parts.append(("bias", bias if bias is not None else a.new_zeros(0),
+                          self.lora_bias[slot]))
+        for name, src, dst in parts:
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(
                     f"{self.module_name}: lora {name} of slot {slot} must be "
@@ -147,9 +173,9 @@ class LoraModule(nn.Module):
             dst.copy_(src)
 
     def set_slot(self, slot: int, spec: SlotSpec, a: Tensor | None = None,
-                 b: Tensor | None = None) -> None:
+                 b: Tensor | None = None, bias: Tensor | None = None) -> None:
         """Put another adapter in ``slot``: its spec and factors (shared, not copied, when
-        dtype and device already match).
+        dtype and device already match), and its LoRA bias when ``spec.bias``.
 
         ``spec.rank == 0`` empties the slot (the adapter skips this layer). A merged slot
         cannot be replaced: unmerge or switch first. This is the serving hot path (one call
@@ -179,12 +205,28 @@ class LoraModule(nn.Module):
         if pa.requires_grad or pb.requires_grad:
             pa.requires_grad_(False)
             pb.requires_grad_(False)
+        self._set_bias(slot, spec, bias)
         self.specs[slot] = spec
         self.__dict__.pop("_batched", None)
         kept = self.__dict__.get("_slot_factors", {})  # (slot, rank) -> padded factors
         for key in [key for key in kept if key[0] == slot]:
             del kept[key]
         self.__dict__.pop("_live", None)
+
+    def _set_bias(self, slot: int, spec: SlotSpec, bias: Tensor | None) -> None:
+        pbias = self._modules["lora_bias"]._parameters[str(slot)]
+        want = self.bias_shape(spec)
+        if want == (0,):
+            if pbias.numel():
+                pbias.data = pbias.new_empty(0)
+        elif bias is None or tuple(bias.shape) != want:
+            got = None if bias is None else tuple(bias.shape)
+            raise ValueError(f"{self.module_name}: the lora bias for slot {slot} must be "
+                             f"{want}, got {got}")
+        else:
+            pbias.data = bias if (bias.dtype, bias.device) == (pbias.dtype, pbias.device) \
+                else bias.to(pbias)
+        pbias.requires_grad_(False)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -227,13 +269,30 @@ class LoraModule(nn.Module):
         if kind == "one":
             return self.add_branch(y, x, plan[1])
         if kind == "batched":
-            return self.batched_add(y, flat, plan[1], plan[2])
-        if kind == "runs":
-            return self.runs_add(y, flat, plan[1], live_slots)
-        if kind == "trained":
-            return self.trained_add(y, flat, plan[1], plan[2])
-        out = self.mixed(flat, plan[1])
-        return y + out.reshape(y.shape).to(y.dtype)
+            y = self.batched_add(y, flat, plan[1], plan[2])
+        elif kind == "runs":
+            y = self.runs_add(y, flat, plan[1], live_slots)
+        elif kind == "trained":
+            y = self.trained_add(y, flat, plan[1], plan[2])
+        else:
+            y = y + self.mixed(flat, plan[1]).reshape(y.shape).to(y.dtype)
+        return self._add_biases(y, rows, n)
+
+    def _add_biases(self, y: Tensor, rows: int, n: int) -> Tensor:
+        """y plus each token's slot's scaled LoRA bias s_k b_k (none for slot -1 or a slot
+        without one): one gather from a ``(S + 1, out)`` table (last row zero)."""
+        biased = [k for k in self.ctx.batch_slots() if 0 <= k < len(self.specs)
+                  and self.has_bias(k)]
+        if not biased:
+            return y
+        out = self.bias_features
+        zero = y.new_zeros(out)
+        table = torch.stack([self.lora_bias[k].to(y.dtype) * self.specs[k].scale
+                             if self.has_bias(k) else zero for k in range(len(self.specs))]
+                            + [zero])
+        k = self.ctx.token_slots(rows, n)
+        k = torch.where(k < 0, len(self.specs), k)
+        return y + table[k].view(y.shape)
 
     def _plan(self, live_slots: frozenset[int], rows: int, n: int, grad: bool) -> tuple:
         """("none",) | ("one", slot) | ("trained", slots, layout) | ("batched", slots,
@@ -334,7 +393,9 @@ class LoraModule(nn.Module):
             raise RuntimeError(f"{self.module_name}: slot {slot} runs on top of slot "
                                f"{self.under[slot]}; merge their composition instead")
         if self.specs[slot].rank:  # a slot empty in this layer changes nothing here
+            self._check_base_bias(slot)
             self._add(self.delta_weight(slot), f"merging slot {slot}")
+            self._add_bias(slot, 1.0)
         self.merged = slot
 
     @torch.no_grad()
@@ -345,6 +406,7 @@ class LoraModule(nn.Module):
         if self.specs[self.merged].rank:
             self._add(self.delta_weight(self.merged), f"unmerging slot {self.merged}",
                       sign=-1.0)
+            self._add_bias(self.merged, -1.0)
         self.merged = None
 
     @torch.no_grad()
@@ -367,7 +429,8 @@ class LoraModule(nn.Module):
         if not new_rank and not old_rank:  # neither touches this layer
             self.merged = slot
             return
-        if not new_rank or not old_rank:
+        if not new_rank or not old_rank or self.has_bias(slot) or self.has_bias(self.merged):
+            self._check_base_bias(slot)
             self.unmerge()  # only one side touches this layer: one plain fold
             self.merge(slot)
             return
@@ -394,9 +457,26 @@ class LoraModule(nn.Module):
         a, b = self.factors(slot)
         return self.to_weight_layout(lora_ops.delta(a, b, self.specs[slot].scale))
 
+    def _check_base_bias(self, slot: int) -> None:
+        if self.has_bias(slot) and getattr(self.base, "bias", None) is None:
+            raise MergeError(f"{self.module_name}: slot {slot} has a LoRA bias but the base "
+                             "layer has none to fold it into; serve it unmerged")
+
+    def _add_bias(self, slot: int, sign: float) -> None:
+        """base bias += sign * s * b (a slot with a LoRA bias; checked finite first)."""
+        if not self.has_bias(slot):
+            return
+        delta = self.lora_bias[slot].float() * self.specs[slot].scale
+        if not torch.isfinite(delta.sum()):
+            raise NonFiniteError(f"{self.module_name}: the lora bias of slot {slot} is not "
+                                 "finite; the layer is unchanged")
+        bias = self.base.bias
+        bias.copy_(bias.float().add_(delta, alpha=sign))
+
     def check_finite(self, slot: int) -> None:
         """Raise ``NonFiniteError`` naming this layer if slot ``slot`` holds NaN or Inf."""
-        for part, t in (("A", self.lora_a[slot]), ("B", self.lora_b[slot])):
+        for part, t in (("A", self.lora_a[slot]), ("B", self.lora_b[slot]),
+                        ("bias", self.lora_bias[slot])):
             if not torch.isfinite(t).all():
                 raise NonFiniteError(
                     f"{self.module_name}: lora {part} of slot {slot} is not finite"
