@@ -42,7 +42,7 @@ def peft_made(base, path, seed: int, **fields):
     model = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     model.save_pretrained(path)

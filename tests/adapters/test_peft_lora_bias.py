@@ -3,6 +3,7 @@ PEFT's logits, per row in mixed batches on every strategy, merge and switch, fil
 train load in PEFT, bad files get typed errors naming the key."""
 
 import copy
+import shutil
 
 import peft
 import pytest
@@ -172,16 +173,15 @@ def _rewrite(path, edit):
 
 @pytest.mark.parametrize(("edit", "error", "match"), [
     (lambda t: t.__setitem__(f"{Q0}.lora_B.bias", torch.zeros(31)), ShapeMismatchError,
-     "q_proj.lora_B.bias"),
+     r"q_proj\.lora_B\.bias"),
     (lambda t: t.__setitem__(f"{Q0}.lora_B.bias", torch.full((32,), float("nan"))),
-     NonFiniteError, "q_proj.lora_B.bias"),
-    (lambda t: t.pop(f"{Q0}.lora_B.bias"), MissingKeyError, "q_proj.lora_B.bias"),
+     NonFiniteError, r"q_proj\.lora_B\.bias"),
+    (lambda t: t.pop(f"{Q0}.lora_B.bias"), MissingKeyError, r"q_proj\.lora_B\.bias"),
     (lambda t: t.__setitem__(f"{Q0}.lora_A.bias", torch.zeros(4)), UnexpectedKeyError,
-     "q_proj.lora_A.bias"),
+     r"q_proj\.lora_A\.bias"),
 ], ids=["shape", "nan", "missing", "bias-of-A"])
 def test_bad_bias_files_get_typed_errors_naming_the_key(made, tmp_path, edit, error, match):
     base, paths = made
-    import shutil
     bad = shutil.copytree(paths[0], tmp_path / "bad")
     _rewrite(bad, edit)
     model = copy.deepcopy(base)
@@ -192,9 +192,8 @@ def test_bad_bias_files_get_typed_errors_naming_the_key(made, tmp_path, edit, er
 
 def test_a_bias_without_lora_bias_in_the_config_is_refused(made, tmp_path):
     base, paths = made
-    import shutil
     bad = shutil.copytree(paths[1], tmp_path / "bad")  # plain: no lora_bias
     _rewrite(bad, lambda t: t.__setitem__(
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias", torch.zeros(32)))
-    with pytest.raises(UnexpectedKeyError, match="q_proj.lora_B.bias.*lora_bias"):
+    with pytest.raises(UnexpectedKeyError, match=r"q_proj\.lora_B\.bias.*lora_bias"):
         load_adapter(copy.deepcopy(base), bad)
