@@ -133,7 +133,7 @@ def test_merge_needs_a_base_bias(tmp_path):
         torch.testing.assert_close(model(ids).logits, solo(base, tmp_path / "a", ids),
                                    atol=1e-4, rtol=0)
     w = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(MergeError, match="q_proj.*the base layer has none"):
+    with pytest.raises(MergeError, match=r"q_proj.*the base layer has none"):
         surgery.merge(model, 0)
     for n, p in model.named_parameters():  # all or nothing
         assert torch.equal(p, w[n]), n
