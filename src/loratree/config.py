@@ -48,6 +48,13 @@ class LoraConfig:
     use_dora: bool = False
     """DoRA (PEFT's ``use_dora``): each adapted linear layer also learns a magnitude per
     output feature, ``y = bias + m / ||W + s B A|| * (W x + s B A x)``."""
+    lora_bias: bool = False
+    """PEFT's ``lora_bias``: every adapted linear layer's B gets a trainable bias b, and
+    the branch becomes ``scale * (B A x + b)`` (merging adds ``scale * b`` to the base
+    bias, so it needs a base layer with a bias)."""
+    modules_to_save: tuple[str, ...] = ()
+    """PEFT's ``modules_to_save``: modules (name suffixes, e.g. ``lm_head``) this adapter
+    replaces by a full trainable copy of its own (a Linear or an Embedding)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -56,7 +63,10 @@ class LoraConfig:
             object.__setattr__(self, "exclude", (self.exclude,))
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        problems = []
+        if isinstance(self.modules_to_save, str):
+            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
+        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
+        problems = self._feature_problems()
         if not isinstance(self.rank, int) or self.rank < 1:
             problems.append(f"rank must be a positive int, got {self.rank!r}")
         if not _finite_number(self.alpha) or self.alpha <= 0:
@@ -67,11 +77,22 @@ class LoraConfig:
             problems.append(f"targets must be non-empty strings, got {self.targets!r}")
         if self.init not in ("kaiming", "gaussian"):
             problems.append(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
-        if not isinstance(self.use_dora, bool):
-            problems.append(f"use_dora must be a bool, got {self.use_dora!r}")
         problems += _pattern_problems(self.rank_pattern, self.alpha_pattern)
         if problems:
             raise ValueError("invalid LoraConfig: " + "; ".join(problems))
+
+    def _feature_problems(self) -> list[str]:
+        """What is wrong with the PEFT feature flags (DoRA, LoRA bias, full copies)."""
+        problems = []
+        for name in ("use_dora", "lora_bias"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.use_dora is True and self.lora_bias is True:
+            problems.append("use_dora and lora_bias cannot be combined (DoRA rescales the "
+                            "whole layer output)")
+        if not all(isinstance(m, str) and m for m in self.modules_to_save):
+            problems.append(f"modules_to_save must be module names, got {self.modules_to_save!r}")
+        return problems
 
     def scale_for(self, rank: int, alpha: float) -> float:
         """The LoRA scale for a layer of this rank and alpha."""

@@ -13,7 +13,9 @@ __all__ = [
     "AdapterNameError",
     "AdapterNotFoundError",
     "CacheFullError",
+    "CopyTooLargeError",
     "CorruptFileError",
+    "MergeError",
     "MissingKeyError",
     "NonFiniteError",
     "QuantizedBaseError",
@@ -61,6 +63,15 @@ class NonFiniteError(ValueError):
 
 class TargetError(ValueError):
     """A target pattern matched nothing, or matched a module that cannot be adapted."""
+
+
+class MergeError(ValueError):
+    """A slot cannot be folded into the base: e.g. a LoRA bias on a layer with no bias."""
+
+
+class CopyTooLargeError(ValueError):
+    """An adapter's full module copies (``modules_to_save``) exceed the slot table's byte
+    budget for them."""
 
 
 class QuantizedBaseError(ValueError):

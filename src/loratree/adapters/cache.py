@@ -255,5 +255,6 @@ def _rank(lora: AdapterFile) -> int:
 def _nbytes(lora: AdapterFile) -> int:
     nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
                  for a, b in lora.weights.values())
+    nbytes += sum(t.numel() * t.element_size() for t in lora.biases.values())
     extra = [*lora.base_weights.values(), *lora.magnitudes.values()]
-    return nbytes + sum(t.numel() * t.element_size() for t in extra)
+    return nbytes + lora.copy_bytes + sum(t.numel() * t.element_size() for t in extra)

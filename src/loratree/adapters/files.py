@@ -23,7 +23,10 @@ from loratree.adapters.peft_format import (
     WEIGHTS_NAME,
     config_from_peft,
     config_to_peft,
+    copy_key,
     magnitude_key,
+    matches_saved,
+    parse_copy_key,
     parse_key,
     peft_key,
     read_config,
@@ -32,6 +35,7 @@ from loratree.adapters.prefix_files import PEFT_TYPE, load_prefix, read_prefix, 
 from loratree.adapters.safetensors_io import read_safetensors
 from loratree.config import LoraConfig
 from loratree.errors import (
+    AdapterConfigError,
     AdapterFileError,
     CorruptFileError,
     MissingKeyError,
@@ -41,9 +45,17 @@ from loratree.errors import (
     UnexpectedKeyError,
 )
 from loratree.fsio import atomic_write
-from loratree.layers import LoraEmbedding, SlotContext
-from loratree.surgery import adaptable_modules, find_targets, inject, lora_layers, prefix_bank
-from loratree.surgery import adapter_parameters as surgery_parameters
+from loratree.layers import FullCopy, LoraEmbedding, SlotContext
+from loratree.surgery import (
+    adaptable_modules,
+    adapter_parameters,
+    copy_layers,
+    find_targets,
+    inject,
+    lora_layers,
+    prefix_bank,
+    saved_modules,
+)
 from loratree.surgery.inject import wrap
 from loratree.surgery.targets import pattern_value
 
@@ -71,6 +83,16 @@ class AdapterFile:
     """Modules whose tensors are PEFT's ``lora_embedding_A`` / ``_B`` (embedding layers)."""
     magnitudes: dict[str, Tensor] = field(default_factory=dict)
     """DoRA (``config.use_dora``): per module, the magnitude ``(out,)``."""
+    biases: dict[str, Tensor] = field(default_factory=dict)
+    """Per module, B's bias ``(out,)`` (``lora_bias``)."""
+    copies: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    """Per module of ``modules_to_save``, its full copy: {"weight": ..., "bias": ...}."""
+
+    @property
+    def copy_bytes(self) -> int:
+        """What the full copies cost in memory, as stored."""
+        return sum(t.numel() * t.element_size() for c in self.copies.values()
+                   for t in c.values())
 
     @property
     def base_model(self) -> str | None:
@@ -99,8 +121,16 @@ def save_adapter(
         if str(slot) in layer.lora_magnitude:  # DoRA
             m = layer.lora_magnitude[str(slot)]
             tensors[magnitude_key(name)] = m.detach().contiguous().cpu()
+        if layer.has_bias(slot):
+            tensors[peft_key(name, "bias", emb)] = layer.lora_bias[slot].detach().cpu()
+    copies = {n: c for n, c in copy_layers(model).items() if c.has(slot)}
+    for name, copy in copies.items():
+        weight, bias = copy.weights_of(slot)
+        tensors[copy_key(name, "weight")] = weight.detach().contiguous().cpu()
+        if bias is not None:
+            tensors[copy_key(name, "bias")] = bias.detach().contiguous().cpu()
     specs = {n: m.specs[slot] for n, m in layers.items()}
-    config = summarize(specs)
+    config = summarize(specs, tuple(copies))
     if base_model is None:
         base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     raw = config_to_peft(
@@ -127,6 +157,8 @@ def read_adapter(path: str | Path) -> AdapterFile:
     tensors = read_safetensors(path / WEIGHTS_NAME)
     halves: dict[str, dict[str, Tensor]] = {}
     base_weights: dict[str, Tensor] = {}
+    biases: dict[str, Tensor] = {}
+    copies: dict[str, dict[str, Tensor]] = {}
     embeddings = set()
     for key, t in tensors.items():
         if key.endswith(".base_layer.weight"):  # PEFT saves targeted embeddings whole
@@ -134,8 +166,15 @@ def read_adapter(path: str | Path) -> AdapterFile:
             continue
         parsed = parse_key(key)
         if parsed is None:
-            raise UnexpectedKeyError(f"{path.name}: {key!r} is not a LoRA tensor")
+            copy = parse_copy_key(key)
+            if copy is None or not matches_saved(copy[0], config.modules_to_save):
+                raise UnexpectedKeyError(f"{path.name}: {key!r} is not a LoRA tensor")
+            copies.setdefault(copy[0], {})[copy[1]] = t
+            continue
         module, part = parsed
+        if part == "bias":
+            biases[module] = t
+            continue
         halves.setdefault(module, {})[part] = t
         if ".lora_embedding_" in key:
             embeddings.add(module)
@@ -144,7 +183,10 @@ def read_adapter(path: str | Path) -> AdapterFile:
         raise MissingKeyError(f"{path.name}: {WEIGHTS_NAME} holds no LoRA tensors")
     magnitudes = {module: _magnitude(path, module, pair, config)
                   for module, pair in halves.items() if config.use_dora or "m" in pair}
-    return AdapterFile(config, weights, base_weights, raw, frozenset(embeddings), magnitudes)
+    _check_biases(path.name, config, weights, biases, embeddings)
+    _check_copies(path.name, copies)
+    return AdapterFile(config, weights, base_weights, raw, frozenset(embeddings),
+                       magnitudes=magnitudes, biases=biases, copies=copies)
 
 
 def _magnitude(path: Path, module: str, pair: dict[str, Tensor], config: LoraConfig
@@ -167,6 +209,43 @@ def _magnitude(path: Path, module: str, pair: dict[str, Tensor], config: LoraCon
     if not torch.isfinite(m).all():
         raise NonFiniteError(f"{path.name}: {key!r} holds NaN or Inf")
     return m
+
+
+def _check_biases(label: str, config: LoraConfig, weights: dict[str, tuple[Tensor, Tensor]],
+                  biases: dict[str, Tensor], embeddings: set[str]) -> None:
+    """``lora_bias``: a bias of B's length for every adapted linear layer, or none at all."""
+    for module, t in biases.items():
+        key = peft_key(module, "bias", False)
+        if not config.lora_bias:
+            raise UnexpectedKeyError(f"{label}: {key!r} is a LoRA bias, but the config "
+                                     "does not set lora_bias")
+        if module not in weights or module in embeddings:
+            raise UnexpectedKeyError(f"{label}: {key!r} has no LoRA linear layer to belong to")
+        out = weights[module][1].shape[0]
+        if not t.is_floating_point() or tuple(t.shape) != (out,):
+            raise ShapeMismatchError(f"{label}: {key!r} has shape {tuple(t.shape)} "
+                                     f"({t.dtype}), B's bias needs ({out},) floats")
+    if config.lora_bias:
+        for module in weights:
+            if module in embeddings:
+                raise AdapterConfigError(f"{label}: lora_bias is set but {module!r} is an "
+                                         "embedding, which takes no LoRA bias")
+            if module not in biases:
+                raise MissingKeyError(f"{label}: lora_bias is set but "
+                                      f"{peft_key(module, 'bias', False)!r} is missing")
+
+
+def _check_copies(label: str, copies: dict[str, dict[str, Tensor]]) -> None:
+    """Each ``modules_to_save`` copy has a float weight (its shapes are checked against
+    the model by ``check_against``)."""
+    for module, parts in copies.items():
+        if "weight" not in parts:
+            raise MissingKeyError(f"{label}: {copy_key(module, 'bias')!r} comes without "
+                                  f"{copy_key(module, 'weight')!r}")
+        for param, t in parts.items():
+            if not t.is_floating_point():
+                raise CorruptFileError(f"{label}: {copy_key(module, param)!r} holds {t.dtype}; "
+                                       "a module copy is floating point")
 
 
 def _pair(path: Path, module: str, pair: dict[str, Tensor], config: LoraConfig
@@ -248,9 +327,16 @@ def load_adapter_file(model: nn.Module, adapter: AdapterFile, label: str, *,
     report = inject(model, adapter.config, trainable=trainable, names=tuple(adapter.weights))
     layers = lora_layers(model)
     for module, (a, b) in adapter.weights.items():
-        layers[module].load_slot(report.slot, a, b, adapter.magnitudes.get(module))
+        layers[module].load_slot(report.slot, a, b, adapter.magnitudes.get(module),
+                                 adapter.biases.get(module))
+    copies = copy_layers(model)
+    for module, parts in adapter.copies.items():
+        with torch.no_grad():
+            for p, t in zip(copies[module].parameters_of(report.slot),
+                            (parts["weight"], parts.get("bias")), strict=False):
+                p.copy_(t)
     if not trainable:
-        for p in surgery_parameters(model, report.slot):
+        for p in adapter_parameters(model, report.slot):
             p.requires_grad_(False)
     return report.slot
 
@@ -288,6 +374,7 @@ def check_against(model: nn.Module, adapter: AdapterFile, label: str) -> None:
                     f"the model needs {tuple(want)}"
                 )
         _check_magnitude(adapter, module, layer, label)
+    _check_extras_against(model, adapter, label, existing, candidates)
     for module, w in adapter.base_weights.items():
         base = candidates.get(module)
         if base is None or tuple(base.weight.shape) != tuple(w.shape) or not torch.equal(
@@ -313,7 +400,7 @@ def _check_magnitude(adapter: AdapterFile, module: str, layer: object, label: st
                                  f"{tuple(m.shape)}, the model needs {want}")
 
 
-def summarize(specs: dict[str, object]) -> LoraConfig:
+def summarize(specs: dict[str, object], saved: tuple[str, ...] = ()) -> LoraConfig:
     ranks = Counter(s.rank for s in specs.values())
     alphas = Counter(s.alpha for s in specs.values())
     dropouts = {s.dropout for s in specs.values()}
@@ -323,6 +410,10 @@ def summarize(specs: dict[str, object]) -> LoraConfig:
     dora = {s.dora for s in specs.values()}
     if len(dora) > 1:
         raise ValueError("cannot save one adapter that mixes DoRA and plain LoRA layers")
+    biased = {s.bias for s in specs.values()}
+    if len(biased) > 1:
+        raise ValueError("cannot save one adapter with a LoRA bias on some layers only "
+                         "(PEFT's lora_bias holds for every adapted layer)")
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
     return LoraConfig(
         rank=rank,
@@ -331,6 +422,8 @@ def summarize(specs: dict[str, object]) -> LoraConfig:
         targets=tuple(specs),
         use_rslora=rslora.pop(),
         use_dora=dora.pop(),
+        lora_bias=biased.pop(),
+        modules_to_save=saved,
         rank_pattern={re.escape(n): s.rank for n, s in specs.items() if s.rank != rank},
         alpha_pattern={re.escape(n): s.alpha for n, s in specs.items() if s.alpha != alpha},
     )
@@ -345,3 +438,47 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     if selected == set(names):
         return suffixes
     return "|".join(re.escape(n) for n in names)
+
+
+def _check_extras_against(model: nn.Module, adapter: AdapterFile, label: str,
+                          existing: dict, candidates: dict) -> None:
+    """LoRA biases fit linear layers; every ``modules_to_save`` module the model has comes
+    with a copy of its shapes, and none is also adapted by LoRA."""
+    for module, t in adapter.biases.items():
+        layer = existing.get(module) or wrap(candidates[module], SlotContext(), module)
+        if layer.bias_features is None or tuple(t.shape) != (layer.bias_features,):
+            raise ShapeMismatchError(f"{label}: {peft_key(module, 'bias', False)!r} has shape "
+                                     f"{tuple(t.shape)}; {module!r} takes no such LoRA bias")
+    saved = saved_modules(model, adapter.config.modules_to_save)
+    for module in saved:
+        if module not in adapter.copies:
+            raise MissingKeyError(f"{label}: modules_to_save selects {module!r}, but "
+                                  f"{copy_key(module, 'weight')!r} is missing")
+        if module in adapter.weights or module in existing:
+            raise UnexpectedKeyError(f"{label}: {module!r} is adapted by LoRA and cannot also "
+                                     "be one of modules_to_save")
+    copies = copy_layers(model)
+    for module, parts in adapter.copies.items():
+        if module not in saved:
+            raise UnexpectedKeyError(f"{label}: {copy_key(module, 'weight')!r} names module "
+                                     f"{module!r}, which the model does not have")
+        _check_copy_shapes(label, module, parts, copies.get(module), model)
+
+
+def _check_copy_shapes(label: str, module: str, parts: dict[str, Tensor],
+                       layer: FullCopy | None, model: nn.Module) -> None:
+    if layer is None:
+        try:
+            layer = FullCopy(model.get_submodule(module), SlotContext(), module)
+        except TypeError as e:
+            raise UnexpectedKeyError(f"{label}: {copy_key(module, 'weight')!r}: {e}") from e
+    want_w, want_b = layer.shapes()
+    for param, want in (("weight", want_w), ("bias", want_b)):
+        t = parts.get(param)
+        got = None if t is None else tuple(t.shape)
+        if got != want:
+            key = copy_key(module, param)
+            if t is None:
+                raise MissingKeyError(f"{label}: {key!r} is missing (the module has a bias)")
+            raise ShapeMismatchError(f"{label}: {key!r} has shape {got}, the model needs "
+                                     f"{want if want is not None else 'no bias'}")

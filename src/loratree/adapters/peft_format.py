@@ -5,6 +5,8 @@ On disk a LoRA adapter is ``adapter_config.json`` + ``adapter_model.safetensors`
 ``lora_embedding_B`` for embeddings). In code we say ``lora_a`` / ``lora_b`` per slot.
 A DoRA adapter (``use_dora: true``) also holds ``<module>.lora_magnitude_vector`` (no
 ``.weight`` suffix), one value per output feature.
+With ``lora_bias`` B's bias is ``...lora_B.bias``; a ``modules_to_save`` copy is saved
+under the module's own name: ``base_model.model.<module>.weight`` (and ``.bias``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ __all__ = [
     "WEIGHTS_NAME",
     "config_from_peft",
     "config_to_peft",
+    "copy_key",
     "magnitude_key",
+    "matches_saved",
+    "parse_copy_key",
     "parse_key",
     "peft_key",
     "read_config",
@@ -34,18 +39,23 @@ _PREFIX = "base_model.model."
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\."
     r"(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-    r"(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$"
+    r"(?:\.(?!(?:weight|bias)$)(?P<adapter>[^.]+))?(?:\.(?P<param>weight|bias))?$"
 )
+_COPY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.modules_to_save\.[^.]+)?"
+    r"\.(?P<param>weight|bias)$"
+)
+Part = Literal["a", "b", "bias", "m"]
 _UNSUPPORTED = {
-    "lora_bias": "LoRA bias terms",
     "layer_replication": "layer replication",
-    "modules_to_save": "modules_to_save (full copies of modules)",
     "trainable_token_indices": "trainable token indices",
 }
 
 
-def peft_key(module: str, part: Literal["a", "b"], embedding: bool) -> str:
-    """Our (module, lora_a | lora_b) -> PEFT's tensor key."""
+def peft_key(module: str, part: Part, embedding: bool) -> str:
+    """Our (module, lora_a | lora_b | lora_bias) -> PEFT's tensor key."""
+    if part == "bias":
+        return f"{_PREFIX}{module}.lora_B.bias"
     letter = part.upper()
     if embedding:
         return f"{_PREFIX}{module}.lora_embedding_{letter}"
@@ -57,15 +67,35 @@ def magnitude_key(module: str) -> str:
     return f"{_PREFIX}{module}.lora_magnitude_vector"
 
 
-def parse_key(key: str) -> tuple[str, Literal["a", "b", "m"]] | None:
-    """PEFT's tensor key -> (module name, "a" | "b" | "m" (a DoRA magnitude)), or None if
-    it is not a LoRA tensor."""
+def parse_key(key: str) -> tuple[str, Part] | None:
+    """PEFT's tensor key -> (module name, "a" | "b" | "bias" | "m" (a DoRA magnitude)), or
+    None if it is not a LoRA tensor. Only B has a bias (``lora_bias``); ``lora_A.bias`` is
+    not a LoRA tensor."""
     m = _KEY.match(key)
     if m is None:
         return None
     if m["kind"] == "lora_magnitude_vector":
-        return m["module"], "m"
+        return (m["module"], "m") if m["param"] != "bias" else None
+    if m["param"] == "bias":
+        return (m["module"], "bias") if m["kind"] == "lora_B" else None
     return m["module"], "a" if m["kind"].endswith("A") else "b"
+
+
+def copy_key(module: str, param: str) -> str:
+    """The key of a ``modules_to_save`` copy's ``weight`` / ``bias``, as PEFT saves it."""
+    return f"{_PREFIX}{module}.{param}"
+
+
+def parse_copy_key(key: str) -> tuple[str, str] | None:
+    """A ``modules_to_save`` copy's key -> (module name, "weight" | "bias"), or None."""
+    m = _COPY.match(key)
+    return None if m is None else (m["module"], m["param"])
+
+
+def matches_saved(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether module ``name`` is one of ``modules_to_save`` (PEFT: the name or a suffix
+    after a dot)."""
+    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -109,6 +139,9 @@ def config_from_peft(raw: dict[str, Any]) -> LoraConfig:
     for field, what in _UNSUPPORTED.items():
         if raw.get(field):
             raise AdapterConfigError(f"{field}: {what} is not supported")
+    saved = raw.get("modules_to_save") or ()
+    if isinstance(saved, str) or not all(isinstance(m, str) and m for m in saved):
+        raise AdapterConfigError(f"modules_to_save must be a list of names, got {saved!r}")
     if raw.get("bias", "none") != "none":
         raise AdapterConfigError(f"bias: only 'none' is supported, got {raw.get('bias')!r}")
     targets = raw.get("target_modules")
@@ -131,6 +164,8 @@ def config_from_peft(raw: dict[str, Any]) -> LoraConfig:
             use_dora=bool(raw.get("use_dora", False)),
             rank_pattern=dict(raw.get("rank_pattern") or {}),
             alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+            lora_bias=bool(raw.get("lora_bias", False)),
+            modules_to_save=tuple(saved),
         )
     except (ValueError, TypeError) as e:
         raise AdapterConfigError(f"invalid LoRA settings: {e}") from e
@@ -161,7 +196,8 @@ def config_to_peft(
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "lora_bias": config.lora_bias,
+        "modules_to_save": list(config.modules_to_save) or None,
     }
     if config.use_dora:
         raw["use_dora"] = True

@@ -28,7 +28,7 @@ from torch import nn
 from loratree import surgery
 from loratree.adapters.cache import AdapterCache, LoadedAdapter
 from loratree.adapters.files import check_against
-from loratree.errors import AdapterInUseError, RankTooLargeError, TargetError
+from loratree.errors import AdapterInUseError, CopyTooLargeError, RankTooLargeError, TargetError
 from loratree.layers import SlotSpec
 from loratree.surgery.targets import pattern_value
 
@@ -37,6 +37,10 @@ __all__ = ["BASE", "Plan", "SlotTable"]
 logger = logging.getLogger(__name__)
 
 _EMPTY = SlotSpec(0, 1.0)
+DEFAULT_MAX_COPY_BYTES = 256 << 20
+"""The default budget for one adapter's full module copies in a slot (``modules_to_save``):
+256 MiB, room for the LM head of a small model (SmolLM2-135M's 49152 x 576 in float32 is
+113 MB), not for that of a 7B model (32000 x 4096 in float32 is 524 MB)."""
 BASE = "__base__"
 """The name of "no adapter": the base model, slot -1."""
 
@@ -70,15 +74,23 @@ class SlotTable:
     The table owns its model's slots: their weights change only through it (``set_slot``),
     never in place, so its layers skip the per-forward in-place check
     (``LoraModule.static_slots``).
+
+    An adapter with ``modules_to_save`` (full copies of e.g. ``lm_head``) costs its copies'
+    bytes per slot on top of its LoRA factors; one whose copies, in the model's dtype, come
+    to more than ``max_copy_bytes`` is refused (``CopyTooLargeError``, naming the adapter
+    and the bytes). The modules are wrapped (``FullCopy``) the first time an adapter needs
+    them.
     """
 
     def __init__(self, model: nn.Module, cache: AdapterCache, n_slots: int = 8,
                  max_rank: int = 64, max_prefix: int = 64,
-                 targets: tuple[str, ...] = ("all-linear",)) -> None:
+                 targets: tuple[str, ...] = ("all-linear",),
+                 max_copy_bytes: int = DEFAULT_MAX_COPY_BYTES) -> None:
         if n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {n_slots}")
         self.model, self.cache = model, cache
         self.max_rank, self.max_prefix = max_rank, max_prefix
+        self.max_copy_bytes = max_copy_bytes
         indices = surgery.reserve_slots(model, n_slots, targets)
         self.layers = surgery.lora_layers(model)
         for layer in self.layers.values():
@@ -245,9 +257,21 @@ class SlotTable:
         if adapter.kind == "lora" and adapter.rank > self.max_rank:
             raise RankTooLargeError(f"{adapter.name!r} has rank {adapter.rank}; the slots "
                                     f"take at most {self.max_rank}")
+        if adapter.kind == "lora" and adapter.lora is not None and adapter.lora.copies:
+            need = self._copy_bytes(adapter.lora.copies)
+            if need > self.max_copy_bytes:
+                raise CopyTooLargeError(
+                    f"{adapter.name!r}: its modules_to_save copies "
+                    f"({', '.join(adapter.lora.copies)}) take {need:,} bytes per slot; the "
+                    f"slot table holds at most {self.max_copy_bytes:,} (max_copy_bytes)")
         if adapter.kind == "prefix" and adapter.rank > self.max_prefix:
             raise RankTooLargeError(f"{adapter.name!r} has {adapter.rank} virtual tokens; "
                                     f"the slots take at most {self.max_prefix}")
+
+    def _copy_bytes(self, copies: dict) -> int:
+        """Bytes the copies take on the model: its dtype (that of its first parameter)."""
+        size = next(self.model.parameters()).element_size()
+        return sum(t.numel() * size for parts in copies.values() for t in parts.values())
 
     def _free_slot(self) -> _Slot:
         free = [s for s in self._slots if s.name is None]
@@ -262,6 +286,8 @@ class SlotTable:
         for layer in self.layers.values():
             if layer.specs[index].rank:
                 layer.set_slot(index, _EMPTY)
+        for copy in surgery.copy_layers(self.model).values():
+            copy.drop(index)
         surgery.clear_prefix(self.model, index)
 
     def _let_go(self, slot: _Slot) -> None:
@@ -278,6 +304,8 @@ class SlotTable:
         for name in slot.layers:
             if name not in overwritten:
                 self.layers[name].set_slot(slot.index, empty)
+        for copy in surgery.copy_layers(self.model).values():
+            copy.drop(slot.index)
         surgery.clear_prefix(self.model, slot.index)
         if self._by_name.get(slot.name) is slot:
             del self._by_name[slot.name]
@@ -303,15 +331,21 @@ class SlotTable:
                 check_against(self.model, adapter.lora, adapter.name)
                 plan = [(module, self.layers[module], SlotSpec(
                     a.shape[0], float(pattern_value(config.alpha_pattern, module, config.alpha)),
-                    0.0, config.use_rslora, config.use_dora))
+                    0.0, config.use_rslora, dora=config.use_dora,
+                    bias=module in adapter.lora.biases))
                     for module, (a, _) in adapter.lora.weights.items()]
                 if len(self._fits) >= 4096:
                     self._fits.clear()
                 self._fits[key] = plan
             weights = adapter.lora.weights  # the plan holds no tensors: the cache owns them
             magnitudes = adapter.lora.magnitudes  # DoRA's, else empty
+            biases = adapter.lora.biases
             for module, layer, spec in plan:
-                layer.set_slot(slot.index, spec, *weights[module], magnitudes.get(module))
+                layer.set_slot(slot.index, spec, *weights[module], magnitudes.get(module),
+                               biases.get(module))
+            for module, parts in adapter.lora.copies.items():
+                surgery.wrap_copy(self.model, module, self.ctx).set_copy(
+                    slot.index, parts["weight"], parts.get("bias"))
             slot.layers = tuple(adapter.lora.weights)
         slot.name, slot.kind, slot.version = adapter.name, adapter.kind, adapter.version
         self._by_name[adapter.name] = slot

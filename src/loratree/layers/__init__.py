@@ -4,9 +4,10 @@ from loratree.layers.base import LoraModule, SlotSpec
 from loratree.layers.context import SlotContext
 from loratree.layers.conv import LoraConv
 from loratree.layers.embedding import LoraEmbedding
+from loratree.layers.full_copy import FullCopy
 from loratree.layers.linear import LoraLinear
 from loratree.layers.nf4 import NF4Linear
 from loratree.layers.prefix import PrefixBank, PrefixEncoder, PrefixGeometry
 
-__all__ = ["LoraConv", "LoraEmbedding", "LoraLinear", "LoraModule", "NF4Linear", "PrefixBank",
-           "PrefixEncoder", "PrefixGeometry", "SlotContext", "SlotSpec"]
+__all__ = ["FullCopy", "LoraConv", "LoraEmbedding", "LoraLinear", "LoraModule", "NF4Linear",
+           "PrefixBank", "PrefixEncoder", "PrefixGeometry", "SlotContext", "SlotSpec"]

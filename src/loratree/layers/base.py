@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from loratree.errors import NonFiniteError, QuantizedBaseError, TargetError
+from loratree.errors import MergeError, NonFiniteError, QuantizedBaseError, TargetError
 from loratree.layers import dora
 from loratree.layers.context import SlotContext
 from loratree.ops import lora as lora_ops
@@ -37,6 +37,8 @@ class SlotSpec:
     rslora: bool = False
     dora: bool = False
     """DoRA: the slot also holds a magnitude ``m`` ``(out,)`` (``layers.dora``)."""
+    bias: bool = False
+    """PEFT's ``lora_bias``: B carries a bias b, and the branch is s * (B A x + b)."""
 
     def __post_init__(self) -> None:
         if self.rank < 0:
@@ -67,6 +69,8 @@ class LoraModule(nn.Module):
         self.lora_b = nn.ParameterList()
         self.lora_magnitude = nn.ParameterDict()
         """str(slot) -> DoRA magnitude ``(out,)``, for DoRA slots only."""
+        self.lora_bias = nn.ParameterList()
+        """Per slot, the bias of B ``(out,)`` when ``specs[slot].bias``, else ``(0,)``."""
         self.specs: list[SlotSpec] = []
         self.ctx = ctx
         self.module_name = name
@@ -86,6 +90,22 @@ class LoraModule(nn.Module):
 
     def b_shape(self, rank: int) -> tuple[int, ...]:
         raise NotImplementedError
+
+    bias_features: int | None = None
+    """The length of a LoRA bias (the output features); None: the layer takes none."""
+
+    def bias_shape(self, spec: SlotSpec) -> tuple[int, ...]:
+        """``(out,)`` for a slot with a LoRA bias, ``(0,)`` otherwise."""
+        if not spec.bias or not spec.rank:
+            return (0,)
+        if self.bias_features is None:
+            raise ValueError(f"{self.module_name}: a {type(self).__name__} takes no LoRA bias "
+                             "(lora_bias is for linear layers)")
+        return (self.bias_features,)
+
+    def has_bias(self, slot: int) -> bool:
+        """Whether ``slot`` adds a LoRA bias in this layer."""
+        return self.specs[slot].bias and self.specs[slot].rank > 0
 
     def branch(self, x: Tensor, slot: int) -> Tensor:
         """The LoRA output of ``slot`` for input ``x`` (any leading shape the layer takes)."""
@@ -138,8 +158,10 @@ class LoraModule(nn.Module):
             self._check_dora()
             self.lora_magnitude[str(len(self.specs))] = dora.new_magnitude(
                 self, spec.rank, spec.scale)
+        bias = torch.zeros(self.bias_shape(spec), dtype=dtype, device=device)
         self.lora_a.append(nn.Parameter(a))
         self.lora_b.append(nn.Parameter(b))
+        self.lora_bias.append(nn.Parameter(bias))
         self.specs.append(spec)
         self._drop_caches()
         return len(self.specs) - 1
@@ -168,15 +190,18 @@ class LoraModule(nn.Module):
         return found
 
     @torch.no_grad()
-    def load_slot(self, slot: int, a: Tensor, b: Tensor, magnitude: Tensor | None = None
-                  ) -> None:
+    def load_slot(self, slot: int, a: Tensor, b: Tensor, magnitude: Tensor | None = None,
+                  bias: Tensor | None = None) -> None:
         """Copy weights into a slot; shapes must match the slot's rank. A DoRA slot also
-        takes its magnitude."""
+        takes its magnitude, a slot with a LoRA bias its bias."""
         pairs = [("A", a, self.lora_a[slot]), ("B", b, self.lora_b[slot])]
         if self.specs[slot].dora and self.specs[slot].rank:
             if magnitude is None:
                 raise ValueError(f"{self.module_name}: DoRA slot {slot} needs its magnitude")
             pairs.append(("magnitude", magnitude, self.lora_magnitude[str(slot)]))
+        if bias is not None or self.has_bias(slot):
+            pairs.append(("bias", bias if bias is not None else a.new_zeros(0),
+                          self.lora_bias[slot]))
         self._drop_caches(slot)
         for name, src, dst in pairs:
             if tuple(src.shape) != tuple(dst.shape):
@@ -187,9 +212,10 @@ class LoraModule(nn.Module):
             dst.copy_(src)
 
     def set_slot(self, slot: int, spec: SlotSpec, a: Tensor | None = None,
-                 b: Tensor | None = None, magnitude: Tensor | None = None) -> None:
+                 b: Tensor | None = None, magnitude: Tensor | None = None,
+                 bias: Tensor | None = None) -> None:
         """Put another adapter in ``slot``: its spec and factors (shared, not copied, when
-        dtype and device already match).
+        dtype and device already match), and its LoRA bias when ``spec.bias``.
 
         ``spec.rank == 0`` empties the slot (the adapter skips this layer). A merged slot
         cannot be replaced: unmerge or switch first. This is the serving hot path (one call
@@ -220,6 +246,7 @@ class LoraModule(nn.Module):
         if pa.requires_grad or pb.requires_grad:
             pa.requires_grad_(False)
             pb.requires_grad_(False)
+        self._set_bias(slot, spec, bias)
         self.specs[slot] = spec
         self.__dict__.pop("_batched", None)
         kept = self.__dict__.get("_slot_factors", {})  # (slot, rank) -> padded factors
@@ -244,6 +271,21 @@ class LoraModule(nn.Module):
         dtype, device = self.factor_like()
         self.lora_magnitude[key] = nn.Parameter(magnitude.to(dtype=dtype, device=device),
                                                 requires_grad=False)
+
+    def _set_bias(self, slot: int, spec: SlotSpec, bias: Tensor | None) -> None:
+        pbias = self._modules["lora_bias"]._parameters[str(slot)]
+        want = self.bias_shape(spec)
+        if want == (0,):
+            if pbias.numel():
+                pbias.data = pbias.new_empty(0)
+        elif bias is None or tuple(bias.shape) != want:
+            got = None if bias is None else tuple(bias.shape)
+            raise ValueError(f"{self.module_name}: the lora bias for slot {slot} must be "
+                             f"{want}, got {got}")
+        else:
+            pbias.data = bias if (bias.dtype, bias.device) == (pbias.dtype, pbias.device) \
+                else bias.to(pbias)
+        pbias.requires_grad_(False)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -303,13 +345,30 @@ class LoraModule(nn.Module):
         if kind == "one":
             return self.add_branch(y, x, plan[1])
         if kind == "batched":
-            return self.batched_add(y, flat, plan[1], plan[2])
-        if kind == "runs":
-            return self.runs_add(y, flat, plan[1], live_slots)
-        if kind == "trained":
-            return self.trained_add(y, flat, plan[1], plan[2])
-        out = self.mixed(flat, plan[1])
-        return y + out.reshape(y.shape).to(y.dtype)
+            y = self.batched_add(y, flat, plan[1], plan[2])
+        elif kind == "runs":
+            y = self.runs_add(y, flat, plan[1], live_slots)
+        elif kind == "trained":
+            y = self.trained_add(y, flat, plan[1], plan[2])
+        else:
+            y = y + self.mixed(flat, plan[1]).reshape(y.shape).to(y.dtype)
+        return self._add_biases(y, rows, n)
+
+    def _add_biases(self, y: Tensor, rows: int, n: int) -> Tensor:
+        """y plus each token's slot's scaled LoRA bias s_k b_k (none for slot -1 or a slot
+        without one): one gather from a ``(S + 1, out)`` table (last row zero)."""
+        biased = [k for k in self.ctx.batch_slots() if 0 <= k < len(self.specs)
+                  and self.has_bias(k)]
+        if not biased:
+            return y
+        out = self.bias_features
+        zero = y.new_zeros(out)
+        table = torch.stack([self.lora_bias[k].to(y.dtype) * self.specs[k].scale
+                             if self.has_bias(k) else zero for k in range(len(self.specs))]
+                            + [zero])
+        k = self.ctx.token_slots(rows, n)
+        k = torch.where(k < 0, len(self.specs), k)
+        return y + table[k].view(y.shape)
 
     def _plan(self, live_slots: frozenset[int], rows: int, n: int, grad: bool) -> tuple:
         """("none",) | ("one", slot) | ("trained", slots, layout) | ("batched", slots,
@@ -414,7 +473,9 @@ class LoraModule(nn.Module):
         if self.specs[slot].dora and self.specs[slot].rank:
             dora.merge(self, slot)
         elif self.specs[slot].rank:  # a slot empty in this layer changes nothing here
+            self._check_base_bias(slot)
             self._add(self.delta_weight(slot), f"merging slot {slot}")
+            self._add_bias(slot, 1.0)
         self.merged = slot
 
     @torch.no_grad()
@@ -427,6 +488,7 @@ class LoraModule(nn.Module):
         elif self.specs[self.merged].rank:
             self._add(self.delta_weight(self.merged), f"unmerging slot {self.merged}",
                       sign=-1.0)
+            self._add_bias(self.merged, -1.0)
         self.merged = None
 
     @torch.no_grad()
@@ -449,9 +511,11 @@ class LoraModule(nn.Module):
         if not new_rank and not old_rank:  # neither touches this layer
             self.merged = slot
             return
-        if not new_rank or not old_rank or self.specs[slot].dora or self.specs[
-                self.merged].dora:
-            self.unmerge()  # one side only touches this layer, or DoRA: no difference form
+        if (not new_rank or not old_rank or self.specs[slot].dora
+                or self.specs[self.merged].dora or self.has_bias(slot)
+                or self.has_bias(self.merged)):
+            self._check_base_bias(slot)
+            self.unmerge()  # one side only touches this layer, DoRA or a bias: one plain fold
             self.merge(slot)
             return
         lo, hi = sorted((slot, self.merged))
@@ -477,9 +541,26 @@ class LoraModule(nn.Module):
         a, b = self.factors(slot)
         return self.to_weight_layout(lora_ops.delta(a, b, self.specs[slot].scale))
 
+    def _check_base_bias(self, slot: int) -> None:
+        if self.has_bias(slot) and getattr(self.base, "bias", None) is None:
+            raise MergeError(f"{self.module_name}: slot {slot} has a LoRA bias but the base "
+                             "layer has none to fold it into; serve it unmerged")
+
+    def _add_bias(self, slot: int, sign: float) -> None:
+        """base bias += sign * s * b (a slot with a LoRA bias; checked finite first)."""
+        if not self.has_bias(slot):
+            return
+        delta = self.lora_bias[slot].float() * self.specs[slot].scale
+        if not torch.isfinite(delta.sum()):
+            raise NonFiniteError(f"{self.module_name}: the lora bias of slot {slot} is not "
+                                 "finite; the layer is unchanged")
+        bias = self.base.bias
+        bias.copy_(bias.float().add_(delta, alpha=sign))
+
     def check_finite(self, slot: int) -> None:
         """Raise ``NonFiniteError`` naming this layer if slot ``slot`` holds NaN or Inf."""
-        parts = [("A", self.lora_a[slot]), ("B", self.lora_b[slot])]
+        parts = [("A", self.lora_a[slot]), ("B", self.lora_b[slot]),
+                 ("bias", self.lora_bias[slot])]
         if str(slot) in self.lora_magnitude:
             parts.append(("magnitude", self.lora_magnitude[str(slot)]))
         for part, t in parts:

@@ -30,17 +30,22 @@ class SlotContext:
     def __init__(self, active: int = 0) -> None:
         self.active = active
         self.index: Tensor | None = None
+        self.kept: Tensor | None = None
+        """Flat positions of the tokens whose outputs the model keeps (transformers'
+        ``logits_to_keep`` as a tensor: a packed step's last token of each request), set
+        inside ``use`` by a caller whose head sees only those; ``head_slots`` reads it."""
         self._segments: dict[tuple, Any] = {}
 
     @contextmanager
     def use(self, index: Tensor | int | None) -> Iterator[SlotContext]:
         """Select slots for the forward passes inside the block, then restore."""
-        saved = (self.active, self.index, self._segments)
+        saved = (self.active, self.index, self._segments, self.kept)
         self.set(index)
+        self.kept = None
         try:
             yield self
         finally:
-            self.active, self.index, self._segments = saved
+            self.active, self.index, self._segments, self.kept = saved
 
     def set(self, index: Tensor | int | None) -> None:
         """Select one slot for all tokens (int, -1 = base), or per row/token (tensor)."""
@@ -121,6 +126,19 @@ class SlotContext:
         """The slot of each of the ``n_tokens`` flattened tokens ``(N,)`` (cached)."""
         key = (batch, n_tokens, "flat")
         return self.memo(key, lambda: self._flat_index(batch, n_tokens))
+
+    def head_slots(self, batch: int, n_tokens: int) -> Tensor:
+        """``token_slots`` for a module that may see only the kept tokens (an LM head under
+        ``logits_to_keep``): a per-token index over more tokens than the input has is
+        narrowed to ``kept``; a per-row index holds for any number of tokens per row."""
+        index = self.index
+        assert index is not None
+        if index.dim() == 2 and index.numel() != n_tokens and self.kept is not None:
+            if index.shape[0] != 1 or self.kept.numel() != n_tokens:
+                raise ValueError(f"kept positions {tuple(self.kept.shape)} do not fit "
+                                 f"{n_tokens} tokens of a {tuple(index.shape)} index")
+            return index.reshape(-1)[self.kept.to(index.device)]
+        return self.token_slots(batch, n_tokens)
 
     def _flat_index(self, batch: int, n_tokens: int) -> Tensor:
         index = self.index

@@ -41,16 +41,25 @@ class LoraLinear(LoraModule):
         rows = x.shape[0] if x.dim() > 1 else 1
         return rows, x.reshape(-1, self.in_features)  # (N, in)
 
+    @property
+    def bias_features(self) -> int:
+        return self.out_features
+
     def branch(self, x: Tensor, slot: int) -> Tensor:
         a, b = self.lora_a[slot], self.lora_b[slot]
-        return lora_ops.branch(self._dropout(x.to(a.dtype), slot), a, b, self.specs[slot].scale)
+        s = self.specs[slot].scale
+        out = lora_ops.branch(self._dropout(x.to(a.dtype), slot), a, b, s)
+        return out + self.lora_bias[slot] * s if self.has_bias(slot) else out
 
     def add_branch(self, y: Tensor, x: Tensor, slot: int) -> Tensor:
-        """y + s * (x A^T) B^T, the expand, scale and add fused into one addmm."""
+        """y + s * ((x A^T) B^T + b), the expand, scale and add fused into one addmm."""
         a, b = self.lora_a[slot], self.lora_b[slot]
+        s = self.specs[slot].scale
         h = self._dropout(x.to(a.dtype), slot).reshape(-1, self.in_features) @ a.t()  # (N, r)
         out = torch.addmm(y.reshape(-1, self.out_features), h.to(y.dtype), b.t().to(y.dtype),
-                          alpha=self.specs[slot].scale)  # (N, out)
+                          alpha=s)  # (N, out)
+        if self.has_bias(slot):
+            out = out + self.lora_bias[slot].to(y.dtype) * s
         return out.view(y.shape)
 
     batchable = True

@@ -457,7 +457,8 @@ class Engine:
                 use = torch.tensor([[r.slot for r in rows]
                                     + [s for _, ids, _, s in joining for _ in ids]],
                                    device=self.device)
-            with self.table.ctx.use(use):
+            with self.table.ctx.use(use) as ctx:
+                ctx.kept = step.logits_to_keep  # a copied LM head sees these tokens only
                 out = self.model(**step.forward_kwargs(),
                                  **{cache_kwarg(self.model): step.cache})
             new, joined = step.new_entries(out.past_key_values)

@@ -1,5 +1,6 @@
 """Model surgery: find targets, inject LoRA layers, freeze, grow, merge, switch, unload."""
 
+from loratree.surgery.copies import copy_layers, saved_modules, wrap_copy
 from loratree.surgery.grow import GrowReport, grow_slot
 from loratree.surgery.inject import (
     InjectionReport,
@@ -46,6 +47,7 @@ __all__ = [
     "add_prefix",
     "clear_prefix",
     "context",
+    "copy_layers",
     "export_merged",
     "find_targets",
     "geometry",
@@ -60,6 +62,7 @@ __all__ = [
     "rank_plane",
     "remove_prefixes",
     "reserve_slots",
+    "saved_modules",
     "set_prefix",
     "set_trainable",
     "skinny_linears",
@@ -69,4 +72,5 @@ __all__ = [
     "unload",
     "unmerge",
     "warm_linears",
+    "wrap_copy",
 ]

@@ -113,7 +113,8 @@ def _grow_layer(layer: LoraModule, slot: int, factor: int,
         p.data = new
     layer.specs[slot] = SlotSpec(new_rank, lora_ops.grown_alpha(spec.alpha, rank, new_rank,
                                                                 spec.rslora),
-                                 spec.dropout, spec.rslora)
+                                 spec.dropout, spec.rslora, dora=spec.dora,
+                                 bias=spec.bias)
     layer.__dict__.pop("_batched", None)  # batched factors of the old rank
     layer.__dict__.pop("_slot_factors", None)
     layer.__dict__.pop("_live", None)

@@ -19,6 +19,7 @@ from loratree.layers import (
     SlotContext,
     SlotSpec,
 )
+from loratree.surgery.copies import copy_layers, saved_modules, wrap_copy
 from loratree.surgery.prefix import prefix_bank, prefix_parameters, slot_count
 from loratree.surgery.targets import Conv1D, find_targets, pattern_value
 
@@ -105,6 +106,7 @@ def inject(
         targets = find_targets(model, tuple(f"re:{re.escape(n)}" for n in names))
     else:
         targets = find_targets(model, config.targets, config.exclude)
+    saved = _saved(model, config, set(targets) | set(existing))
     for name, base in targets.items():
         if name not in existing:
             layer = wrap(base, ctx, name)
@@ -120,12 +122,14 @@ def inject(
             rank = int(pattern_value(config.rank_pattern, name, config.rank))
             alpha = pattern_value(config.alpha_pattern, name, config.alpha)
             spec = SlotSpec(rank, float(alpha), config.dropout, config.use_rslora,
-                            config.use_dora)
+                            dora=config.use_dora, bias=config.lora_bias)
         else:
             spec = SlotSpec(0, 1.0)
         layer.add_slot(spec, config.init)
     if bank is not None:
         bank.pad_to(slot + 1)
+    for name in saved:  # full copies, after LoRA: they draw no random numbers
+        wrap_copy(model, name, ctx).add_copy(slot)
     if trainable:
         set_trainable(model, slot)
     return InjectionReport(
@@ -135,6 +139,16 @@ def inject(
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
     )
+
+
+def _saved(model: nn.Module, config: LoraConfig, adapted: set[str]) -> list[str]:
+    """The modules ``config.modules_to_save`` selects, none of them adapted by LoRA."""
+    saved = saved_modules(model, config.modules_to_save) if config.modules_to_save else []
+    both = sorted(set(saved) & adapted)
+    if both:
+        raise TargetError(f"{both[:3]}: LoRA adapts these modules; they cannot also be "
+                          "modules_to_save")
+    return saved
 
 
 def reserve_slots(model: nn.Module, n: int, targets: tuple[str, ...] = ("all-linear",),
@@ -167,7 +181,8 @@ def reserve_slots(model: nn.Module, n: int, targets: tuple[str, ...] = ("all-lin
 def adapter_parameters(model: nn.Module, slot: int | None = None) -> Iterator[nn.Parameter]:
     """The adapter parameters of one slot (or of all slots): the one way to find them.
 
-    LoRA factors, and a prefix adapter's encoder. Empty slots (rank 0: the adapter does
+    LoRA factors (and LoRA biases), full module copies (``modules_to_save``), and a prefix
+    adapter's encoder. Empty slots (rank 0: the adapter does
     not reach that layer) have none.
     """
     for layer in lora_layers(model).values():
@@ -178,6 +193,11 @@ def adapter_parameters(model: nn.Module, slot: int | None = None) -> Iterator[nn
                 yield layer.lora_b[s]
                 if str(s) in layer.lora_magnitude:  # DoRA
                     yield layer.lora_magnitude[str(s)]
+                if layer.has_bias(s):
+                    yield layer.lora_bias[s]
+    for layer in copy_layers(model).values():
+        for s in layer.slots() if slot is None else (slot,):
+            yield from layer.parameters_of(s)
     bank = prefix_bank(model)
     if bank is not None:
         for s in bank.slots() if slot is None else (slot,):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from loratree.surgery.copies import copy_layers
 from loratree.surgery.inject import lora_layers, replace_module
 from loratree.surgery.prefix import remove_prefixes
 
@@ -21,7 +22,7 @@ def merge(model: nn.Module, slot: int = 0) -> None:
         layer.check_finite(slot)
     done = []
     try:
-        for layer in lora_layers(model).values():
+        for layer in [*lora_layers(model).values(), *copy_layers(model).values()]:
             was = layer.merged
             layer.merge(slot)
             if was is None:
@@ -34,7 +35,7 @@ def merge(model: nn.Module, slot: int = 0) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Take the merged slot back out of every layer. A no-op when nothing is merged."""
-    for layer in lora_layers(model).values():
+    for layer in [*lora_layers(model).values(), *copy_layers(model).values()]:
         layer.unmerge()
 
 
@@ -46,6 +47,8 @@ def switch(model: nn.Module, slot: int) -> None:
             layer.check_finite(slot)
     for layer in layers:
         layer.switch(slot)
+    for copy in copy_layers(model).values():  # a copy swaps in whole: no difference to add
+        copy.merge(slot)
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -54,6 +57,9 @@ def unload(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
         layer.unmerge()
         replace_module(model, name, layer.base)
+    for name, copy in copy_layers(model).items():
+        copy.unmerge()
+        replace_module(model, name, copy.base)
     remove_prefixes(model)
     return model
 
@@ -61,6 +67,6 @@ def unload(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, slot: int = 0) -> nn.Module:
     """Merge ``slot`` for good and return a plain model with the original module types."""
     merge(model, slot)
-    for name, layer in lora_layers(model).items():
+    for name, layer in [*lora_layers(model).items(), *copy_layers(model).items()]:
         replace_module(model, name, layer.base)
     return model
