@@ -6,7 +6,9 @@ from loratree.layers.conv import LoraConv
 from loratree.layers.embedding import LoraEmbedding
 from loratree.layers.linear import LoraLinear
 from loratree.layers.nf4 import NF4Linear
+from loratree.layers.param import LoraParam, ParamHost
 from loratree.layers.prefix import PrefixBank, PrefixEncoder, PrefixGeometry
 
-__all__ = ["LoraConv", "LoraEmbedding", "LoraLinear", "LoraModule", "NF4Linear", "PrefixBank",
-           "PrefixEncoder", "PrefixGeometry", "SlotContext", "SlotSpec"]
+__all__ = ["LoraConv", "LoraEmbedding", "LoraLinear", "LoraModule", "LoraParam", "NF4Linear",
+           "ParamHost", "PrefixBank", "PrefixEncoder", "PrefixGeometry", "SlotContext",
+           "SlotSpec"]

@@ -8,7 +8,7 @@ import re
 from torch import nn
 
 from loratree.errors import TargetError
-from loratree.layers import LoraModule, NF4Linear, PrefixBank
+from loratree.layers import LoraModule, NF4Linear, ParamHost, PrefixBank
 
 __all__ = ["ADAPTABLE", "adaptable_modules", "find_targets", "matches", "pattern_value"]
 
@@ -30,7 +30,7 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in skip):
             continue
-        if isinstance(module, PrefixBank):  # prefix encoders are not model layers
+        if isinstance(module, PrefixBank | ParamHost):  # prefix encoders, adapted parameters
             skip.append(name + ".")
         elif isinstance(module, LoraModule):
             found[name] = module.base
