@@ -298,6 +298,9 @@ def compose_files(files: list[AdapterFile], label: str = "") -> AdapterFile:
         raise TreeError(f"{label}: nothing to compose")
     if len(files) == 1:
         return files[0]
+    if any(f.pending or f.params for f in files):
+        raise TreeError(f"{label}: adapters of fused parameters (target_parameters) cannot "
+                        "be composed along a tree path yet")
     bases = {f.base_model for f in files} - {None}
     if len(bases) > 1:
         raise TreeError(f"{label}: the path's adapters were trained on different base models "
