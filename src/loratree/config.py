@@ -55,14 +55,18 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] = ()
     """PEFT's ``modules_to_save``: modules (name suffixes, e.g. ``lm_head``) this adapter
     replaces by a full trainable copy of its own (a Linear or an Embedding)."""
+    target_parameters: tuple[str, ...] = ()
+    """Parameters to adapt directly (PEFT's ``target_parameters``), for modules that are not
+    linear layers: fused MoE experts (``mlp.experts.gate_up_proj``, 3-D, one update per
+    expert) or routers (``mlp.gate.weight``). Each entry is a full parameter name or a
+    suffix of one after a dot. ``all-linear`` adds these on the MoE models where PEFT
+    does (see docs/adapters.md)."""
+
 
     def __post_init__(self) -> None:
-        if isinstance(self.targets, str):
-            object.__setattr__(self, "targets", (self.targets,))
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", (self.exclude,))
-        object.__setattr__(self, "targets", tuple(self.targets))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        for name in ("targets", "exclude", "target_parameters"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         if isinstance(self.modules_to_save, str):
             object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
@@ -73,8 +77,12 @@ class LoraConfig:
             problems.append(f"alpha must be a positive number, got {self.alpha!r}")
         if not _finite_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+        if not (self.targets or self.target_parameters) or not all(
+                isinstance(t, str) and t for t in self.targets):
             problems.append(f"targets must be non-empty strings, got {self.targets!r}")
+        if not all(isinstance(t, str) and t for t in self.target_parameters):
+            problems.append("target_parameters must be non-empty strings, got "
+                            f"{self.target_parameters!r}")
         if self.init not in ("kaiming", "gaussian"):
             problems.append(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
         problems += _pattern_problems(self.rank_pattern, self.alpha_pattern)

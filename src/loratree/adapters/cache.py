@@ -249,12 +249,18 @@ def _read(name: str, path: Path, version: str) -> LoadedAdapter:
 
 
 def _rank(lora: AdapterFile) -> int:
-    return max((a.shape[0] for a, _ in lora.weights.values()), default=0)
+    """The largest rank of the adapter. The tensors of adapted parameters not yet matched
+    to a model (``AdapterFile.pending``) hold all experts' ranks in one dim, so for them
+    the largest rank the config allows counts (the match checks it exactly)."""
+    ranks = [a.shape[0] for a, _ in lora.weights.values()]
+    if lora.pending:
+        ranks += [lora.config.rank, *lora.config.rank_pattern.values()]
+    return max(ranks, default=0)
 
 
 def _nbytes(lora: AdapterFile) -> int:
     nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                 for a, b in lora.weights.values())
+                 for a, b in (*lora.weights.values(), *lora.pending.values()))
     nbytes += sum(t.numel() * t.element_size() for t in lora.biases.values())
     extra = [*lora.base_weights.values(), *lora.magnitudes.values()]
     return nbytes + lora.copy_bytes + sum(t.numel() * t.element_size() for t in extra)

@@ -8,6 +8,7 @@ raises a typed error (``loratree.errors``) that names the key.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -18,6 +19,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from loratree.adapters.param_files import (
+    check_param_pair,
+    param_paths,
+    param_tensors,
+    target_parameter_names,
+)
 from loratree.adapters.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -45,7 +52,7 @@ from loratree.errors import (
     UnexpectedKeyError,
 )
 from loratree.fsio import atomic_write
-from loratree.layers import FullCopy, LoraEmbedding, SlotContext
+from loratree.layers import FullCopy, LoraEmbedding, LoraParam, SlotContext
 from loratree.surgery import (
     adaptable_modules,
     adapter_parameters,
@@ -57,10 +64,12 @@ from loratree.surgery import (
     saved_modules,
 )
 from loratree.surgery.inject import wrap
-from loratree.surgery.targets import pattern_value
+from loratree.surgery.params import all_linear_config, find_parameters
+from loratree.surgery.targets import matches, pattern_value
 
 __all__ = [
     "AdapterFile",
+    "bind",
     "check_adapter_dir",
     "check_against",
     "load_adapter",
@@ -93,6 +102,13 @@ class AdapterFile:
         """What the full copies cost in memory, as stored."""
         return sum(t.numel() * t.element_size() for c in self.copies.values()
                    for t in c.values())
+    params: frozenset[str] = frozenset()
+    """Entries of ``weights`` that are adapted parameters (``target_parameters``), by full
+    parameter name, their factors in our layout (``ops.experts``)."""
+    pending: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """Tensors of a ``target_parameters`` file not yet matched to the model, by PEFT's
+    module path, as stored: which parameter a path means depends on the model
+    (``bind``)."""
 
     @property
     def base_model(self) -> str | None:
@@ -113,8 +129,11 @@ def save_adapter(
     layers = {n: m for n, m in lora_layers(model).items() if m.specs[slot].rank > 0}
     if not layers:
         raise ValueError(f"slot {slot} adapts no layer; nothing to save")
-    tensors: dict[str, Tensor] = {}
+    params = {n: m for n, m in layers.items() if isinstance(m, LoraParam)}
+    tensors = param_tensors(model, params, slot)
     for name, layer in layers.items():
+        if name in params:
+            continue
         emb = isinstance(layer, LoraEmbedding)
         tensors[peft_key(name, "a", emb)] = layer.lora_a[slot].detach().contiguous().cpu()
         tensors[peft_key(name, "b", emb)] = layer.lora_b[slot].detach().contiguous().cpu()
@@ -130,16 +149,18 @@ def save_adapter(
         if bias is not None:
             tensors[copy_key(name, "bias")] = bias.detach().contiguous().cpu()
     specs = {n: m.specs[slot] for n, m in layers.items()}
-    config = summarize(specs, tuple(copies))
+    config = summarize(specs, frozenset(params), tuple(copies))
     if base_model is None:
         base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     raw = config_to_peft(
         config,
-        _target_modules(model, list(layers)),
+        _target_modules(model, [n for n in layers if n not in params]),
         base_model=base_model,
         task_type="CAUSAL_LM" if hasattr(model, "generate") else None,
         fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in layers.values()),
     )
+    if params:
+        raw["target_parameters"] = target_parameter_names(model, list(params))
     path.mkdir(parents=True, exist_ok=True)
     atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), {"format": "pt"}))
     text = json.dumps(raw, indent=2, sort_keys=True) + "\n"
@@ -178,15 +199,20 @@ def read_adapter(path: str | Path) -> AdapterFile:
         halves.setdefault(module, {})[part] = t
         if ".lora_embedding_" in key:
             embeddings.add(module)
-    weights = {module: _pair(path, module, pair, config) for module, pair in halves.items()}
-    if not weights:
+    if not halves:
         raise MissingKeyError(f"{path.name}: {WEIGHTS_NAME} holds no LoRA tensors")
+    later = {m for m in halves if config.target_parameters and not _named_module(config, m)}
+    weights = {module: _pair(path, module, pair, config) for module, pair in halves.items()
+               if module not in later}
+    pending = {m: _halves(path, m, halves[m]) for m in later}
     magnitudes = {module: _magnitude(path, module, pair, config)
-                  for module, pair in halves.items() if config.use_dora or "m" in pair}
+                  for module, pair in halves.items()
+                  if module in weights and (config.use_dora or "m" in pair)}
     _check_biases(path.name, config, weights, biases, embeddings)
     _check_copies(path.name, copies)
     return AdapterFile(config, weights, base_weights, raw, frozenset(embeddings),
-                       magnitudes=magnitudes, biases=biases, copies=copies)
+                       magnitudes=magnitudes, biases=biases, copies=copies,
+                       pending=pending)
 
 
 def _magnitude(path: Path, module: str, pair: dict[str, Tensor], config: LoraConfig
@@ -248,10 +274,15 @@ def _check_copies(label: str, copies: dict[str, dict[str, Tensor]]) -> None:
                                        "a module copy is floating point")
 
 
-def _pair(path: Path, module: str, pair: dict[str, Tensor], config: LoraConfig
-          ) -> tuple[Tensor, Tensor]:
-    """One module's (A, B) from the file, checked: both present, float, sharing the rank
-    the config gives the module."""
+def _named_module(config: LoraConfig, module: str) -> bool:
+    """Whether a name-only pattern of ``config.targets`` selects ``module`` (in a
+    ``target_parameters`` file, the other keys wait for the model: ``bind``)."""
+    return ".base_layer" not in module and any(
+        matches(p, module, None, None) for p in config.targets
+        if p != "all-linear" and not p.startswith("type:"))
+
+
+def _halves(path: Path, module: str, pair: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     for part in ("a", "b"):
         if part not in pair:
             have = "B" if part == "a" else "A"
@@ -259,7 +290,14 @@ def _pair(path: Path, module: str, pair: dict[str, Tensor], config: LoraConfig
                 f"{path.name}: {module!r} has lora_{have} but not lora_{part.upper()} "
                 f"({peft_key(module, part, False)!r} is missing)"
             )
-    a, b = pair["a"], pair["b"]
+    return pair["a"], pair["b"]
+
+
+def _pair(path: Path, module: str, pair: dict[str, Tensor], config: LoraConfig
+          ) -> tuple[Tensor, Tensor]:
+    """One module's (A, B) from the file, checked: both present, float, sharing the rank
+    the config gives the module."""
+    a, b = _halves(path, module, pair)
     if not (a.is_floating_point() and b.is_floating_point()):
         raise CorruptFileError(
             f"{path.name}: {module!r} holds {a.dtype} / {b.dtype} weights; LoRA weights "
@@ -281,8 +319,11 @@ def write_adapter_file(adapter: AdapterFile, path: str | Path) -> Path:
     """Write an ``AdapterFile`` held in memory (one composed from others, say) as a PEFT
     adapter directory, atomically file by file; returns the path."""
     path = Path(path)
+    if adapter.params:
+        raise ValueError(f"{path.name}: adapted parameters need the model to name their "
+                         "tensors; save them with save_adapter")
     tensors = {}
-    for module, (a, b) in adapter.weights.items():
+    for module, (a, b) in (*adapter.weights.items(), *adapter.pending.items()):
         emb = module in adapter.embeddings
         tensors[peft_key(module, "a", emb)] = a.detach().contiguous().cpu()
         tensors[peft_key(module, "b", emb)] = b.detach().contiguous().cpu()
@@ -323,7 +364,7 @@ def load_adapter_file(model: nn.Module, adapter: AdapterFile, label: str, *,
                       trainable: bool = False) -> int:
     """Load an ``AdapterFile`` held in memory into a new slot of the model; returns the
     slot. Checked like ``load_adapter``: nothing changes unless every check passes."""
-    check_against(model, adapter, label)
+    adapter = check_against(model, adapter, label)
     report = inject(model, adapter.config, trainable=trainable, names=tuple(adapter.weights))
     layers = lora_layers(model)
     for module, (a, b) in adapter.weights.items():
@@ -341,19 +382,50 @@ def load_adapter_file(model: nn.Module, adapter: AdapterFile, label: str, *,
     return report.slot
 
 
-def check_against(model: nn.Module, adapter: AdapterFile, label: str) -> None:
+def bind(model: nn.Module, adapter: AdapterFile, label: str) -> AdapterFile:
+    """``adapter`` with its pending tensors matched to ``model``: each PEFT path of a
+    targeted parameter becomes that parameter's entry (checked, in our layout), any other
+    path a module's. Raises the typed error naming the parameter that does not fit."""
+    if not adapter.pending:
+        return adapter
+    config = all_linear_config(model, adapter.config)
+    try:
+        params = find_parameters(model, config.target_parameters)
+    except TargetError as e:
+        raise UnexpectedKeyError(f"{label}: {e}") from e
+    paths = param_paths(model, params)
+    by_path = {p: n for n, p in paths.items()}
+    weights = dict(adapter.weights)
+    for path, (a, b) in adapter.pending.items():
+        name = by_path.get(path)
+        if name is None:
+            weights[path] = _pair(Path(label), path, {"a": a, "b": b}, adapter.config)
+        else:
+            weights[name] = check_param_pair(label, name, params[name][0], a, b, config)
+    for name, path in paths.items():
+        if name not in weights:
+            raise MissingKeyError(f"{label}: the config targets parameter {name!r}, but "
+                                  f"{peft_key(path, 'a', False)!r} is missing")
+    return dataclasses.replace(adapter, weights=weights, pending={},
+                               params=frozenset(params))
+
+
+def check_against(model: nn.Module, adapter: AdapterFile, label: str) -> AdapterFile:
     """Check that ``adapter`` fits ``model``: every module it names exists and can be
     adapted, every module its config targets has its tensors, and every shape is the one
-    the model needs. Raises the typed error naming the first mismatch."""
+    the model needs. Raises the typed error naming the first mismatch. Returns the adapter
+    matched to the model (``bind``), which is what to load."""
+    adapter = bind(model, adapter, label)
     candidates = adaptable_modules(model)
-    for module in adapter.weights:
-        if module not in candidates:
-            raise UnexpectedKeyError(
-                f"{label}: {peft_key(module, 'a', False)!r} names module {module!r}, "
-                "which the model does not have (or cannot adapt)"
-            )
+    unknown = [m for m in adapter.weights if m not in adapter.params and m not in candidates]
+    if unknown:
+        raise UnexpectedKeyError(
+            f"{label}: {peft_key(unknown[0], 'a', False)!r} names module {unknown[0]!r}, "
+            "which the model does not have (or cannot adapt)"
+        )
+    config = all_linear_config(model, adapter.config)
     try:
-        targeted = find_targets(model, adapter.config.targets, adapter.config.exclude)
+        targeted = find_targets(model, config.targets, config.exclude) if config.targets else {}
     except ValueError:
         targeted = {}
     for module, base in targeted.items():
@@ -365,6 +437,8 @@ def check_against(model: nn.Module, adapter: AdapterFile, label: str) -> None:
             )
     existing = lora_layers(model)
     for module, (a, b) in adapter.weights.items():
+        if module in adapter.params:  # checked by bind, when read
+            continue
         layer = existing.get(module) or wrap(candidates[module], SlotContext(), module)
         r = a.shape[0]
         for part, t, want in (("A", a, layer.a_shape(r)), ("B", b, layer.b_shape(r))):
@@ -384,6 +458,7 @@ def check_against(model: nn.Module, adapter: AdapterFile, label: str) -> None:
                 f"{label}: the file carries a changed base weight for {module!r} "
                 f"({module}.base_layer.weight); loratree loads adapters, not base weights"
             )
+    return adapter
 
 
 def _check_magnitude(adapter: AdapterFile, module: str, layer: object, label: str) -> None:
@@ -400,7 +475,10 @@ def _check_magnitude(adapter: AdapterFile, module: str, layer: object, label: st
                                  f"{tuple(m.shape)}, the model needs {want}")
 
 
-def summarize(specs: dict[str, object], saved: tuple[str, ...] = ()) -> LoraConfig:
+def summarize(specs: dict[str, object], params: frozenset[str] = frozenset(),
+              saved: tuple[str, ...] = ()) -> LoraConfig:
+    """One config for per-layer specs; ``params`` of them are adapted parameters,
+    ``saved`` the modules with full copies."""
     ranks = Counter(s.rank for s in specs.values())
     alphas = Counter(s.alpha for s in specs.values())
     dropouts = {s.dropout for s in specs.values()}
@@ -419,7 +497,8 @@ def summarize(specs: dict[str, object], saved: tuple[str, ...] = ()) -> LoraConf
         rank=rank,
         alpha=alpha,
         dropout=max(dropouts),
-        targets=tuple(specs),
+        targets=tuple(n for n in specs if n not in params),
+        target_parameters=tuple(n for n in specs if n in params),
         use_rslora=rslora.pop(),
         use_dora=dora.pop(),
         lora_bias=biased.pop(),

@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+from torch import Tensor
+
 from loratree.config import LoraConfig
 from loratree.errors import AdapterConfigError, UnsafeFormatError
 
@@ -27,10 +29,13 @@ __all__ = [
     "copy_key",
     "magnitude_key",
     "matches_saved",
+    "param_factors_from_peft",
+    "param_factors_to_peft",
     "parse_copy_key",
     "parse_key",
     "peft_key",
     "read_config",
+    "wrapper_path",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -60,6 +65,32 @@ def peft_key(module: str, part: Part, embedding: bool) -> str:
     if embedding:
         return f"{_PREFIX}{module}.lora_embedding_{letter}"
     return f"{_PREFIX}{module}.lora_{letter}.weight"
+
+
+def wrapper_path(owner: str, depth: int) -> str:
+    """Where PEFT keeps the factors of a targeted parameter: its owner module, under one
+    ``.base_layer`` per parameter of that module targeted after it (PEFT nests one wrapper
+    per parameter, in the module's registration order, the first innermost)."""
+    return owner + ".base_layer" * depth
+
+
+def param_factors_from_peft(a: Tensor, b: Tensor, experts: int) -> tuple[Tensor, Tensor]:
+    """PEFT's factors of a targeted parameter -> ours.
+
+    PEFT stores A ``(r * E, in)``, expert e's rows at ``e * r .. e * r + r - 1``, and B
+    ``(out, r * E)``, expert e's column j at ``j * E + e``. Ours: A ``(r, E, in)``,
+    B ``(out, r, E)`` (``ops.experts``).
+    """
+    rows = a.shape[0] // experts
+    return (a.reshape(experts, rows, a.shape[1]).transpose(0, 1).contiguous(),
+            b.reshape(b.shape[0], rows, experts))
+
+
+def param_factors_to_peft(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Ours -> PEFT's (the inverse of ``param_factors_from_peft``)."""
+    r, experts, fan_in = a.shape
+    return (a.transpose(0, 1).reshape(experts * r, fan_in).contiguous(),
+            b.reshape(b.shape[0], r * experts).contiguous())
 
 
 def magnitude_key(module: str) -> str:
@@ -144,11 +175,17 @@ def config_from_peft(raw: dict[str, Any]) -> LoraConfig:
         raise AdapterConfigError(f"modules_to_save must be a list of names, got {saved!r}")
     if raw.get("bias", "none") != "none":
         raise AdapterConfigError(f"bias: only 'none' is supported, got {raw.get('bias')!r}")
+    params = raw.get("target_parameters") or []
+    if not isinstance(params, list) or not all(isinstance(t, str) and t for t in params):
+        raise AdapterConfigError(f"target_parameters must be a list of names, got {params!r}")
     targets = raw.get("target_modules")
     if isinstance(targets, str):
         targets = ("all-linear",) if targets == "all-linear" else (f"re:{targets}",)
-    elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
+    elif isinstance(targets, list) and (targets or params) and all(
+            isinstance(t, str) for t in targets):
         targets = tuple(targets)
+    elif targets is None and params:
+        targets = ()
     else:
         raise AdapterConfigError(f"target_modules must be a string or a list, got {targets!r}")
     exclude = raw.get("exclude_modules") or ()
@@ -166,6 +203,7 @@ def config_from_peft(raw: dict[str, Any]) -> LoraConfig:
             alpha_pattern=dict(raw.get("alpha_pattern") or {}),
             lora_bias=bool(raw.get("lora_bias", False)),
             modules_to_save=tuple(saved),
+            target_parameters=tuple(params),
         )
     except (ValueError, TypeError) as e:
         raise AdapterConfigError(f"invalid LoRA settings: {e}") from e
@@ -189,6 +227,7 @@ def config_to_peft(
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "target_modules": target_modules,
+        "target_parameters": list(config.target_parameters) or None,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
         "use_rslora": config.use_rslora,

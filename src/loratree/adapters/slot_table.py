@@ -27,7 +27,7 @@ from torch import nn
 
 from loratree import surgery
 from loratree.adapters.cache import AdapterCache, LoadedAdapter
-from loratree.adapters.files import check_against
+from loratree.adapters.files import AdapterFile, check_against
 from loratree.errors import AdapterInUseError, CopyTooLargeError, RankTooLargeError, TargetError
 from loratree.layers import SlotSpec
 from loratree.surgery.targets import pattern_value
@@ -85,13 +85,14 @@ class SlotTable:
     def __init__(self, model: nn.Module, cache: AdapterCache, n_slots: int = 8,
                  max_rank: int = 64, max_prefix: int = 64,
                  targets: tuple[str, ...] = ("all-linear",),
-                 max_copy_bytes: int = DEFAULT_MAX_COPY_BYTES) -> None:
+                 max_copy_bytes: int = DEFAULT_MAX_COPY_BYTES,
+                 parameters: tuple[str, ...] = ()) -> None:
         if n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {n_slots}")
         self.model, self.cache = model, cache
         self.max_rank, self.max_prefix = max_rank, max_prefix
         self.max_copy_bytes = max_copy_bytes
-        indices = surgery.reserve_slots(model, n_slots, targets)
+        indices = surgery.reserve_slots(model, n_slots, targets, parameters=parameters)
         self.layers = surgery.lora_layers(model)
         for layer in self.layers.values():
             layer.static_slots = True
@@ -312,6 +313,28 @@ class SlotTable:
         self._let_go(slot)
         slot.name, slot.layers, slot.kind, slot.version = None, (), "", ""
 
+    def _fit(self, adapter: LoadedAdapter) -> tuple[list, AdapterFile]:
+        """The install plan of a LoRA adapter, (module, layer, spec) per module, and the
+        adapter matched to the model (``files.bind``: a ``target_parameters`` file's
+        tensors, which the cache holds as stored, in our layout)."""
+        assert adapter.lora is not None
+        if not adapter.lora.pending:
+            self._check_wrapped(adapter, adapter.lora)
+        lora = check_against(self.model, adapter.lora, adapter.name)
+        self._check_wrapped(adapter, lora)
+        config = lora.config
+        plan = [(module, self.layers[module], SlotSpec(
+            a.shape[0], float(pattern_value(config.alpha_pattern, module, config.alpha)),
+            0.0, config.use_rslora, dora=config.use_dora, bias=module in lora.biases))
+            for module, (a, _) in lora.weights.items()]
+        return plan, lora
+
+    def _check_wrapped(self, adapter: LoadedAdapter, lora: AdapterFile) -> None:
+        missing = sorted(set(lora.weights) - set(self.layers))
+        if missing:
+            raise TargetError(f"{adapter.name!r} adapts {missing[:3]}, which the slot "
+                              "table does not wrap; widen its targets")
+
     def _fill(self, slot: _Slot, adapter: LoadedAdapter) -> None:
         if adapter.kind == "prefix":
             assert adapter.prefix is not None
@@ -320,32 +343,22 @@ class SlotTable:
             slot.layers = ()
         else:
             assert adapter.lora is not None
-            config = adapter.lora.config
-            missing = sorted(set(adapter.lora.weights) - set(self.layers))
-            if missing:
-                raise TargetError(f"{adapter.name!r} adapts {missing[:3]}, which the slot "
-                                  "table does not wrap; widen its targets")
             key = (adapter.name, adapter.version)
-            plan = self._fits.get(key)
-            if plan is None:  # checked, and its per-layer specs made, once per version
-                check_against(self.model, adapter.lora, adapter.name)
-                plan = [(module, self.layers[module], SlotSpec(
-                    a.shape[0], float(pattern_value(config.alpha_pattern, module, config.alpha)),
-                    0.0, config.use_rslora, dora=config.use_dora,
-                    bias=module in adapter.lora.biases))
-                    for module, (a, _) in adapter.lora.weights.items()]
+            fit = self._fits.get(key)
+            if fit is None:  # checked, and its per-layer specs made, once per version
+                fit = self._fit(adapter)
                 if len(self._fits) >= 4096:
                     self._fits.clear()
-                self._fits[key] = plan
-            weights = adapter.lora.weights  # the plan holds no tensors: the cache owns them
-            magnitudes = adapter.lora.magnitudes  # DoRA's, else empty
-            biases = adapter.lora.biases
+                self._fits[key] = fit
+            plan, lora = fit
+            weights = lora.weights  # adapted parameters: their tensors matched to the model
+            magnitudes, biases = lora.magnitudes, lora.biases  # DoRA's, lora_bias's, or empty
             for module, layer, spec in plan:
                 layer.set_slot(slot.index, spec, *weights[module], magnitudes.get(module),
                                biases.get(module))
-            for module, parts in adapter.lora.copies.items():
+            for module, parts in lora.copies.items():
                 surgery.wrap_copy(self.model, module, self.ctx).set_copy(
                     slot.index, parts["weight"], parts.get("bias"))
-            slot.layers = tuple(adapter.lora.weights)
+            slot.layers = tuple(weights)
         slot.name, slot.kind, slot.version = adapter.name, adapter.kind, adapter.version
         self._by_name[adapter.name] = slot

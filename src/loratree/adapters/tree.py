@@ -301,6 +301,9 @@ def compose_files(files: list[AdapterFile], label: str = "") -> AdapterFile:
     if any(f.config.use_dora for f in files):
         raise TreeError(f"{label}: a DoRA adapter on a path does not compose into one LoRA "
                         "adapter (its magnitude rescales the sum, not one term)")
+    if any(f.pending or f.params for f in files):
+        raise TreeError(f"{label}: adapters of fused parameters (target_parameters) cannot "
+                        "be composed along a tree path yet")
     bases = {f.base_model for f in files} - {None}
     if len(bases) > 1:
         raise TreeError(f"{label}: the path's adapters were trained on different base models "

@@ -7,7 +7,9 @@ from loratree.layers.embedding import LoraEmbedding
 from loratree.layers.full_copy import FullCopy
 from loratree.layers.linear import LoraLinear
 from loratree.layers.nf4 import NF4Linear
+from loratree.layers.param import LoraParam, ParamHost
 from loratree.layers.prefix import PrefixBank, PrefixEncoder, PrefixGeometry
 
-__all__ = ["FullCopy", "LoraConv", "LoraEmbedding", "LoraLinear", "LoraModule", "NF4Linear",
-           "PrefixBank", "PrefixEncoder", "PrefixGeometry", "SlotContext", "SlotSpec"]
+__all__ = ["FullCopy", "LoraConv", "LoraEmbedding", "LoraLinear", "LoraModule", "LoraParam",
+           "NF4Linear", "ParamHost", "PrefixBank", "PrefixEncoder", "PrefixGeometry",
+           "SlotContext", "SlotSpec"]

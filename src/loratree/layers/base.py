@@ -147,12 +147,8 @@ class LoraModule(nn.Module):
         """Append a fresh slot (B = 0, so it is an exact no-op) and return its index."""
         dtype, device = self.factor_like()
         a = torch.empty(self.a_shape(spec.rank), dtype=dtype, device=device)
-        if spec.rank == 0:
-            pass
-        elif init == "gaussian":
-            nn.init.normal_(a, std=1.0 / spec.rank)
-        else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if spec.rank:
+            self.init_a(a, spec.rank, init)
         b = torch.zeros(self.b_shape(spec.rank), dtype=dtype, device=device)
         if spec.dora and spec.rank:
             self._check_dora()
@@ -188,6 +184,13 @@ class LoraModule(nn.Module):
             found = frozenset(i for i, s in enumerate(self.specs) if s.dora and s.rank > 0)
             self.__dict__["_dora_live"] = found
         return found
+    def init_a(self, a: Tensor, rank: int, init: str) -> None:
+        """Fill a fresh A in place: N(0, 1/r) ("gaussian") or kaiming-uniform over its
+        ``(rows, fan_in)`` matrix; a subclass whose A is not that matrix reshapes it."""
+        if init == "gaussian":
+            nn.init.normal_(a, std=1.0 / rank)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     @torch.no_grad()
     def load_slot(self, slot: int, a: Tensor, b: Tensor, magnitude: Tensor | None = None,

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 __all__ = [
     "TinyConvNet",
@@ -16,6 +23,7 @@ __all__ = [
     "tiny_convnet",
     "tiny_gpt2",
     "tiny_llama",
+    "tiny_qwen3_moe",
     "tiny_tokenizer",
 ]
 
@@ -46,6 +54,42 @@ def tiny_llama(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    return model.float().eval()
+
+
+def tiny_qwen3_moe(
+    seed: int = 0,
+    vocab: int = 128,
+    hidden: int = 32,
+    layers: int = 2,
+    experts: int = 4,
+    top_k: int = 2,
+    expert_intermediate: int = 16,
+) -> Qwen3MoeForCausalLM:
+    """A random Qwen3-MoE (float32, eval mode): every layer's MLP is a sparse block whose
+    experts are fused 3-D parameters, ``mlp.experts.gate_up_proj`` ``(E, 2 I, hidden)`` and
+    ``mlp.experts.down_proj`` ``(E, hidden, I)``, routed by ``mlp.gate`` (a router module
+    holding a 2-D ``weight`` ``(E, hidden)``, not an ``nn.Linear``)."""
+    config = Qwen3MoeConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        moe_intermediate_size=expert_intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3MoeForCausalLM(config)
+        with torch.no_grad():  # the router starts at zero: give it weights that route
+            for layer in model.model.layers:
+                layer.mlp.gate.weight.normal_(0.0, 0.5)
     return model.float().eval()
 
 

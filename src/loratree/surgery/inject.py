@@ -20,8 +20,9 @@ from loratree.layers import (
     SlotSpec,
 )
 from loratree.surgery.copies import copy_layers, saved_modules, wrap_copy
+from loratree.surgery.params import all_linear_config, find_parameters, wrap_parameter
 from loratree.surgery.prefix import prefix_bank, prefix_parameters, slot_count
-from loratree.surgery.targets import Conv1D, find_targets, pattern_value
+from loratree.surgery.targets import Conv1D, adaptable_modules, find_targets, pattern_value
 
 __all__ = [
     "InjectionReport",
@@ -102,18 +103,10 @@ def inject(
     for layer in existing.values():
         while layer.n_slots < slot:
             layer.add_slot(SlotSpec(0, 1.0))
-    if names:
-        targets = find_targets(model, tuple(f"re:{re.escape(n)}" for n in names))
-    else:
-        targets = find_targets(model, config.targets, config.exclude)
+    config, targets, params = _chosen(model, config, names)
     saved = _saved(model, config, set(targets) | set(existing))
-    for name, base in targets.items():
-        if name not in existing:
-            layer = wrap(base, ctx, name)
-            for _ in range(slot):
-                layer.add_slot(SlotSpec(0, 1.0))
-            replace_module(model, name, layer)
-            existing[name] = layer
+    _wrap_new(model, ctx, existing, targets, params, slot)
+    targets = {**targets, **{n: existing[n] for n in params}}
     # initialise in the model's module order, whatever was wrapped before, so a slot draws
     # the same random A as it would on a fresh model (fused training equals solo training)
     order = [n for n, _ in model.named_modules() if n in existing]
@@ -152,22 +145,23 @@ def _saved(model: nn.Module, config: LoraConfig, adapted: set[str]) -> list[str]
 
 
 def reserve_slots(model: nn.Module, n: int, targets: tuple[str, ...] = ("all-linear",),
-                  exclude: tuple[str, ...] = ()) -> list[int]:
-    """Add ``n`` empty slots (rank 0 everywhere) after wrapping ``targets``; their indices.
+                  exclude: tuple[str, ...] = (), parameters: tuple[str, ...] = ()
+                  ) -> list[int]:
+    """Add ``n`` empty slots (rank 0 everywhere) after wrapping ``targets`` (and the
+    ``parameters``, PEFT's ``target_parameters``); their indices.
 
     A serving slot table fills them with adapters later (``LoraModule.set_slot``), so the
-    layers any adapter may touch must be wrapped now.
+    layers any adapter may touch must be wrapped now. ``all-linear`` includes the fused
+    experts on the MoE families where PEFT's does (``surgery.params``).
     """
     existing = lora_layers(model)
     bank = prefix_bank(model)
     ctx = (next(iter(existing.values())).ctx if existing
            else bank.ctx if bank is not None else SlotContext())
     first = slot_count(model)
-    for name, base in find_targets(model, targets, exclude).items():
-        if name not in existing:
-            layer = wrap(base, ctx, name)
-            replace_module(model, name, layer)
-            existing[name] = layer
+    config = LoraConfig(targets=targets, exclude=exclude, target_parameters=parameters)
+    _, chosen, params = _chosen(model, config, ())
+    _wrap_new(model, ctx, existing, chosen, params, 0)
     for layer in existing.values():
         while layer.n_slots < first + n:
             layer.add_slot(SlotSpec(0, 1.0))
@@ -176,6 +170,43 @@ def reserve_slots(model: nn.Module, n: int, targets: tuple[str, ...] = ("all-lin
     for p in model.parameters():
         p.requires_grad_(False)
     return list(range(first, first + n))
+
+
+def _wrap_new(model: nn.Module, ctx: SlotContext, existing: dict[str, LoraModule],
+              targets: dict[str, nn.Module], params: tuple[str, ...], slots: int) -> None:
+    """Wrap the targets and parameters not wrapped yet, each with ``slots`` empty slots
+    (added to ``existing``)."""
+    for name, base in targets.items():
+        if name not in existing:
+            layer = wrap(base, ctx, name)
+            replace_module(model, name, layer)
+            existing[name] = layer
+    for name in params:
+        if name not in existing:
+            existing[name] = wrap_parameter(model, name, ctx)
+    for name in (*targets, *params):
+        layer = existing[name]
+        while layer.n_slots < slots:
+            layer.add_slot(SlotSpec(0, 1.0))
+
+
+def _chosen(model: nn.Module, config: LoraConfig, names: tuple[str, ...]
+            ) -> tuple[LoraConfig, dict[str, nn.Module], tuple[str, ...]]:
+    """(the config as applied, the modules to adapt, the parameters to adapt): the exact
+    ``names`` when given (modules and parameters), else what ``config`` selects."""
+    if names:
+        modules = adaptable_modules(model)
+        mods = tuple(n for n in names if n in modules)
+        targets = find_targets(model, tuple(f"re:{re.escape(n)}" for n in mods)) if mods else {}
+        params = tuple(find_parameters(model, tuple(n for n in names if n not in modules)))
+    else:
+        config = all_linear_config(model, config)
+        targets = find_targets(model, config.targets, config.exclude) if config.targets else {}
+        params = tuple(find_parameters(model, config.target_parameters))
+    if params and config.dropout:
+        raise ValueError(f"dropout {config.dropout}: LoRA on a parameter ({params[0]}) "
+                         "cannot drop out its input; set dropout=0 (PEFT refuses it too)")
+    return config, targets, params
 
 
 def adapter_parameters(model: nn.Module, slot: int | None = None) -> Iterator[nn.Parameter]:

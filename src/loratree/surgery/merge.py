@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from loratree.layers import LoraParam, ParamHost
 from loratree.surgery.copies import copy_layers
 from loratree.surgery.inject import lora_layers, replace_module
 from loratree.surgery.prefix import remove_prefixes
@@ -54,12 +55,11 @@ def switch(model: nn.Module, slot: int) -> None:
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter, restoring the original modules (LoRA unmerged first) and
     taking prefix adapters and their hook off."""
-    for name, layer in lora_layers(model).items():
+    for layer in lora_layers(model).values():
         layer.unmerge()
-        replace_module(model, name, layer.base)
-    for name, copy in copy_layers(model).items():
+    for copy in copy_layers(model).values():
         copy.unmerge()
-        replace_module(model, name, copy.base)
+    _restore(model)
     remove_prefixes(model)
     return model
 
@@ -67,6 +67,20 @@ def unload(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, slot: int = 0) -> nn.Module:
     """Merge ``slot`` for good and return a plain model with the original module types."""
     merge(model, slot)
-    for name, layer in [*lora_layers(model).items(), *copy_layers(model).items()]:
-        replace_module(model, name, layer.base)
+    _restore(model)
     return model
+
+
+def _restore(model: nn.Module) -> None:
+    """Put the original modules back in place of the LoRA wrappers (a module whose
+    parameters were adapted: in place of its ``ParamHost``)."""
+    for name, layer in lora_layers(model).items():
+        if isinstance(layer, LoraParam):
+            owner = name.rpartition(".")[0]
+            host = model.get_submodule(owner)
+            if isinstance(host, ParamHost):
+                replace_module(model, owner, host.base)
+        else:
+            replace_module(model, name, layer.base)
+    for name, copy in copy_layers(model).items():
+        replace_module(model, name, copy.base)
