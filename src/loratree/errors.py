@@ -15,6 +15,7 @@ __all__ = [
     "CacheFullError",
     "CopyTooLargeError",
     "CorruptFileError",
+    "EmptyRowError",
     "MergeError",
     "MissingKeyError",
     "NonFiniteError",
@@ -113,3 +114,7 @@ class TreeError(ValueError):
 class UnsupportedModelError(ValueError):
     """The model has a kind of attention (or layer) loratree cannot run exactly; it is
     refused up front rather than served wrong."""
+
+
+class EmptyRowError(ValueError):
+    """A training row encodes to nothing a model can learn; the message names the row."""

@@ -379,3 +379,27 @@ def test_batch_order_rejects_bad_arguments() -> None:
         batch_order(10, 0, seed=0, epoch=0)
     with pytest.raises(ValueError, match="group_by_length needs 10 lengths, got none"):
         batch_order(10, 2, seed=0, epoch=0, group_by_length=True)
+
+
+def test_a_row_with_nothing_to_learn_is_an_error_naming_its_line(tiny, tmp_path, monkeypatch
+                                                                 ) -> None:
+    """A row whose texts encode to no token a model can predict (labels only at position
+    0, or none) is refused with its file and line, not trained on with loss 0. The
+    tokenizer that encodes a text to nothing is stood in for by the encoding of row 2."""
+    import loratree.models.chat as chat
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p, "completion": "w6"})
+                              for p in ("w5", "w7", "w8")) + "\n")
+    real = chat.encode_messages
+
+    def encode_messages(messages, tokenizer):
+        if messages[0].content == "w7":  # as if the prompt and template gave no token
+            return [6, 2], [6, -100]  # the only label at position 0
+        return real(messages, tokenizer)
+
+    monkeypatch.setattr(chat, "encode_messages", encode_messages)
+    with pytest.raises(chat.EmptyRowError, match=r"train\.jsonl:2: the row encodes to no"):
+        encode(read_jsonl(path), tiny, 64)
+    monkeypatch.setattr(chat, "encode_messages", real)
+    assert len(encode(read_jsonl(path), tiny, 64)) == 3

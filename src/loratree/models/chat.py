@@ -31,6 +31,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from loratree.errors import EmptyRowError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -147,14 +149,25 @@ def encode(
     Raises:
         ValueError: ``max_length`` is below 1, or the chat template cannot be used (see
             :func:`assistant_spans`).
+        EmptyRowError: a row has no labelled token after its first position (nothing
+            to learn: its prompt and answer encode to nothing); the message names where
+            the row is (``train.jsonl:7`` for a ``RowSet``, else ``row N``).
     """
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
     conversations = tuple(rows)
+    places = tuple(getattr(rows, "places", ())) or tuple(
+        f"row {i + 1}" for i in range(len(conversations)))
     examples: list[Example] = []
     truncated = dropped = 0
-    for conversation in conversations:
+    for place, conversation in zip(places, conversations, strict=True):
         ids, labels = encode_messages(conversation.messages, tokenizer)
+        if not any(label != IGNORE_INDEX for label in labels[1:]):
+            raise EmptyRowError(
+                f"{place}: the row encodes to no token a model can learn (its assistant "
+                f"text gives {sum(lab != IGNORE_INDEX for lab in labels)} labelled token(s) "
+                f"in {len(ids)}, none after the first position); check its text against "
+                "the tokenizer")
         if len(ids) > max_length:
             truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]

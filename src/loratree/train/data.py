@@ -95,6 +95,8 @@ class RowSet:
     """Bad rows skipped (only nonzero with ``skip_bad_rows=True``)."""
     source: str
     """The file path or dataset name the rows came from."""
+    places: tuple[str, ...] = ()
+    """Where each row is (``train.jsonl:7``), in the order of ``rows``."""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -162,10 +164,12 @@ def _collect(
     skip_bad_rows: bool,
 ) -> RowSet:
     rows: list[Conversation] = []
+    places: list[str] = []
     bad: list[str] = []
     for where, item in items:
         try:
             rows.append(parse(item))
+            places.append(where)
         except _BadRow as e:
             if not skip_bad_rows:
                 raise DataError(f"{where}: {e}") from e
@@ -175,7 +179,7 @@ def _collect(
     if not rows:
         skipped = f" ({len(bad)} bad row(s) skipped; the first: {bad[0]})" if bad else ""
         raise DataError(f"{source}: no rows{skipped}")
-    return RowSet(rows=tuple(rows), skipped=len(bad), source=source)
+    return RowSet(rows=tuple(rows), skipped=len(bad), source=source, places=tuple(places))
 
 
 def _parse_line(line: bytes) -> Conversation:
