@@ -1,6 +1,6 @@
 """The LoRA update on one weight matrix.
 
-Conventions (STYLE.md): a weight is ``(out, in)`` like ``nn.Linear``; ``a`` is ``(r, in)``,
+Conventions: a weight is ``(out, in)`` like ``nn.Linear``; ``a`` is ``(r, in)``,
 ``b`` is ``(out, r)``; ``scale`` is ``alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
 """
 
