@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loratree import surgery
+from loratree.adapters import load_adapter
 from loratree.models.tiny import tiny_llama
 
 VOCAB = 128
@@ -46,6 +47,23 @@ def peft_made(base, path, seed: int, **fields):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     model.save_pretrained(path)
+    return model
+
+
+def made_adapters(root, base, first: dict, plain: tuple[dict, ...], seed: int) -> list:
+    """PEFT adapters written under ``root``: ``first`` in slot 0's file, then the plain
+    ones; returns their paths in slot order."""
+    paths = [root / "first"] + [root / f"plain{i}" for i in range(len(plain))]
+    for i, (path, fields) in enumerate(zip(paths, (first, *plain), strict=True)):
+        peft_made(base, path, seed=seed + i, **fields)
+    return paths
+
+
+def loaded(base, paths):
+    """A copy of ``base`` with the adapters at ``paths`` loaded into slots 0, 1, ..."""
+    model = copy.deepcopy(base)
+    for i, path in enumerate(paths):
+        assert load_adapter(model, path) == i
     return model
 
 

@@ -24,6 +24,8 @@ from tests.adapters.extras_common import (
     LAYOUTS,
     PLAIN,
     biased_llama,
+    loaded,
+    made_adapters,
     mixed,
     peft_made,
     random_ids,
@@ -41,17 +43,7 @@ def made(tmp_path_factory):
     """The base, and PEFT adapters: slot 0 with lora_bias, 1..3 plain LoRA."""
     root = tmp_path_factory.mktemp("bias")
     base = biased_llama()
-    paths = [root / "bias"] + [root / f"plain{i}" for i in range(len(PLAIN))]
-    for i, (path, fields) in enumerate(zip(paths, (BIAS, *PLAIN), strict=True)):
-        peft_made(base, path, seed=10 + i, **fields)
-    return base, paths
-
-
-def _loaded(base, paths):
-    model = copy.deepcopy(base)
-    for i, path in enumerate(paths):
-        assert load_adapter(model, path) == i
-    return model
+    return base, made_adapters(root, base, BIAS, PLAIN, seed=10)
 
 
 def test_peft_file_has_bias_keys_and_loads_with_peft_logits(made):
@@ -77,7 +69,7 @@ def test_peft_file_has_bias_keys_and_loads_with_peft_logits(made):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_mixed_batch_rows_equal_peft_solo(made, layout, grad):
     base, paths = made
-    model = _loaded(base, paths)
+    model = loaded(base, paths)
     rows, length = LAYOUTS[layout]
     ids = random_ids(len(rows), length, seed=3)
     got = mixed(model, rows, ids, grad=grad)
@@ -88,7 +80,7 @@ def test_mixed_batch_rows_equal_peft_solo(made, layout, grad):
 
 def test_mixed_batch_with_the_bias_adapter_merged(made):
     base, paths = made
-    model = _loaded(base, paths)
+    model = loaded(base, paths)
     surgery.merge(model, 0)
     rows, length = LAYOUTS["prefill-gather"]
     ids = random_ids(len(rows), length, seed=4)
@@ -100,7 +92,7 @@ def test_mixed_batch_with_the_bias_adapter_merged(made):
 
 def test_merge_unmerge_and_switch_round_trip(made):
     base, paths = made
-    model = _loaded(base, paths)
+    model = loaded(base, paths)
     ids = random_ids(2, 8, seed=5)
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     ctx = surgery.context(model)

@@ -13,7 +13,15 @@ from loratree.adapters import AdapterStore, load_adapter, save_adapter
 from loratree.adapters.cache import AdapterCache
 from loratree.adapters.slot_table import SlotTable
 from loratree.errors import CopyTooLargeError, ShapeMismatchError
-from tests.adapters.extras_common import LAYOUTS, PLAIN, mixed, peft_made, random_ids, solo
+from tests.adapters.extras_common import (
+    LAYOUTS,
+    PLAIN,
+    loaded,
+    made_adapters,
+    mixed,
+    random_ids,
+    solo,
+)
 from tests.adapters.extras_common import tiny_llama as build
 
 SAVE = {"target_modules": ["q_proj"], "r": 2, "lora_alpha": 4, "modules_to_save": ["lm_head"]}
@@ -23,23 +31,13 @@ SAVE = {"target_modules": ["q_proj"], "r": 2, "lora_alpha": 4, "modules_to_save"
 def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("mts")
     base = build()
-    paths = [root / "save"] + [root / f"plain{i}" for i in range(len(PLAIN))]
-    for i, (path, fields) in enumerate(zip(paths, (SAVE, *PLAIN), strict=True)):
-        peft_made(base, path, seed=20 + i, **fields)
-    return base, paths
-
-
-def _loaded(base, paths):
-    model = copy.deepcopy(base)
-    for i, path in enumerate(paths):
-        assert load_adapter(model, path) == i
-    return model
+    return base, made_adapters(root, base, SAVE, PLAIN, seed=20)
 
 
 @pytest.mark.parametrize("layout", ["decode-gather", "prefill-gather", "mixed"])
 def test_mixed_batch_rows_equal_peft_solo(made, layout):
     base, paths = made
-    model = _loaded(base, paths)
+    model = loaded(base, paths)
     rows, length = LAYOUTS[layout]
     ids = random_ids(len(rows), length, seed=2)
     got = mixed(model, rows, ids)
@@ -50,7 +48,7 @@ def test_mixed_batch_rows_equal_peft_solo(made, layout):
 
 def test_merge_unmerge_round_trip_and_our_file_in_peft(made, tmp_path):
     base, paths = made
-    model = _loaded(base, paths)
+    model = loaded(base, paths)
     rows, length = LAYOUTS["prefill-gather"]
     ids = random_ids(len(rows), length, seed=3)
     before = mixed(model, rows, ids)

@@ -71,3 +71,11 @@ def test_batched_prefill_of_prefix_rows_keeps_each_row_contiguous(tmp_path):
         engine.step()
     for (name, prompt), h in zip(plan, handles, strict=True):
         assert list(h.result().tokens) == reference.greedy(name, prompt, 5)[0], name
+
+
+def test_prefill_groups_split_prefix_rows_by_prompt_length_only_when_windowed():
+    from loratree.serve.grouping import prefill_groups
+
+    lens, prefix = [5, 7, 5, 9, 7], [True, True, False, True, True]
+    assert prefill_groups(lens, prefix, windowed=False) == [[0, 1, 2, 3, 4]]
+    assert prefill_groups(lens, prefix, windowed=True) == [[0], [1, 4], [2], [3]]

@@ -19,6 +19,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from loratree.adapters.extra_files import (
+    check_biases,
+    check_copies,
+    check_copy_shapes,
+    check_magnitude,
+)
 from loratree.adapters.param_files import (
     check_param_pair,
     param_paths,
@@ -42,17 +48,15 @@ from loratree.adapters.prefix_files import PEFT_TYPE, load_prefix, read_prefix, 
 from loratree.adapters.safetensors_io import read_safetensors
 from loratree.config import LoraConfig
 from loratree.errors import (
-    AdapterConfigError,
     AdapterFileError,
     CorruptFileError,
     MissingKeyError,
-    NonFiniteError,
     ShapeMismatchError,
     TargetError,
     UnexpectedKeyError,
 )
 from loratree.fsio import atomic_write
-from loratree.layers import FullCopy, LoraEmbedding, LoraParam, SlotContext
+from loratree.layers import LoraEmbedding, LoraParam, SlotContext
 from loratree.surgery import (
     adaptable_modules,
     adapter_parameters,
@@ -205,73 +209,14 @@ def read_adapter(path: str | Path) -> AdapterFile:
     weights = {module: _pair(path, module, pair, config) for module, pair in halves.items()
                if module not in later}
     pending = {m: _halves(path, m, halves[m]) for m in later}
-    magnitudes = {module: _magnitude(path, module, pair, config)
+    magnitudes = {module: check_magnitude(path, module, pair, config)
                   for module, pair in halves.items()
                   if module in weights and (config.use_dora or "m" in pair)}
-    _check_biases(path.name, config, weights, biases, embeddings)
-    _check_copies(path.name, copies)
+    check_biases(path.name, config, weights, biases, embeddings)
+    check_copies(path.name, copies)
     return AdapterFile(config, weights, base_weights, raw, frozenset(embeddings),
                        magnitudes=magnitudes, biases=biases, copies=copies,
                        pending=pending)
-
-
-def _magnitude(path: Path, module: str, pair: dict[str, Tensor], config: LoraConfig
-               ) -> Tensor:
-    """One module's DoRA magnitude, checked: present exactly when the config says
-    ``use_dora``, float, one finite value per output feature (B's rows)."""
-    key = magnitude_key(module)
-    if not config.use_dora:
-        raise UnexpectedKeyError(f"{path.name}: {key!r} is a DoRA magnitude, but the config "
-                                 "does not set use_dora")
-    if "m" not in pair:
-        raise MissingKeyError(f"{path.name}: the config sets use_dora, but {key!r} is missing")
-    m, out = pair["m"], pair["b"].shape[0]
-    if not m.is_floating_point():
-        raise CorruptFileError(f"{path.name}: {key!r} holds {m.dtype}; a DoRA magnitude is "
-                               "floating point")
-    if tuple(m.shape) != (out,):
-        raise ShapeMismatchError(f"{path.name}: {key!r} has shape {tuple(m.shape)}; DoRA on "
-                                 f"this module needs ({out},) (one value per output feature)")
-    if not torch.isfinite(m).all():
-        raise NonFiniteError(f"{path.name}: {key!r} holds NaN or Inf")
-    return m
-
-
-def _check_biases(label: str, config: LoraConfig, weights: dict[str, tuple[Tensor, Tensor]],
-                  biases: dict[str, Tensor], embeddings: set[str]) -> None:
-    """``lora_bias``: a bias of B's length for every adapted linear layer, or none at all."""
-    for module, t in biases.items():
-        key = peft_key(module, "bias", False)
-        if not config.lora_bias:
-            raise UnexpectedKeyError(f"{label}: {key!r} is a LoRA bias, but the config "
-                                     "does not set lora_bias")
-        if module not in weights or module in embeddings:
-            raise UnexpectedKeyError(f"{label}: {key!r} has no LoRA linear layer to belong to")
-        out = weights[module][1].shape[0]
-        if not t.is_floating_point() or tuple(t.shape) != (out,):
-            raise ShapeMismatchError(f"{label}: {key!r} has shape {tuple(t.shape)} "
-                                     f"({t.dtype}), B's bias needs ({out},) floats")
-    if config.lora_bias:
-        for module in weights:
-            if module in embeddings:
-                raise AdapterConfigError(f"{label}: lora_bias is set but {module!r} is an "
-                                         "embedding, which takes no LoRA bias")
-            if module not in biases:
-                raise MissingKeyError(f"{label}: lora_bias is set but "
-                                      f"{peft_key(module, 'bias', False)!r} is missing")
-
-
-def _check_copies(label: str, copies: dict[str, dict[str, Tensor]]) -> None:
-    """Each ``modules_to_save`` copy has a float weight (its shapes are checked against
-    the model by ``check_against``)."""
-    for module, parts in copies.items():
-        if "weight" not in parts:
-            raise MissingKeyError(f"{label}: {copy_key(module, 'bias')!r} comes without "
-                                  f"{copy_key(module, 'weight')!r}")
-        for param, t in parts.items():
-            if not t.is_floating_point():
-                raise CorruptFileError(f"{label}: {copy_key(module, param)!r} holds {t.dtype}; "
-                                       "a module copy is floating point")
 
 
 def _named_module(config: LoraConfig, module: str) -> bool:
@@ -447,7 +392,7 @@ def check_against(model: nn.Module, adapter: AdapterFile, label: str) -> Adapter
                     f"{label}: {module!r} lora_{part} has shape {tuple(t.shape)}, "
                     f"the model needs {tuple(want)}"
                 )
-        _check_magnitude(adapter, module, layer, label)
+        _checkcheck_magnitude(adapter, module, layer, label)
     _check_extras_against(model, adapter, label, existing, candidates)
     for module, w in adapter.base_weights.items():
         base = candidates.get(module)
@@ -461,7 +406,7 @@ def check_against(model: nn.Module, adapter: AdapterFile, label: str) -> Adapter
     return adapter
 
 
-def _check_magnitude(adapter: AdapterFile, module: str, layer: object, label: str) -> None:
+def _checkcheck_magnitude(adapter: AdapterFile, module: str, layer: object, label: str) -> None:
     """A DoRA magnitude fits ``layer``: DoRA is implemented there and the shape is its."""
     m = adapter.magnitudes.get(module)
     if m is None:
@@ -541,23 +486,4 @@ def _check_extras_against(model: nn.Module, adapter: AdapterFile, label: str,
         if module not in saved:
             raise UnexpectedKeyError(f"{label}: {copy_key(module, 'weight')!r} names module "
                                      f"{module!r}, which the model does not have")
-        _check_copy_shapes(label, module, parts, copies.get(module), model)
-
-
-def _check_copy_shapes(label: str, module: str, parts: dict[str, Tensor],
-                       layer: FullCopy | None, model: nn.Module) -> None:
-    if layer is None:
-        try:
-            layer = FullCopy(model.get_submodule(module), SlotContext(), module)
-        except TypeError as e:
-            raise UnexpectedKeyError(f"{label}: {copy_key(module, 'weight')!r}: {e}") from e
-    want_w, want_b = layer.shapes()
-    for param, want in (("weight", want_w), ("bias", want_b)):
-        t = parts.get(param)
-        got = None if t is None else tuple(t.shape)
-        if got != want:
-            key = copy_key(module, param)
-            if t is None:
-                raise MissingKeyError(f"{label}: {key!r} is missing (the module has a bias)")
-            raise ShapeMismatchError(f"{label}: {key!r} has shape {got}, the model needs "
-                                     f"{want if want is not None else 'no bias'}")
+        check_copy_shapes(label, module, parts, copies.get(module), model)

@@ -11,44 +11,19 @@ except while a slot is merged into its weight.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from loratree.errors import MergeError, NonFiniteError, QuantizedBaseError, TargetError
-from loratree.layers import dora
+from loratree.errors import NonFiniteError, QuantizedBaseError
+from loratree.layers import dora, lora_bias
 from loratree.layers.context import SlotContext
+from loratree.layers.spec import SlotSpec
 from loratree.ops import lora as lora_ops
 from loratree.ops import slots as slot_ops
 from loratree.ops.slots import Segments, keep, map_segments
 
 __all__ = ["LoraModule", "SlotSpec"]
-
-
-@dataclass(frozen=True)
-class SlotSpec:
-    """The hyperparameters of one slot."""
-
-    rank: int
-    """0 marks an empty slot: the adapter in this slot does not touch this layer."""
-    alpha: float
-    dropout: float = 0.0
-    rslora: bool = False
-    dora: bool = False
-    """DoRA: the slot also holds a magnitude ``m`` ``(out,)`` (``layers.dora``)."""
-    bias: bool = False
-    """PEFT's ``lora_bias``: B carries a bias b, and the branch is s * (B A x + b)."""
-
-    def __post_init__(self) -> None:
-        if self.rank < 0:
-            raise ValueError(f"rank must be >= 0 (0: the slot skips this layer), got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def scale(self) -> float:
-        return lora_ops.scale(self.alpha, self.rank, self.rslora) if self.rank else 0.0
 
 
 BATCHED_MAX_TOKENS = 64
@@ -151,7 +126,7 @@ class LoraModule(nn.Module):
             self.init_a(a, spec.rank, init)
         b = torch.zeros(self.b_shape(spec.rank), dtype=dtype, device=device)
         if spec.dora and spec.rank:
-            self._check_dora()
+            dora.check(self)
             self.lora_magnitude[str(len(self.specs))] = dora.new_magnitude(
                 self, spec.rank, spec.scale)
         bias = torch.zeros(self.bias_shape(spec), dtype=dtype, device=device)
@@ -164,12 +139,6 @@ class LoraModule(nn.Module):
 
     dora_ok = False
     """Whether DoRA slots are implemented (matrix multiplies: ``LoraLinear``)."""
-
-    def _check_dora(self) -> None:
-        if not self.dora_ok:
-            raise TargetError(f"{self.module_name}: DoRA is supported on linear layers only, "
-                              f"not on {type(self).__name__}")
-        _ = self.weight  # a quantized base has no float weight for the norm
 
     def _drop_caches(self, slot: int | None = None) -> None:
         self.__dict__.pop("_live", None)
@@ -244,51 +213,18 @@ class LoraModule(nn.Module):
                                      f"be {tuple(want)}, got {tuple(t.shape)}")
             if a.dtype != pa.dtype or a.device != pa.device:
                 a, b = a.to(pa), b.to(pb)
-        self._set_magnitude(slot, spec, magnitude)
+        dora.set_magnitude(self, slot, spec, magnitude)
         pa.data, pb.data = a, b
         if pa.requires_grad or pb.requires_grad:
             pa.requires_grad_(False)
             pb.requires_grad_(False)
-        self._set_bias(slot, spec, bias)
+        lora_bias.set_bias(self, slot, spec, bias)
         self.specs[slot] = spec
         self.__dict__.pop("_batched", None)
         kept = self.__dict__.get("_slot_factors", {})  # (slot, rank) -> padded factors
         for key in [key for key in kept if key[0] == slot]:
             del kept[key]
         self._drop_caches(slot)
-
-    def _set_magnitude(self, slot: int, spec: SlotSpec, magnitude: Tensor | None) -> None:
-        """``set_slot``'s DoRA part: keep ``magnitude`` (frozen) for a DoRA spec, drop the
-        slot's magnitude otherwise."""
-        key = str(slot)
-        if not (spec.dora and spec.rank):
-            if key in self.lora_magnitude:
-                del self.lora_magnitude[key]
-            return
-        self._check_dora()
-        want = (self.b_shape(spec.rank)[0],)
-        if magnitude is None or tuple(magnitude.shape) != want:
-            got = None if magnitude is None else tuple(magnitude.shape)
-            raise ValueError(f"{self.module_name}: DoRA slot {slot} needs a magnitude of "
-                             f"shape {want}, got {got}")
-        dtype, device = self.factor_like()
-        self.lora_magnitude[key] = nn.Parameter(magnitude.to(dtype=dtype, device=device),
-                                                requires_grad=False)
-
-    def _set_bias(self, slot: int, spec: SlotSpec, bias: Tensor | None) -> None:
-        pbias = self._modules["lora_bias"]._parameters[str(slot)]
-        want = self.bias_shape(spec)
-        if want == (0,):
-            if pbias.numel():
-                pbias.data = pbias.new_empty(0)
-        elif bias is None or tuple(bias.shape) != want:
-            got = None if bias is None else tuple(bias.shape)
-            raise ValueError(f"{self.module_name}: the lora bias for slot {slot} must be "
-                             f"{want}, got {got}")
-        else:
-            pbias.data = bias if (bias.dtype, bias.device) == (pbias.dtype, pbias.device) \
-                else bias.to(pbias)
-        pbias.requires_grad_(False)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -355,23 +291,7 @@ class LoraModule(nn.Module):
             y = self.trained_add(y, flat, plan[1], plan[2])
         else:
             y = y + self.mixed(flat, plan[1]).reshape(y.shape).to(y.dtype)
-        return self._add_biases(y, rows, n)
-
-    def _add_biases(self, y: Tensor, rows: int, n: int) -> Tensor:
-        """y plus each token's slot's scaled LoRA bias s_k b_k (none for slot -1 or a slot
-        without one): one gather from a ``(S + 1, out)`` table (last row zero)."""
-        biased = [k for k in self.ctx.batch_slots() if 0 <= k < len(self.specs)
-                  and self.has_bias(k)]
-        if not biased:
-            return y
-        out = self.bias_features
-        zero = y.new_zeros(out)
-        table = torch.stack([self.lora_bias[k].to(y.dtype) * self.specs[k].scale
-                             if self.has_bias(k) else zero for k in range(len(self.specs))]
-                            + [zero])
-        k = self.ctx.token_slots(rows, n)
-        k = torch.where(k < 0, len(self.specs), k)
-        return y + table[k].view(y.shape)
+        return lora_bias.add_biases(self, y, rows, n)
 
     def _plan(self, live_slots: frozenset[int], rows: int, n: int, grad: bool) -> tuple:
         """("none",) | ("one", slot) | ("trained", slots, layout) | ("batched", slots,
@@ -476,9 +396,9 @@ class LoraModule(nn.Module):
         if self.specs[slot].dora and self.specs[slot].rank:
             dora.merge(self, slot)
         elif self.specs[slot].rank:  # a slot empty in this layer changes nothing here
-            self._check_base_bias(slot)
+            lora_bias.check_base_bias(self, slot)
             self._add(self.delta_weight(slot), f"merging slot {slot}")
-            self._add_bias(slot, 1.0)
+            lora_bias.fold_bias(self, slot, 1.0)
         self.merged = slot
 
     @torch.no_grad()
@@ -491,7 +411,7 @@ class LoraModule(nn.Module):
         elif self.specs[self.merged].rank:
             self._add(self.delta_weight(self.merged), f"unmerging slot {self.merged}",
                       sign=-1.0)
-            self._add_bias(self.merged, -1.0)
+            lora_bias.fold_bias(self, self.merged, -1.0)
         self.merged = None
 
     @torch.no_grad()
@@ -517,7 +437,7 @@ class LoraModule(nn.Module):
         if (not new_rank or not old_rank or self.specs[slot].dora
                 or self.specs[self.merged].dora or self.has_bias(slot)
                 or self.has_bias(self.merged)):
-            self._check_base_bias(slot)
+            lora_bias.check_base_bias(self, slot)
             self.unmerge()  # one side only touches this layer, DoRA or a bias: one plain fold
             self.merge(slot)
             return
@@ -543,22 +463,6 @@ class LoraModule(nn.Module):
         """``scale * B @ A`` of ``slot`` in the base weight's layout (fp32)."""
         a, b = self.factors(slot)
         return self.to_weight_layout(lora_ops.delta(a, b, self.specs[slot].scale))
-
-    def _check_base_bias(self, slot: int) -> None:
-        if self.has_bias(slot) and getattr(self.base, "bias", None) is None:
-            raise MergeError(f"{self.module_name}: slot {slot} has a LoRA bias but the base "
-                             "layer has none to fold it into; serve it unmerged")
-
-    def _add_bias(self, slot: int, sign: float) -> None:
-        """base bias += sign * s * b (a slot with a LoRA bias; checked finite first)."""
-        if not self.has_bias(slot):
-            return
-        delta = self.lora_bias[slot].float() * self.specs[slot].scale
-        if not torch.isfinite(delta.sum()):
-            raise NonFiniteError(f"{self.module_name}: the lora bias of slot {slot} is not "
-                                 "finite; the layer is unchanged")
-        bias = self.base.bias
-        bias.copy_(bias.float().add_(delta, alpha=sign))
 
     def check_finite(self, slot: int) -> None:
         """Raise ``NonFiniteError`` naming this layer if slot ``slot`` holds NaN or Inf."""

@@ -25,16 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loratree.errors import NonFiniteError
+from loratree.errors import NonFiniteError, TargetError
 from loratree.ops import dora as dora_ops
 from loratree.ops import lora as lora_ops
 from loratree.ops.slots import Segments, map_segments
 
 if TYPE_CHECKING:
     from loratree.layers.base import LoraModule
+    from loratree.layers.spec import SlotSpec
 
-__all__ = ["base_matrix", "dropout_mixed", "factor", "merge", "new_magnitude", "norm",
-           "per_token", "single", "take_out_merged", "unmerge"]
+__all__ = ["base_matrix", "check", "dropout_mixed", "factor", "merge", "new_magnitude", "norm",
+           "per_token", "set_magnitude", "single", "take_out_merged", "unmerge"]
 
 
 def _bias(layer: LoraModule) -> Tensor | None:
@@ -187,3 +188,32 @@ def _write(layer: LoraModule, matrix: Tensor, what: str) -> None:
                              "layer is unchanged")
     w = layer.weight
     w.copy_(layer.to_weight_layout(matrix).to(w.dtype))
+
+
+def set_magnitude(layer: LoraModule, slot: int, spec: SlotSpec,
+                  magnitude: Tensor | None) -> None:
+    """``set_slot``'s DoRA part: keep ``magnitude`` (frozen) for a DoRA spec, drop the
+    slot's magnitude otherwise."""
+    key = str(slot)
+    if not (spec.dora and spec.rank):
+        if key in layer.lora_magnitude:
+            del layer.lora_magnitude[key]
+        return
+    check(layer)
+    want = (layer.b_shape(spec.rank)[0],)
+    if magnitude is None or tuple(magnitude.shape) != want:
+        got = None if magnitude is None else tuple(magnitude.shape)
+        raise ValueError(f"{layer.module_name}: DoRA slot {slot} needs a magnitude of "
+                         f"shape {want}, got {got}")
+    dtype, device = layer.factor_like()
+    layer.lora_magnitude[key] = nn.Parameter(magnitude.to(dtype=dtype, device=device),
+                                            requires_grad=False)
+
+
+def check(layer: LoraModule) -> None:
+    """Refuse a DoRA slot where it is not implemented, or where the base keeps no float
+    weight to take the norm of (a quantized base)."""
+    if not layer.dora_ok:
+        raise TargetError(f"{layer.module_name}: DoRA is supported on linear layers only, "
+                          f"not on {type(layer).__name__}")
+    _ = layer.weight

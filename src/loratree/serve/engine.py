@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,10 +38,11 @@ from loratree.adapters.slot_table import SlotTable
 from loratree.errors import AdapterInUseError, CacheFullError
 from loratree.models.attention import check_attention, layer_windows, sliding_window
 from loratree.serve import mkl
+from loratree.serve.grouping import prefill_groups
 from loratree.serve.kv import BatchKV
 from loratree.serve.packed import pack, supports_packing
-from loratree.serve.requests import AUTO, Completion, Handle, Request
-from loratree.serve.rows import Row
+from loratree.serve.requests import AUTO, Completion, Handle, Request, prompt_ids
+from loratree.serve.rows import Row, finite_rows
 from loratree.serve.thread_choice import DecodeThreads
 from loratree.surgery.cache_api import cache_kwarg, forward_takes
 from loratree.surgery.prefix import prefix_state
@@ -82,7 +83,7 @@ class Engine:
         self.model, self.tokenizer, self.table = model, tokenizer, table
         self.windowed = sliding_window(model) is not None
         """Some layers attend over a sliding window: a row's columns must be contiguous
-        (``_prefill_groups``)."""
+        (``serve.grouping``)."""
         self.router = router
         self.max_batch, self.static, self.keep_logits = max_batch, static, keep_logits
         self.merge_min_tokens = merge_min_tokens
@@ -294,7 +295,10 @@ class Engine:
         return alone
 
     def _prefill_or_reject(self, group: list[_Admitted]) -> None:
-        for part in self._prefill_groups(group):
+        parts = prefill_groups([len(ids) for _, ids, _, _ in group],
+                               [self.table.kind_of(s) == "prefix" for *_, s in group],
+                               self.windowed)  # one forward, or by prompt (windowed models)
+        for part in ([group[i] for i in part] for part in parts):
             part.sort(key=lambda g: g[3])  # by slot: adjacent rows share a slot (runs path)
             try:
                 self._prefill(part)
@@ -302,19 +306,6 @@ class Engine:
                 for handle, _, _, slot in part:
                     self.table.release(slot)
                     self._reject(handle, e)
-
-    def _prefill_groups(self, group: list[_Admitted]) -> list[list[_Admitted]]:
-        """The forwards that prefill ``group``: one, except on a model with sliding-window
-        layers, where a prefix row shares its forward only with prefix rows of its prompt
-        length. A batched prefill lays a row out as [prefix | padding | prompt]; a window
-        counts columns, so padding between a prefix and its prompt would shift it."""
-        if not self.windowed:
-            return [group]
-        parts: dict[int, list[_Admitted]] = {}
-        for g in group:
-            key = len(g[1]) if self.table.kind_of(g[3]) == "prefix" else -1
-            parts.setdefault(key, []).append(g)
-        return list(parts.values())
 
     def _wait_for_company(self) -> bool:
         """True while fewer requests wait than rows are free and the oldest has waited
@@ -334,7 +325,7 @@ class Engine:
         self._end(handle, "error", [], "", 0, error=error)
 
     def _resolve(self, req: Request) -> tuple[list[int], str]:
-        ids = self._encode(req.prompt)
+        ids = prompt_ids(self.tokenizer, req.prompt)
         adapter = req.adapter
         if adapter == AUTO:
             if self.router is None:
@@ -369,7 +360,7 @@ class Engine:
         kv = BatchKV.from_cache(cache, torch.cat([prefix_mask, mask], dim=1))
         rows = []
         last = out.logits[:, -1]
-        finite = _finite_rows(last)
+        finite = finite_rows(last)
         for i, (handle, ids, adapter, slot) in enumerate(group):
             row = Row.start(handle, adapter, slot, len(ids), int(starts[i]) + len(ids))
             row.take(last[i], finite[i], self.keep_logits)
@@ -391,15 +382,6 @@ class Engine:
         order = sorted(range(len(slots)), key=slots.__getitem__)
         self._rows = [self._rows[i] for i in order]
         self._kv = self._kv.select(order)
-
-    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("the prompt is empty")
-        return ids
 
     # -- decoding --------------------------------------------------------------------------
     def _decode(self) -> None:
@@ -439,7 +421,7 @@ class Engine:
         """Each running row moves one position on and takes its next token from its row of
         ``last`` (logits, rows first, then any joiners'); the finite flag of every row of
         ``last``."""
-        finite = _finite_rows(last)
+        finite = finite_rows(last)
         for i, row in enumerate(rows):
             row.next_pos += 1
             row.take(last[i], finite[i], self.keep_logits)
@@ -513,9 +495,3 @@ class Engine:
                                   adapter or handle.request.adapter, prompt_len, message, first,
                                   total, error))
 
-
-def _finite_rows(logits: torch.Tensor) -> list[bool]:
-    """Per row, whether all its logits are finite: one reduction for the batch (a row's
-    sum is finite iff every entry is, short of overflow past 3e38, which no sane logit
-    reaches)."""
-    return torch.isfinite(logits.sum(-1, dtype=torch.float32)).tolist()

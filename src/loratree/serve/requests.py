@@ -13,7 +13,7 @@ import torch
 
 from loratree.adapters.slot_table import BASE
 
-__all__ = ["AUTO", "Completion", "Handle", "Request"]
+__all__ = ["AUTO", "Completion", "Handle", "Request", "prompt_ids"]
 
 AUTO = "auto"
 """A request's adapter chosen by the router."""
@@ -143,3 +143,15 @@ class Handle:
                 self._on_event()
             except Exception:  # a listener's failure must not stop the engine
                 logger.exception("request %d: event listener failed", self.id)
+
+
+def prompt_ids(tokenizer: object, prompt: str | Sequence[int]) -> list[int]:
+    """A request's prompt as token ids: a string tokenized without special tokens, ids as
+    given. An empty prompt is a ``ValueError`` (the request fails alone)."""
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise ValueError("the prompt is empty")
+    return ids

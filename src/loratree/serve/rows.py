@@ -16,7 +16,7 @@ from loratree.errors import NonFiniteError
 from loratree.ops.sampling import sample
 from loratree.serve.requests import Handle
 
-__all__ = ["Row"]
+__all__ = ["Row", "finite_rows"]
 
 
 @dataclass
@@ -92,3 +92,10 @@ class Row:
         if upto > len(self.text):
             self.handle._emit(text[len(self.text):upto])
             self.text = text[:upto]
+
+
+def finite_rows(logits: torch.Tensor) -> list[bool]:
+    """Per row, whether all its logits are finite: one reduction for the batch (a row's
+    sum is finite iff every entry is, short of overflow past 3e38, which no sane logit
+    reaches)."""
+    return torch.isfinite(logits.sum(-1, dtype=torch.float32)).tolist()
