@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 SMOLLM_VERSION := 0.1.2
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test test-all lint demo bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ lint: setup
 
 test: setup lint
 	$(BIN)/python -m pytest -m "not slow" tests
+
+# the slow checks too (real-model generation, long load tests)
+test-all: setup lint
+	$(BIN)/python -m pytest tests
 
 demo: setup
 	$(BIN)/loratree demo
