@@ -58,10 +58,14 @@ def test_an_escaping_symlink_is_refused(tmp_path, lora_dir):
     store = AdapterStore(tmp_path / "store")
     outside = tmp_path / "outside"
     outside.mkdir()
-    os.symlink(lora_dir, store.root / "planted")          # a version outside .objects
+    os.symlink(lora_dir, store.root / "planted")          # a link in place of a name's dir
+    (store.root / "fake").mkdir()
+    os.symlink(lora_dir, store.root / "fake" / "@")       # a version outside .objects
     os.symlink(outside, store.root / "linkdir")            # a directory leading out
-    with pytest.raises(AdapterNameError, match="outside"):
+    with pytest.raises(AdapterNameError, match="link"):
         store.path_of("planted")
+    with pytest.raises(AdapterNameError, match="outside"):
+        store.path_of("fake")
     with pytest.raises(AdapterNameError, match="linkdir"):
         store.add("linkdir/x", lora_dir)
     assert list(outside.iterdir()) == []

@@ -211,22 +211,6 @@ def test_inconsistent_trees_are_refused_with_the_reason(store, tmp_path):
     assert cache.get("support").kind == "lora"  # the rest keeps working
 
 
-def test_stores_written_before_trees_are_read_and_converted(tmp_path):
-    store = AdapterStore(tmp_path / "store")
-    info = store.add("support", _node_dir(tmp_path, "support", PATH["support"], 1))
-    version = info.path
-    os.unlink(store.root / "support" / "@")  # rewrite it in the old layout: a link at <name>
-    os.rmdir(store.root / "support")
-    os.symlink(os.path.relpath(version, store.root), store.root / "support")
-    assert store.path_of("support") == version
-    assert [i.name for i in store.list()] == ["support"]
-    child = _node_dir(tmp_path, "support/fr", PATH["support/fr"], 2, store)
-    store.add("support/fr", child)
-    assert (store.root / "support" / "@").is_symlink()
-    assert store.path_of("support") == version
-    assert [i.name for i in store.list()] == ["support", "support/fr"]
-
-
 def test_the_http_server_serves_a_tree_path_as_model(store):
     import openai
 

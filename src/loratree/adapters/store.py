@@ -117,11 +117,8 @@ class AdapterStore:
         link = self._link(name)
         if link is None:
             raise AdapterNotFoundError(f"no adapter named {name!r} in {self.root}")
-        if os.path.basename(link) != LINK:  # the pre-tree layout: resolve it whole
-            target = Path(link).resolve()
-        else:  # the parts on the way are real directories: only the link is followed
-            target = Path(os.path.normpath(os.path.join(os.path.dirname(link),
-                                                        os.readlink(link))))
+        # the parts on the way are real directories: only the link is followed
+        target = Path(os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link))))
         if target.parent != self.objects or os.path.islink(self.objects):
             raise AdapterNameError(f"adapter {name!r} leads outside the store; refused")
         try:
@@ -138,15 +135,13 @@ class AdapterStore:
         path: one lstat per part.)"""
         parts = check_name(name).split("/")
         d = str(self.root)
-        for i, part in enumerate(parts):
+        for part in parts:
             d = os.path.join(d, part)
             try:
                 mode = os.lstat(d).st_mode
             except FileNotFoundError:
                 return None
             if stat.S_ISLNK(mode):
-                if i == len(parts) - 1:
-                    return d  # a store written before trees: the name itself is the link
                 raise AdapterNameError(f"adapter {name!r}: {part!r} on its path is a link, "
                                        "not a directory of the store; refused")
             if not stat.S_ISDIR(mode):
@@ -169,19 +164,16 @@ class AdapterStore:
         """Every adapter, sorted by name (entries that do not resolve into the store are
         skipped)."""
         found = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        for dirpath, dirnames, _ in os.walk(self.root):
             here = Path(dirpath)
             rel = here.relative_to(self.root)
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            names = [str(rel / e) if str(rel) != "." else e for e in sorted(filenames + dirnames)
-                     if os.path.islink(here / e) and e != LINK]  # the legacy layout
-            if str(rel) != "." and os.path.islink(here / LINK):
-                names.append(rel.as_posix())
-            for name in names:
-                try:
-                    found.append(self.info(name))
-                except (AdapterNameError, AdapterNotFoundError, AdapterFileError):
-                    continue
+            if str(rel) == "." or not os.path.islink(here / LINK):
+                continue
+            try:
+                found.append(self.info(rel.as_posix()))
+            except (AdapterNameError, AdapterNotFoundError, AdapterFileError):
+                continue
         return sorted(found, key=lambda i: i.name)
 
     def add(self, name: str, source: str | Path) -> AdapterInfo:
@@ -250,7 +242,7 @@ class AdapterStore:
         d = self.root
         for part in name.split("/"):  # never follow a planted link out of the store
             d = d / part
-            if os.path.islink(d) and not _from_legacy(d, self.objects):
+            if os.path.islink(d):
                 shutil.rmtree(version, ignore_errors=True)
                 raise AdapterNameError(f"adapter {name!r}: {part!r} on its path is not a "
                                        "plain directory of the store")
@@ -279,20 +271,6 @@ class AdapterStore:
                 shutil.rmtree(version, ignore_errors=True)
                 removed += 1
         return removed
-
-
-def _from_legacy(link: Path, objects: Path) -> bool:
-    """Turn a pre-tree link ``<name> -> .objects/<id>`` into ``<name>/@``; False (and
-    nothing changed) if ``link`` does not lead to a version of this store. The name is
-    missing for the moment between the unlink and the new link."""
-    target = link.resolve()
-    if target.parent != objects or not target.is_dir():
-        return False
-    link.unlink()
-    link.mkdir()
-    os.symlink(os.path.relpath(target, link), link / LINK)
-    fsync_dir(link.parent)
-    return True
 
 
 def _info(name: str, path: Path, raw: dict[str, Any]) -> AdapterInfo:
