@@ -102,10 +102,6 @@ class LoraConfig:
             problems.append(f"modules_to_save must be module names, got {self.modules_to_save!r}")
         return problems
 
-    def scale_for(self, rank: int, alpha: float) -> float:
-        """The LoRA scale for a layer of this rank and alpha."""
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

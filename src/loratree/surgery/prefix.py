@@ -33,7 +33,6 @@ __all__ = [
     "geometry",
     "mark_external",
     "prefix_bank",
-    "prefix_extent",
     "prefix_parameters",
     "prefix_state",
     "remove_prefixes",
@@ -50,16 +49,6 @@ _STATE = "_loratree_prefix_state"
 EXTERNAL = "external"
 """A cache marked with ``mark_external`` is managed by its owner (a serving engine that
 composes rows' caches, masks and positions itself): the hook leaves such calls alone."""
-
-
-def prefix_extent(cache: Any) -> tuple[int, int]:
-    """For a one-row cache filled through the hook: (prefix entries in it, the position
-    its first prompt token got). (0, 0) when the row had no prefix."""
-    state = getattr(cache, _STATE, None)
-    if state is None or state == EXTERNAL:
-        return 0, 0
-    prefix_mask, starts = state
-    return int(prefix_mask.shape[1]), int(starts[0])
 
 
 def prefix_state(cache: Any, rows: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -65,7 +65,6 @@ __all__ = [
     "evaluate_jobs",
     "fit_many",
     "save_job",
-    "save_many",
     "setup_many",
     "summary",
     "train_many",
@@ -417,10 +416,6 @@ def save_job(run: ManyRun, job: Job) -> Path:
 
     plot_losses(read_metrics(job.metrics.path), job.out / "loss.png")
     return job.out
-
-
-def save_many(run: ManyRun) -> list[Path]:
-    return [save_job(run, job) for job in run.jobs if job.error is None]
 
 
 def _resume(job: Job) -> None:
