@@ -145,3 +145,33 @@ def test_save_from_a_model(tmp_path):
     ids = torch.randint(0, 100, (1, 5))
     with torch.no_grad():
         torch.testing.assert_close(other(ids).logits, model(ids).logits)
+
+
+def test_a_damaged_entry_is_named_and_breaks_nothing_else(tmp_path, lora_dir, prefix_dir):
+    """An entry whose config was replaced after `add` (r not a number) is reported with
+    the command that fixes it; listing, adding and collecting still work, and its files
+    are kept (nothing is lost)."""
+    import json
+
+    from loratree.adapters.store import DamagedEntry
+
+    store = AdapterStore(tmp_path / "store")
+    store.add("good", lora_dir)
+    bad = store.add("bad", lora_dir)
+    cfg = bad.path / "adapter_config.json"
+    raw = json.loads(cfg.read_text())
+    cfg.chmod(0o644)
+    cfg.write_text(json.dumps({**raw, "r": "eight"}))
+    infos, damaged = store.scan()
+    assert [i.name for i in infos] == ["good"]
+    assert [d.name for d in damaged] == ["bad"]
+    assert "'eight'" in damaged[0].problem and "bad" in damaged[0].problem
+    assert damaged[0].fix.startswith("replace it with `loratree store add bad DIR`")
+    assert isinstance(damaged[0], DamagedEntry)
+    assert [i.name for i in store.list()] == ["good"]
+    store.add("prefix", prefix_dir)          # adding still works
+    assert store.collect(grace_s=0) == 0     # the damaged entry's version is kept
+    assert cfg.is_file()
+    store.add("bad", lora_dir)               # the fix the message names
+    assert store.scan()[1] == []
+    assert [i.name for i in store.list()] == ["bad", "good", "prefix"]

@@ -242,3 +242,23 @@ def test_store_command_adds_lists_shows_and_removes(tmp_path):
     assert _cli("store", *store, "remove", "team/dates").returncode == 0
     missing = _cli("store", *store, "show", "team/dates")
     assert missing.returncode == 2 and "team/dates" in missing.stderr
+
+
+def test_store_list_names_a_damaged_entry_and_add_still_works(tmp_path):
+    from loratree import surgery
+    from loratree.adapters import save_adapter
+    from loratree.config import LoraConfig
+
+    model = tiny_llama()
+    surgery.inject(model, LoraConfig(rank=2, targets=("q_proj", "v_proj")))
+    src = save_adapter(model, tmp_path / "src", 0)
+    store = ["--store", str(tmp_path / "store")]
+    assert _cli("store", *store, "add", "broken", str(src)).returncode == 0
+    cfg = tmp_path / "store" / "broken" / "@" / "adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "r": "x"}))
+    listed = _cli("store", *store, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "broken" in listed.stdout and "DAMAGED" in listed.stdout
+    assert "loratree store add broken DIR" in listed.stdout and "1 damaged" in listed.stdout
+    added = _cli("store", *store, "add", "fine", str(src))
+    assert added.returncode == 0, added.stderr

@@ -23,6 +23,7 @@ symlink planted in the store that leads elsewhere is refused, not followed.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -38,6 +39,7 @@ from torch import nn
 from loratree.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_config
 from loratree.adapters.prefix_files import PEFT_TYPE
 from loratree.errors import (
+    AdapterConfigError,
     AdapterFileError,
     AdapterInUseError,
     AdapterNameError,
@@ -45,7 +47,9 @@ from loratree.errors import (
 )
 from loratree.fsio import fsync_dir, fsync_tree
 
-__all__ = ["MAX_NAME", "AdapterInfo", "AdapterStore", "check_name"]
+__all__ = ["MAX_NAME", "AdapterInfo", "AdapterStore", "DamagedEntry", "check_name"]
+
+log = logging.getLogger(__name__)
 
 MAX_NAME = 200
 OBJECTS = ".objects"
@@ -97,6 +101,20 @@ class AdapterInfo:
         return {"name": self.name, "kind": self.kind, "rank": self.rank,
                 "targets": list(self.targets), "size": self.size,
                 "base_model": self.base_model}
+
+
+@dataclass(frozen=True)
+class DamagedEntry:
+    """A name whose current version cannot be read (its files changed or broke after it
+    was added). It stays in the store, untouched, until it is replaced or removed."""
+
+    name: str
+    problem: str
+
+    @property
+    def fix(self) -> str:
+        return (f"replace it with `loratree store add {self.name} DIR` (a good copy), or "
+                f"delete it with `loratree store remove {self.name}`")
 
 
 class AdapterStore:
@@ -160,21 +178,36 @@ class AdapterStore:
         path = self.path_of(name)
         return _info(name, path, read_config(path))
 
-    def list(self) -> list[AdapterInfo]:
-        """Every adapter, sorted by name (entries that do not resolve into the store are
-        skipped)."""
+    def names(self) -> list[str]:
+        """Every name that has a current version, readable or not, sorted."""
         found = []
         for dirpath, dirnames, _ in os.walk(self.root):
             here = Path(dirpath)
             rel = here.relative_to(self.root)
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            if str(rel) == "." or not os.path.islink(here / LINK):
-                continue
+            if str(rel) != "." and os.path.islink(here / LINK):
+                found.append(rel.as_posix())
+        return sorted(found)
+
+    def scan(self) -> tuple[list[AdapterInfo], list[DamagedEntry]]:
+        """Every adapter that reads, and every entry that does not (with what is wrong):
+        one damaged entry never hides the others."""
+        good, bad = [], []
+        for name in self.names():
             try:
-                found.append(self.info(rel.as_posix()))
-            except (AdapterNameError, AdapterNotFoundError, AdapterFileError):
-                continue
-        return sorted(found, key=lambda i: i.name)
+                good.append(self.info(name))
+            except (AdapterNameError, AdapterNotFoundError, AdapterFileError) as e:
+                bad.append(DamagedEntry(name, str(e)))
+        return good, bad
+
+    def list(self) -> list[AdapterInfo]:
+        """Every adapter that reads, sorted by name; a damaged entry is logged (with the
+        command that fixes it) and left out."""
+        good, bad = self.scan()
+        for entry in bad:
+            log.warning("store %s: entry %r is damaged (%s); %s", self.root, entry.name,
+                        entry.problem, entry.fix)
+        return good
 
     def add(self, name: str, source: str | Path) -> AdapterInfo:
         """Copy the adapter directory ``source`` in as ``name`` (replacing any old one).
@@ -262,7 +295,10 @@ class AdapterStore:
         ``GRACE_S``), so a reader that resolved a name just before it was replaced can
         still finish reading. Returns how many were deleted."""
         grace = GRACE_S if grace_s is None else grace_s
-        live = {i.path.name for i in self.list()}
+        live = set()
+        for name in self.names():  # damaged entries' versions are kept too
+            link = self.root / name / LINK
+            live.add(os.path.basename(os.path.normpath(os.readlink(link))))
         now, removed = time.time(), 0
         for version in self.objects.iterdir():
             if version.name in live or version.name.startswith(".tmp-"):
@@ -277,9 +313,17 @@ def _info(name: str, path: Path, raw: dict[str, Any]) -> AdapterInfo:
     size = sum((path / f).stat().st_size for f in FILES if (path / f).is_file())
     base = raw.get("base_model_name_or_path")
     if raw.get("peft_type") == PEFT_TYPE:
-        return AdapterInfo(name, "prefix", int(raw.get("num_virtual_tokens", 0)), (), size,
-                           base, path)
-    ranks = [raw.get("r", 0), *(raw.get("rank_pattern") or {}).values()]
+        n = raw.get("num_virtual_tokens", 0)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise AdapterConfigError(f"adapter {name!r}: {CONFIG_NAME} has num_virtual_tokens "
+                                     f"{n!r}, not a non-negative integer")
+        return AdapterInfo(name, "prefix", n, (), size, base, path)
+    pattern = raw.get("rank_pattern") or {}
+    ranks = [raw.get("r", 0), *(pattern.values() if isinstance(pattern, dict) else [pattern])]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks):
+        raise AdapterConfigError(f"adapter {name!r}: {CONFIG_NAME} has a rank that is not a "
+                                 f"non-negative integer (r={raw.get('r')!r}, rank_pattern="
+                                 f"{pattern!r})")
     targets = raw.get("target_modules") or ()
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    return AdapterInfo(name, "lora", int(max(ranks)), targets, size, base, path)
+    targets = (targets,) if isinstance(targets, str) else tuple(map(str, targets))
+    return AdapterInfo(name, "lora", max(ranks), targets, size, base, path)

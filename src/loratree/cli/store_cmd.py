@@ -37,11 +37,14 @@ def run(args: argparse.Namespace) -> int:
         info = store.add(args.name, args.source)
         print(f"added {info.name}: {info.kind}, rank {info.rank}, {info.size:,} bytes")
     elif args.action == "list":
-        infos = store.list()
+        infos, damaged = store.scan()
         print(f"{'name':<32} {'kind':<7} {'rank':>5} {'bytes':>12}  base model")
         for i in infos:
             print(f"{i.name:<32} {i.kind:<7} {i.rank:>5} {i.size:>12,}  {i.base_model or '-'}")
-        print(f"{len(infos)} adapter(s) in {store.root}")
+        for d in damaged:
+            print(f"{d.name:<32} DAMAGED: {d.problem}\n{'':<32} fix: {d.fix}")
+        print(f"{len(infos)} adapter(s) in {store.root}"
+              + (f"; {len(damaged)} damaged" if damaged else ""))
     elif args.action == "show":
         print(json.dumps(store.info(args.name).to_dict(), indent=2))
     else:
