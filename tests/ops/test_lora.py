@@ -27,17 +27,90 @@ def test_delta_apply_merge_unmerge_match_naive_formula():
     torch.testing.assert_close(lora.apply(x, w, a, b, s, bias).double(), y_naive, atol=1e-5, rtol=0)
     branch = lora.branch(x, a, b, s).double()
     torch.testing.assert_close(branch, x.double() @ d.t(), atol=1e-5, rtol=0)
-    merged = lora.merge(w, a, b, s)
+    merged = w.clone()
+    lora.merge_(merged, a, b, s)
     torch.testing.assert_close(merged.double(), w.double() + d, atol=1e-6, rtol=0)
-    assert torch.allclose(lora.unmerge(merged, a, b, s), w, atol=1e-6, rtol=0)
+    lora.unmerge_(merged, a, b, s)
+    assert torch.allclose(merged, w, atol=1e-6, rtol=0)
+
+
+def test_merge_writes_through_a_transposed_view():
+    """A layer passes its weight as an (out, in) view (Conv1D's (in, out) transposed)."""
+    w_in_out = torch.randn(7, 3)
+    a, b = torch.randn(2, 7), torch.randn(3, 2)
+    want = w_in_out + lora.delta(a, b, 0.5).t()
+    lora.merge_(w_in_out.t(), a, b, 0.5)
+    torch.testing.assert_close(w_in_out, want, atol=1e-6, rtol=0)
 
 
 def test_switch_equals_merging_the_new_adapter():
     w = torch.randn(4, 6)
     old = (torch.randn(2, 6), torch.randn(4, 2), 2.0)
     new = (torch.randn(3, 6), torch.randn(4, 3), 0.5)
-    switched = lora.switch(lora.merge(w, *old), old, new)
-    torch.testing.assert_close(switched, lora.merge(w, *new), atol=1e-5, rtol=0)
+    want = w.clone()
+    lora.merge_(want, *new)
+    for new_first in (True, False):
+        switched = w.clone()
+        lora.merge_(switched, *old)
+        lora.switch_(switched, old, new, new_first=new_first)
+        torch.testing.assert_close(switched, want, atol=1e-5, rtol=0)
+
+
+def test_switch_is_one_product_of_concatenated_factors(monkeypatch):
+    """The difference comes from ops.compose.concat: one matmul of rank r_new + r_old."""
+    calls = []
+    real = lora.compose.concat
+    monkeypatch.setattr(lora.compose, "concat",
+                        lambda factors, weights=None: calls.append(
+                            ([f[0].shape[0] for f in factors], weights))
+                        or real(factors, weights))
+    w = torch.randn(4, 6)
+    lora.switch_(w, (torch.randn(2, 6), torch.randn(4, 2), 1.0),
+                 (torch.randn(3, 6), torch.randn(4, 3), 1.0))
+    assert calls == [([3, 2], [1.0, -1.0])]
+
+
+@pytest.mark.parametrize("op", ["merge", "switch"])
+def test_a_non_finite_update_is_refused_and_the_weight_kept(op):
+    w = torch.randn(4, 6)
+    before = w.clone()
+    good = (torch.randn(2, 6), torch.randn(4, 2), 1.0)
+    bad = (torch.full((2, 6), float("nan")), torch.randn(4, 2), 1.0)
+    with pytest.raises(FloatingPointError):
+        if op == "merge":
+            lora.merge_(w, *bad)
+        else:
+            lora.switch_(w, good, bad)
+    assert torch.equal(w, before)
+
+
+def test_a_low_precision_weight_is_added_in_fp32_and_rounded_once():
+    w = torch.randn(8, 16).to(torch.bfloat16)
+    a, b = torch.randn(2, 16), torch.randn(8, 2) * 1e-3
+    want = (w.float() + lora.delta(a, b, 1.0)).to(torch.bfloat16)
+    lora.merge_(w, a, b, 1.0)
+    assert torch.equal(w, want)
+
+
+def test_switching_1000_times_stays_within_1e_5_of_max_w():
+    """Back and forth between two adapters, the pair always in the same order (as
+    ``LoraModule.switch`` puts the lower slot first): the weight ends within 1e-5 of
+    max|W| of the weight with the last adapter merged once."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(64, 48, generator=g)
+    x = (torch.randn(4, 48, generator=g), torch.randn(64, 4, generator=g) * 0.1, 2.0)
+    y = (torch.randn(8, 48, generator=g), torch.randn(64, 8, generator=g) * 0.1, 0.5)
+    w = w0.clone()
+    lora.merge_(w, *x)
+    for i in range(1000):  # x -> y -> x -> ...: an even count ends on x
+        if i % 2 == 0:
+            lora.switch_(w, x, y, new_first=False)  # x first
+        else:
+            lora.switch_(w, y, x, new_first=True)
+    want = w0.clone()
+    lora.merge_(want, *x)
+    drift = ((w - want).abs().max() / w0.abs().max()).item()
+    assert drift <= 1e-5, drift
 
 
 @pytest.mark.parametrize(("a_shape", "b_shape"), [

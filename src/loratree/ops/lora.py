@@ -11,8 +11,10 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["apply", "branch", "delta", "grow", "grown_alpha", "merge", "scale", "switch",
-           "unmerge"]
+from loratree.ops import compose
+
+__all__ = ["add_", "apply", "branch", "delta", "grow", "grown_alpha", "merge_", "scale",
+           "switch_", "unmerge_"]
 
 
 def scale(alpha: float, rank: int, rslora: bool = False) -> float:
@@ -53,42 +55,63 @@ def apply(
     return y + branch(x, a, b, s)
 
 
-def merge(w: Tensor, a: Tensor, b: Tensor, s: float) -> Tensor:
-    """Fold the adapter into the weight (a new tensor; ``w`` is not changed).
+def add_(w: Tensor, update: Tensor, alpha: float = 1.0) -> None:
+    """Add an update to a weight in place, or refuse it and leave the weight unchanged.
 
-    Semantics: W' = W + s * B @ A, computed in fp32 at least, returned in W's dtype.
-    Shape: w (out, in), a (r, in), b (out, r) -> (out, in)
+    One reduction checks the update: a NaN or Inf anywhere makes the sum non-finite (so
+    does a sum past 3e38, an update no model survives anyway). A weight of another dtype
+    than the update (bf16, fp16) is added to in fp32 and rounded once.
+
+    Semantics: W += alpha * update; raises FloatingPointError when update is not finite.
+    Shape: w (out, in) (any view; written through), update (out, in)
+    """
+    if not torch.isfinite(update.sum()):
+        raise FloatingPointError("the update is not finite")
+    if w.dtype == update.dtype:
+        w.add_(update, alpha=alpha)
+    else:  # low-precision weights: add in fp32, round once
+        w.copy_(w.to(update.dtype).add_(update, alpha=alpha))
+
+
+def merge_(w: Tensor, a: Tensor, b: Tensor, s: float) -> None:
+    """Fold an adapter into the weight, in place (``add_``'s refusal and rounding).
+
+    Semantics: W += s * B @ A, the product formed in fp32 at least.
+    Shape: w (out, in), a (r, in), b (out, r)
     """
     acc = _acc_dtype(w)
-    return (w.to(acc) + delta(a.to(acc), b.to(acc), s)).to(w.dtype)
+    add_(w, delta(a.to(acc), b.to(acc), s))
 
 
-def unmerge(w: Tensor, a: Tensor, b: Tensor, s: float) -> Tensor:
-    """Take a merged adapter back out of the weight.
+def unmerge_(w: Tensor, a: Tensor, b: Tensor, s: float) -> None:
+    """Take a merged adapter back out of the weight, in place.
 
-    Semantics: W = W' - s * B @ A
-    Shape: w (out, in), a (r, in), b (out, r) -> (out, in)
+    Semantics: W -= s * B @ A, the product formed in fp32 at least.
+    Shape: w (out, in), a (r, in), b (out, r)
     """
     acc = _acc_dtype(w)
-    return (w.to(acc) - delta(a.to(acc), b.to(acc), s)).to(w.dtype)
+    add_(w, delta(a.to(acc), b.to(acc), s), -1.0)
 
 
-def switch(
-    w: Tensor,
-    old: tuple[Tensor, Tensor, float],
-    new: tuple[Tensor, Tensor, float],
-) -> Tensor:
-    """Swap one merged adapter for another with one addition to the weight.
+def switch_(w: Tensor, old: tuple[Tensor, Tensor, float], new: tuple[Tensor, Tensor, float],
+            new_first: bool = True) -> None:
+    """Swap one merged adapter for another with one addition to the weight, in place.
 
-    The difference of the two updates is formed in float64 and added once, so each switch
-    rounds the weight once (a random walk of about eps * |W| per switch, not a drift).
+    The difference of the two updates is one product of their concatenated factors
+    (``ops.compose.concat``), a matmul of rank r_new + r_old, added once: each switch
+    rounds W once. ``new_first`` orders the concatenation: a caller that always puts the
+    same adapter first adds and removes bit-identical differences when switching back and
+    forth, so the rounding is a random walk, not a bias per direction.
 
-    Semantics: W' = W + (s_new * B_new @ A_new - s_old * B_old @ A_old)
-    Shape: w (out, in); old and new are (a (r, in), b (out, r), s) -> (out, in)
+    Semantics: W += s_new * B_new @ A_new - s_old * B_old @ A_old
+    Shape: w (out, in); old and new are (a (r, in), b (out, r), s)
     """
-    (a0, b0, s0), (a1, b1, s1) = old, new
-    diff = delta(a1.double(), b1.double(), s1) - delta(a0.double(), b0.double(), s0)
-    return (w.double() + diff).to(w.dtype)
+    acc = _acc_dtype(w)
+    first, second = (new, old) if new_first else (old, new)
+    a, b = compose.concat([(first[0].to(acc), first[1].to(acc), first[2]),
+                           (second[0].to(acc), second[1].to(acc), second[2])],
+                          weights=[1.0, -1.0])
+    add_(w, b @ a, 1.0 if new_first else -1.0)  # b @ a = d_first - d_second
 
 
 def grow(a: Tensor, b: Tensor, new_a: Tensor) -> tuple[Tensor, Tensor]:
