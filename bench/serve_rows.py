@@ -203,7 +203,7 @@ def _decode_bound(engine: Engine, prompts: list[list[int]], names: list[str],
     for layer in layers:
         a = [p.detach() for p in layer.lora_a]
         b = [p.detach() for p in layer.lora_b]
-        at, bt = slot_ops.grouped_factors(a, b, [sp.scale for sp in layer.specs], slots)
+        at, bt = slot_ops.stack_factors(a, b, [sp.scale for sp in layer.specs], slots)
         x = torch.randn(BATCH, layer.in_features, generator=g)
         work.append((x, at, bt, torch.zeros(BATCH, layer.out_features)))
 

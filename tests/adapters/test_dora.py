@@ -90,7 +90,7 @@ ORDERS = {  # rows' slots (-1: the base)
 
 
 @pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("t", [4, 12])  # 4: a gathered batch; 12: past BATCHED_MAX_TOKENS
+@pytest.mark.parametrize("t", [4, 12])  # 4: a gathered batch; 12: past GATHER_MAX_TOKENS
 @pytest.mark.parametrize("order", list(ORDERS))
 def test_mixed_batch_rows_each_equal_peft_alone(made, order, t, grad):
     model = _mixed_model(made)

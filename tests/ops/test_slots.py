@@ -72,8 +72,9 @@ def test_grouped_add_and_kept_segments_match_per_token_loop(index):
     b = [torch.randn(4, r) for r in ranks]
     scales = [0.5, 2.0, 1.0]
     used = sorted({int(k) for k in index if k >= 0})
-    at, bt = slots.grouped_factors(a, b, scales, used)
-    assert at.shape == (len(used), 6, max(ranks[k] for k in used))
+    at, bt = slots.stack_factors(a, b, scales, used)
+    assert at.shape == (len(used), max(ranks[k] for k in used), 6)
+    assert bt.shape == (len(used), 4, max(ranks[k] for k in used))
     layout = slots.grouped_layout(index.tolist(), used)
     sorted_even = index.tolist() in ([-1, 0, 0, 1, 1, 2, 2], [0, 1, 2])
     assert (layout.gather is None) == sorted_even
@@ -82,7 +83,7 @@ def test_grouped_add_and_kept_segments_match_per_token_loop(index):
     torch.testing.assert_close(got, y0 + _reference(x, a, b, scales, index), atol=1e-5, rtol=0)
     # only some slots grouped: the others' tokens get nothing
     kept = used[:1]
-    at, bt = slots.grouped_factors(a, b, scales, kept)
+    at, bt = slots.stack_factors(a, b, scales, kept)
     got = slots.grouped_add(y0.clone(), x, at, bt, slots.grouped_layout(index.tolist(), kept))
     masked = torch.where(torch.isin(index, torch.tensor(kept)), index, -1)
     torch.testing.assert_close(got, y0 + _reference(x, a, b, scales, masked), atol=1e-5, rtol=0)
@@ -96,7 +97,7 @@ def test_grouped_add_keeps_a_slots_non_finite_factors_to_its_own_tokens():
     x = torch.randn(3, 6)
     a = [torch.full((2, 6), float("inf")), torch.randn(2, 6)]
     b = [torch.randn(4, 2), torch.randn(4, 2)]
-    at, bt = slots.grouped_factors(a, b, [1.0, 1.0], [0, 1])
+    at, bt = slots.stack_factors(a, b, [1.0, 1.0], [0, 1])
     got = slots.grouped_add(torch.zeros(3, 4), x, at, bt, slots.grouped_layout(index, [0, 1]))
     assert not torch.isfinite(got[1]).any()
     want = _reference(x, a, b, [1.0, 1.0], torch.tensor([1, -1, 1]))

@@ -72,8 +72,8 @@ class SlotTable:
     or ``max_prefix`` virtual tokens (prefix).
 
     The table owns its model's slots: their weights change only through it (``set_slot``),
-    never in place, so its layers skip the per-forward in-place check
-    (``LoraModule.static_slots``).
+    never in place, so its layers keep them also stacked for the batched decode path
+    (``LoraModule.stack_slots``: ``set_slot`` copies an adapter into its slot's row).
 
     An adapter with ``modules_to_save`` (full copies of e.g. ``lm_head``) costs its copies'
     bytes per slot on top of its LoRA factors; one whose copies, in the model's dtype, come
@@ -95,7 +95,7 @@ class SlotTable:
         indices = surgery.reserve_slots(model, n_slots, targets, parameters=parameters)
         self.layers = surgery.lora_layers(model)
         for layer in self.layers.values():
-            layer.static_slots = True
+            layer.stack_slots()
         self.ctx = surgery.context(model)
         self._slots = [_Slot(i) for i in indices]
         self._by_name: dict[str, _Slot] = {}

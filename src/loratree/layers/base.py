@@ -1,8 +1,9 @@
 """What every LoRA layer shares: a frozen base module plus 1..S adapter slots.
 
 A subclass says how its input splits into tokens and how one slot's branch is computed;
-this class does slot bookkeeping, per-token dispatch through the shared ``SlotContext``,
-and merge / unmerge / switch of one slot into the base weight.
+this class does slot bookkeeping, the forward ``y = W x + s[k] B[k] (A[k] x)`` (each
+token's slot k from the shared ``SlotContext``, run by the plan ``ops.plan.choose_plan``
+picks) and merge / unmerge / switch of one slot into the base weight (``ops.lora``).
 
 Composition, not inheritance of the base: ``self.base`` is the original module, untouched
 except while a slot is merged into its weight.
@@ -11,27 +12,35 @@ except while a slot is merged into its weight.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from loratree.errors import NonFiniteError, QuantizedBaseError
-from loratree.layers import dora, lora_bias
+from loratree.layers import dora, lora_bias, merging
 from loratree.layers.context import SlotContext
 from loratree.layers.spec import SlotSpec
 from loratree.ops import lora as lora_ops
-from loratree.ops import slots as slot_ops
-from loratree.ops.slots import Segments, keep, map_segments
+from loratree.ops import plan as plans
+from loratree.ops import stack as stack_ops
+from loratree.ops.add_lora import SlotFactors, Stacked
+from loratree.ops.slots import map_segments
 
 __all__ = ["LoraModule", "SlotSpec"]
 
 
-BATCHED_MAX_TOKENS = 64
-"""At inference, a mixed batch runs all its slots' adapters in one batched matmul pair
-(``ops.slots.grouped_add``) when its rows are sorted by slot with as many rows per slot (a
-view, whatever the length), or when it has at most this many tokens (a decode step; its
-tokens are gathered); otherwise (prefill, training) one matmul pair per slot, or per run of
-rows, over that slot's tokens."""
+@dataclass(frozen=True)
+class _Derived:
+    """What the forward reads of the slots, rebuilt after ``_invalidate``."""
+
+    live: frozenset[int]
+    """The slots of rank > 0."""
+    dora: frozenset[int]
+    """The DoRA slots of rank > 0."""
+    factors: SlotFactors
 
 
 class LoraModule(nn.Module):
@@ -50,14 +59,18 @@ class LoraModule(nn.Module):
         self.ctx = ctx
         self.module_name = name
         self.merged: int | None = None
-        self.static_slots = False
-        """Slot weights change only through ``set_slot`` (a serving ``SlotTable`` owns
-        them): mixed inference then skips checking, each forward, that no slot's weights
-        were edited in place (16 version counters a layer for 8 slots, a few percent of a
-        decode step)."""
         self.under: dict[int, int] = {}
         """slot -> a frozen slot that runs under it whenever it runs (a tree node being
         trained on top of its parent path). Single-slot forwards only."""
+        self.register_buffer("a_stack", None, persistent=False)
+        self.register_buffer("b_stack", None, persistent=False)
+        """A serving table's stacked slots ``(S, R, in)``, ``(S, out, R)`` (``ops.stack``),
+        set by ``stack_slots``; None otherwise."""
+        self.dora_norms: dict[int, tuple] = {}
+        """slot -> (what it was computed from, its DoRA norm) (``layers.dora.norm``)."""
+        self.dora_merged_n: Tensor | None = None
+        """The norm a merged DoRA slot was merged with (``layers.dora.merge``)."""
+        self._derived: _Derived | None = None
 
     # -- subclass interface -------------------------------------------------------------
     def a_shape(self, rank: int) -> tuple[int, ...]:
@@ -68,6 +81,13 @@ class LoraModule(nn.Module):
 
     bias_features: int | None = None
     """The length of a LoRA bias (the output features); None: the layer takes none."""
+
+    batchable = False
+    """Whether the slots' factors are matrices that ``ops.add_lora`` runs in batched
+    matmuls (LoRA on linear layers); other layers run one ``branch`` per slot."""
+
+    dora_ok = False
+    """Whether DoRA slots are implemented (matrix multiplies: ``LoraLinear``)."""
 
     def bias_shape(self, spec: SlotSpec) -> tuple[int, ...]:
         """``(out,)`` for a slot with a LoRA bias, ``(0,)`` otherwise."""
@@ -91,8 +111,21 @@ class LoraModule(nn.Module):
         return x.shape[0], x
 
     def add_branch(self, y: Tensor, x: Tensor, slot: int) -> Tensor:
-        """``y + branch(x, slot)``; a subclass may fuse the addition."""
-        return y + self.branch(x, slot).to(y.dtype)
+        """``y + branch(x, slot)``."""
+        return self.add_lora(y, x, self._uniform(slot))
+
+    def add_lora(self, y: Tensor, x: Tensor, plan: plans.Plan) -> Tensor:
+        """``y`` plus each token's branch as ``plan`` says: one ``branch`` per slot (a
+        layer whose factors are matrices runs ``ops.add_lora`` instead)."""
+        match plan:
+            case plans.Uniform(slot=k):
+                return y + self.branch(x, k).to(y.dtype)
+            case plans.Segmented(seg=seg):
+                for k in seg.slots:
+                    self._check_slot(k)
+                out = map_segments(self.tokens(x)[1], seg, lambda k, xs: self.branch(xs, k))
+                return y + out.reshape(y.shape).to(y.dtype)
+        return y
 
     # -- slots --------------------------------------------------------------------------
     @property
@@ -106,6 +139,10 @@ class LoraModule(nn.Module):
                 "(loratree.surgery.export_merged, or `loratree merge --to float|nf4`)"
             )
         return w
+
+    def weight_matrix(self) -> Tensor:
+        """The base weight as an ``(out, in)`` view (writes go to the weight)."""
+        return self.weight
 
     def factor_like(self) -> tuple[torch.dtype, torch.device]:
         """dtype and device for new LoRA factors: the base weight's (NF4: its float type)."""
@@ -134,25 +171,9 @@ class LoraModule(nn.Module):
         self.lora_b.append(nn.Parameter(b))
         self.lora_bias.append(nn.Parameter(bias))
         self.specs.append(spec)
-        self._drop_caches()
+        self._invalidate(len(self.specs) - 1)
         return len(self.specs) - 1
 
-    dora_ok = False
-    """Whether DoRA slots are implemented (matrix multiplies: ``LoraLinear``)."""
-
-    def _drop_caches(self, slot: int | None = None) -> None:
-        self.__dict__.pop("_live", None)
-        self.__dict__.pop("_dora_live", None)
-        if slot is not None:
-            self.__dict__.get("_dora_norms", {}).pop(slot, None)
-
-    def dora_slots(self) -> frozenset[int]:
-        """The DoRA slots that touch this layer; cached until a slot changes."""
-        found = self.__dict__.get("_dora_live")
-        if found is None:
-            found = frozenset(i for i, s in enumerate(self.specs) if s.dora and s.rank > 0)
-            self.__dict__["_dora_live"] = found
-        return found
     def init_a(self, a: Tensor, rank: int, init: str) -> None:
         """Fill a fresh A in place: N(0, 1/r) ("gaussian") or kaiming-uniform over its
         ``(rows, fan_in)`` matrix; a subclass whose A is not that matrix reshapes it."""
@@ -174,33 +195,31 @@ class LoraModule(nn.Module):
         if bias is not None or self.has_bias(slot):
             pairs.append(("bias", bias if bias is not None else a.new_zeros(0),
                           self.lora_bias[slot]))
-        self._drop_caches(slot)
         for name, src, dst in pairs:
             if tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(
                     f"{self.module_name}: lora {name} of slot {slot} must be "
                     f"{tuple(dst.shape)}, got {tuple(src.shape)}"
                 )
+        for _, src, dst in pairs:
             dst.copy_(src)
+        self._invalidate(slot)
 
     def set_slot(self, slot: int, spec: SlotSpec, a: Tensor | None = None,
                  b: Tensor | None = None, magnitude: Tensor | None = None,
                  bias: Tensor | None = None) -> None:
         """Put another adapter in ``slot``: its spec and factors (shared, not copied, when
-        dtype and device already match), and its LoRA bias when ``spec.bias``.
+        dtype and device already match; copied into row ``slot`` of the serving stacks),
+        and its LoRA bias when ``spec.bias``.
 
         ``spec.rank == 0`` empties the slot (the adapter skips this layer). A merged slot
-        cannot be replaced: unmerge or switch first. This is the serving hot path (one call
-        per layer per activation), so it swaps the parameters' tensors in place.
+        cannot be replaced: unmerge or switch first.
         """
         if self.merged == slot:
             raise RuntimeError(f"{self.module_name}: slot {slot} is merged; unmerge first")
         if not 0 <= slot < len(self.specs):
             raise IndexError(f"{self.module_name}: no slot {slot}")
-        # ParameterList indexing costs microseconds; a switch runs this per layer
-        key = str(slot)
-        pa = self._modules["lora_a"]._parameters[key]
-        pb = self._modules["lora_b"]._parameters[key]
+        pa, pb = self.lora_a[slot], self.lora_b[slot]
         if spec.rank == 0:
             a, b = pa.new_empty(self.a_shape(0)), pb.new_empty(self.b_shape(0))
         elif a is None or b is None:
@@ -211,55 +230,171 @@ class LoraModule(nn.Module):
                 if t.shape != want:
                     raise ValueError(f"{self.module_name}: lora {name} for slot {slot} must "
                                      f"be {tuple(want)}, got {tuple(t.shape)}")
-            if a.dtype != pa.dtype or a.device != pa.device:
-                a, b = a.to(pa), b.to(pb)
+            a, b = a.to(pa), b.to(pb)
         dora.set_magnitude(self, slot, spec, magnitude)
-        pa.data, pb.data = a, b
-        if pa.requires_grad or pb.requires_grad:
-            pa.requires_grad_(False)
-            pb.requires_grad_(False)
         lora_bias.set_bias(self, slot, spec, bias)
+        self._replace(slot, spec, a, b, trainable=False)
+
+    def grow_slot(self, slot: int, spec: SlotSpec, a: Tensor, b: Tensor) -> None:
+        """Give ``slot`` a higher rank: ``spec`` and its factors, the same parameters
+        (``surgery.grow_slot``: an optimizer keeps training them)."""
+        self._replace(slot, spec, a, b, trainable=None)
+
+    def _replace(self, slot: int, spec: SlotSpec, a: Tensor, b: Tensor,
+                 trainable: bool | None) -> None:
+        """Point slot ``slot``'s parameters at ``a`` and ``b`` under ``spec`` (trainable
+        None: as they were)."""
+        pa, pb = self.lora_a[slot], self.lora_b[slot]
+        pa.data, pb.data = a, b
+        if trainable is not None:
+            pa.requires_grad_(trainable)
+            pb.requires_grad_(trainable)
         self.specs[slot] = spec
-        self.__dict__.pop("_batched", None)
-        kept = self.__dict__.get("_slot_factors", {})  # (slot, rank) -> padded factors
-        for key in [key for key in kept if key[0] == slot]:
-            del kept[key]
-        self._drop_caches(slot)
+        self._invalidate(slot)
+
+    def stack_slots(self) -> None:
+        """Keep the slots also stacked for serving (``ops.stack``; a ``SlotTable`` owns the
+        layer): the batched inference path then reads views of the stacks. Slot weights
+        must then change only through this class (``set_slot``, ``load_slot``,
+        ``grow_slot``): an edit in place of a slot's parameters does not reach the
+        stacks. A layer without the batched path keeps none."""
+        if not self.batchable or self.a_stack is not None:
+            return
+        n_in, n_out = self.a_shape(0)[1], self.b_shape(0)[0]
+        dtype, device = self.factor_like()
+        self.a_stack = torch.zeros((0, 0, n_in), dtype=dtype, device=device)
+        self.b_stack = torch.zeros((0, n_out, 0), dtype=dtype, device=device)
+        for slot in range(len(self.specs)):
+            self._invalidate(slot)
+
+    def _invalidate(self, slot: int | None = None) -> None:
+        """Slot ``slot`` (None: any) changed: drop what is derived from the slots and
+        rewrite the slot's row of the serving stacks. The one way a change reaches the
+        forward; every method that changes a slot calls it."""
+        self._derived = None
+        if slot is None:
+            self.dora_norms.clear()
+            return
+        self.dora_norms.pop(slot, None)
+        if self.a_stack is not None:
+            spec = self.specs[slot]
+            self.a_stack, self.b_stack = stack_ops.stack_grown(
+                self.a_stack, self.b_stack, len(self.specs), spec.rank)
+            stack_ops.stack_put_(self.a_stack, self.b_stack, slot, self.lora_a[slot].detach(),
+                                 self.lora_b[slot].detach(), spec.scale)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LoraModule:
+        """``.to()``, ``.half()``...: the stacks are new tensors (buffers are replaced,
+        not converted in place), so what was derived from them goes too."""
+        out = super()._apply(fn, recurse)
+        self._invalidate()
+        return out
+
+    def derived(self) -> _Derived:
+        """The live slots and the factor view the forward reads (cached until a slot
+        changes)."""
+        found = self._derived
+        if found is None:
+            found = self._derived = self._derive()
+        return found
+
+    def _derive(self) -> _Derived:
+        specs = self.specs
+        live = frozenset(i for i, s in enumerate(specs) if s.rank > 0)
+        stacked = None
+        if self.a_stack is not None:
+            stacked = Stacked(self.a_stack, self.b_stack, max((s.rank for s in specs), default=0))
+        factors = SlotFactors(
+            list(self.lora_a), list(self.lora_b), [s.scale for s in specs],
+            [s.dropout for s in specs],
+            [self.lora_bias[k] if self.has_bias(k) else None for k in range(len(specs))],
+            stacked)
+        return _Derived(live, frozenset(k for k in live if specs[k].dora), factors)
+
+    def live_slots(self) -> frozenset[int]:
+        """The slots that touch this layer (rank > 0)."""
+        return self.derived().live
+
+    def dora_slots(self) -> frozenset[int]:
+        """The DoRA slots that touch this layer."""
+        return self.derived().dora
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        """``y = W x + s[k] B[k] (A[k] x)`` for each token's slot k (``ctx``), as the plan
+        says (``ops.plan``); a merged slot is in W already and taken out for the others."""
         y = self.base(x)
+        if self.ctx.index is None and self.ctx.active == self.merged:
+            return y  # W is what was asked: the merged slot, or the base with none merged
+        if self.merged is not None:
+            y = self._take_out_merged(y, x)
+        plan = self.plan(x)
+        found = self._dora_in(plan)
+        if found:
+            return dora.add_lora(self, y, x, plan, found)
+        return self.add_planned(y, x, plan)
+
+    def add_planned(self, y: Tensor, x: Tensor, plan: plans.Plan) -> Tensor:
+        """``y`` plus the plain LoRA branches ``plan`` covers, and their LoRA biases."""
+        y = self.add_lora(y, x, plan)
+        match plan:
+            case plans.Uniform(slot=k) if k in self.under:
+                return self._add_under(y, x, self.under[k])
+            case plans.Grouped() | plans.GroupedRows() | plans.Runs() | plans.Segmented():
+                return lora_bias.add_biases(self, y, x)
+        return y
+
+    def plan(self, x: Tensor) -> plans.Plan:
+        """How this forward adds its branches; the context records it (``last_plan``)."""
         ctx = self.ctx
         if ctx.index is None:
-            slot = ctx.active
-            if slot == self.merged:
-                return y
-            if self.merged is not None:
-                y = self._take_out_merged(y, x)
-            if slot < 0:
-                return y
-            self._check_slot(slot)
-            if self.specs[slot].dora and self.specs[slot].rank:
-                return dora.single(self, y, x, slot)
-            return self._add_stack(y, x, slot)
-        if self.merged is None and not self.under and not self.live_slots():
-            return y  # no slot touches this layer (a serving table's q,v adapters in o_proj)
-        return self._forward_per_token(y, x)
+            if ctx.active < 0:
+                plan: plans.Plan = plans.NO_BRANCH
+            else:
+                self._check_slot(ctx.active)
+                plan = self._uniform(ctx.active)
+        else:
+            plan = self._per_token_plan(x)
+        ctx.last_plan = plan
+        return plan
 
-    def _forward_per_token(self, y: Tensor, x: Tensor) -> Tensor:
-        """Tokens that each name their slot (``ctx.index``): serving and fused training."""
+    def _uniform(self, slot: int) -> plans.Uniform:
+        """Every token on ``slot``, its dropout applied in training."""
+        return plans.Uniform(slot, self.training and self.specs[slot].dropout > 0)
+
+    def _per_token_plan(self, x: Tensor) -> plans.Plan:
+        """Tokens that each name their slot (``ctx.index``): serving and fused training.
+        Layers alike share one plan per forward (``SlotContext.memo``): it depends only
+        on the batch and on which slots touch the layer."""
         if self.under:
             raise RuntimeError(f"{self.module_name}: a slot stacked on another runs alone, "
                                "not in a per-token mixed batch")
-        if self.merged is not None:
-            y = self._take_out_merged(y, x)
+        live = self.live_slots()
+        if not live:
+            return plans.NO_BRANCH  # no slot touches this layer (q,v adapters in o_proj)
         rows, flat = self.tokens(x)
+        n = flat.shape[0]
+        batch = self.ctx.batch(rows, n)
+        if batch.slots[-1] >= len(self.specs):
+            self._check_slot(batch.slots[-1])
+        grad = torch.is_grad_enabled()
+        dropout = self.training and any(self.specs[k].dropout for k in batch.slots if k >= 0)
+        return self.ctx.memo(
+            ("plan", live, self.batchable, rows, n, grad, dropout),
+            lambda: plans.choose_plan(batch, live, grad=grad, dropout=dropout,
+                                      grouped=self.batchable))
+
+    def _dora_in(self, plan: plans.Plan) -> frozenset[int]:
+        """The DoRA slots whose tokens ``plan`` runs."""
         found = self.dora_slots()
-        if found:
-            found = found.intersection(self.ctx.batch_slots())
-            if found:
-                return dora.per_token(self, y, x, rows, flat, found)
-        return self._lora_per_token(y, x, rows, flat)
+        if not found:
+            return found
+        match plan:
+            case plans.NoBranch():
+                return frozenset()
+            case plans.Uniform(slot=k):
+                return found.intersection((k,))
+        return found.intersection(self.ctx.batch_slots())
 
     def _take_out_merged(self, y: Tensor, x: Tensor) -> Tensor:
         """The base output from ``y`` computed with slot ``merged`` folded in."""
@@ -267,107 +402,13 @@ class LoraModule(nn.Module):
             return dora.take_out_merged(self, y, x)
         return y - self.branch(x, self.merged).to(y.dtype)
 
-    def _lora_per_token(self, y: Tensor, x: Tensor, rows: int, flat: Tensor) -> Tensor:
-        """``y`` plus every token's plain LoRA branch, by the strategy the plan picks."""
-        n = flat.shape[0]
-        # how this layer runs the batch depends only on the batch and on which slots touch
-        # the layer, so layers alike share one plan per forward (a decode step's per-layer
-        # cost is mostly such bookkeeping)
-        live_slots = self.live_slots()
-        grad = torch.is_grad_enabled()
-        plan = self.ctx.memo(("plan", live_slots, len(self.specs), self.batchable, rows, n,
-                              grad, self.training),
-                             lambda: self._plan(live_slots, rows, n, grad))
-        kind = plan[0]
-        if kind == "none":
+    def _add_under(self, y: Tensor, x: Tensor, under: int) -> Tensor:
+        """``y`` plus the branch of the frozen slot ``under`` that runs under the slot."""
+        if not self.specs[under].rank:
             return y
-        if kind == "one":
-            return self.add_branch(y, x, plan[1])
-        if kind == "batched":
-            y = self.batched_add(y, flat, plan[1], plan[2])
-        elif kind == "runs":
-            y = self.runs_add(y, flat, plan[1], live_slots)
-        elif kind == "trained":
-            y = self.trained_add(y, flat, plan[1], plan[2])
-        else:
-            y = y + self.mixed(flat, plan[1]).reshape(y.shape).to(y.dtype)
-        return lora_bias.add_biases(self, y, rows, n)
-
-    def _plan(self, live_slots: frozenset[int], rows: int, n: int, grad: bool) -> tuple:
-        """("none",) | ("one", slot) | ("trained", slots, layout) | ("batched", slots,
-        layout) | ("runs", runs) | ("mixed", segments): how a layer whose live slots are
-        ``live_slots`` adds the batch's branches (checked once per forward)."""
-        batch = self.ctx.batch_slots()
-        if batch[-1] >= len(self.specs):
-            self._check_slot(batch[-1])
-        if live_slots.isdisjoint(batch):  # no adapter of the batch touches this layer
-            return ("none",)
-        seg = self.ctx.segments(rows, n)
-        if seg.uniform is not None:
-            return ("one", seg.uniform) if seg.uniform >= 0 else ("none",)
-        live = tuple(s for s in seg.slots if s in live_slots)
-        if grad and self.batchable and not (
-                self.training and any(self.specs[s].dropout for s in seg.slots)):
-            layout = self.ctx.grouped_rows(rows, n, seg.slots)
-            if layout is not None:  # fused training, rows sorted by job: a view
-                return ("trained", seg.slots, layout)
-        if not grad and self.batchable:  # inference: no per-slot gather
-            layout = self.ctx.grouped_rows(rows, n, live)
-            if layout is not None:  # rows sorted by slot, as many per slot: a view
-                return ("batched", live, layout)
-            if n <= BATCHED_MAX_TOKENS:
-                tokens = self.ctx.token_slots(rows, n).tolist()
-                return ("batched", live, slot_ops.grouped_layout(tokens, live, seg.order.device))
-            runs = self.ctx.runs(rows, n)
-            if runs is not None:
-                return ("runs", runs)
-        return ("mixed", seg if len(live) == len(seg.slots) else keep(seg, live))
-
-    def live_slots(self) -> frozenset[int]:
-        """The slots that touch this layer (rank > 0); cached until a slot changes."""
-        live = self.__dict__.get("_live")
-        if live is None:
-            live = frozenset(i for i, s in enumerate(self.specs) if s.rank > 0)
-            self.__dict__["_live"] = live
-        return live
-
-    def _add_stack(self, y: Tensor, x: Tensor, slot: int) -> Tensor:
-        y = self.add_branch(y, x, slot)
-        under = self.under.get(slot)
-        if under is not None and self.specs[under].rank:
-            if self.specs[under].dora:
-                raise RuntimeError(f"{self.module_name}: no slot stacks on DoRA slot {under}")
-            y = self.add_branch(y, x, under)
-        return y
-
-    batchable = False
-    """Whether ``batched_add`` is implemented (LoRA on linear layers)."""
-
-    def batched_add(self, y: Tensor, flat: Tensor, slots: tuple[int, ...],
-                    layout: slot_ops.Grouped) -> Tensor:
-        """Inference (a decode step, or rows sorted by slot): y plus every ``slots``
-        adapter's branch for its own tokens (placed by ``layout``), in one batched matmul
-        pair, written into ``y``."""
-        raise NotImplementedError
-
-    def trained_add(self, y: Tensor, flat: Tensor, slots: tuple[int, ...],
-                    layout: slot_ops.Grouped) -> Tensor:
-        """Training on rows sorted by slot, as many per slot (``layout`` a view): y plus
-        every slot's branch for its own rows in one batched matmul pair, differentiable
-        (a new tensor; no gather and no scatter through autograd)."""
-        raise NotImplementedError
-
-    def runs_add(self, y: Tensor, flat: Tensor, runs: tuple[tuple[int, int, int], ...],
-                 live: frozenset[int]) -> Tensor:
-        """Inference on runs of rows that share a slot (``SlotContext.runs``): each run's
-        branch added into its own rows of ``y``, in place."""
-        raise NotImplementedError
-
-    def mixed(self, flat: Tensor, seg: Segments) -> Tensor:
-        """LoRA outputs for tokens that use different slots, one matmul per slot."""
-        for slot in seg.slots:
-            self._check_slot(slot)
-        return map_segments(flat, seg, lambda slot, xs: self.branch(xs, slot))
+        if self.specs[under].dora:
+            raise RuntimeError(f"{self.module_name}: no slot stacks on DoRA slot {under}")
+        return self.add_branch(y, x, under)
 
     def _check_slot(self, slot: int) -> None:
         if slot >= len(self.specs):
@@ -383,72 +424,21 @@ class LoraModule(nn.Module):
     @torch.no_grad()
     def merge(self, slot: int) -> None:
         """Fold ``slot`` into the base weight. Idempotent; refuses non-finite updates."""
-        if self.merged == slot:
-            return
-        if self.merged is not None:
-            raise RuntimeError(
-                f"{self.module_name}: slot {self.merged} is merged; unmerge or switch first"
-            )
-        self._check_slot(slot)
-        if slot in self.under:
-            raise RuntimeError(f"{self.module_name}: slot {slot} runs on top of slot "
-                               f"{self.under[slot]}; merge their composition instead")
-        if self.specs[slot].dora and self.specs[slot].rank:
-            dora.merge(self, slot)
-        elif self.specs[slot].rank:  # a slot empty in this layer changes nothing here
-            lora_bias.check_base_bias(self, slot)
-            self._add(self.delta_weight(slot), f"merging slot {slot}")
-            lora_bias.fold_bias(self, slot, 1.0)
-        self.merged = slot
+        merging.merge(self, slot)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take the merged slot back out of the base weight. No-op when none is merged."""
-        if self.merged is None:
-            return
-        if self.specs[self.merged].dora and self.specs[self.merged].rank:
-            dora.unmerge(self)
-        elif self.specs[self.merged].rank:
-            self._add(self.delta_weight(self.merged), f"unmerging slot {self.merged}",
-                      sign=-1.0)
-            lora_bias.fold_bias(self, self.merged, -1.0)
-        self.merged = None
+        merging.unmerge(self)
 
     @torch.no_grad()
     def switch(self, slot: int) -> None:
-        """Replace the merged slot by ``slot`` in one addition: W += dW_new - dW_old.
+        """Replace the merged slot by ``slot`` in one addition: W += dW_new - dW_old."""
+        merging.switch(self, slot)
 
-        The difference is one product of concatenated factors (ops.compose's identity):
-        s1 B1 A1 - s0 B0 A0 = [s1 B1 | -s0 B0] [A1; A0], so a switch costs one matmul of
-        rank r1 + r0 and one pass over W. The difference is always formed in the same
-        order (lower slot first) and added or subtracted, so switching X -> Y -> X adds and
-        removes the same rounded tensor: drift is a random walk, not a bias per direction.
-        """
-        if self.merged is None:
-            self.merge(slot)
-            return
-        if self.merged == slot:
-            return
-        self._check_slot(slot)
-        new_rank, old_rank = self.specs[slot].rank, self.specs[self.merged].rank
-        if not new_rank and not old_rank:  # neither touches this layer
-            self.merged = slot
-            return
-        if (not new_rank or not old_rank or self.specs[slot].dora
-                or self.specs[self.merged].dora or self.has_bias(slot)
-                or self.has_bias(self.merged)):
-            lora_bias.check_base_bias(self, slot)
-            self.unmerge()  # one side only touches this layer, DoRA or a bias: one plain fold
-            self.merge(slot)
-            return
-        lo, hi = sorted((slot, self.merged))
-        (a_lo, b_lo), (a_hi, b_hi) = self.factors(lo), self.factors(hi)
-        s_lo, s_hi = self.specs[lo].scale, self.specs[hi].scale
-        a = torch.cat([a_lo, a_hi])  # (r_lo + r_hi, in)
-        b = torch.cat([b_lo * s_lo, b_hi * -s_hi], dim=1)  # (out, r_lo + r_hi)
-        diff = self.to_weight_layout(b @ a)  # dW_lo - dW_hi
-        self._add(diff, f"switching to slot {slot}", sign=1.0 if slot == lo else -1.0)
-        self.merged = slot
+    def fold(self, slot: int, sign: float) -> None:
+        """W += sign * s B A of ``slot`` (a merge or an unmerge, no DoRA)."""
+        merging.fold(self, slot, sign)
 
     def factors(self, slot: int) -> tuple[Tensor, Tensor]:
         """(A, B) of ``slot`` as fp32 matrices ``(r, in)``, ``(out, r)``."""
@@ -476,21 +466,15 @@ class LoraModule(nn.Module):
                     f"{self.module_name}: lora {part} of slot {slot} is not finite"
                 )
 
-    def _add(self, delta: Tensor, what: str, sign: float = 1.0) -> None:
-        """W += sign * delta, in place; refused (W unchanged) if the update is not finite.
-
-        One reduction checks it: a NaN or Inf anywhere makes the sum non-finite (so does a
-        sum past 3e38, an update no model survives anyway).
-        """
-        if not torch.isfinite(delta.sum()):
-            raise NonFiniteError(
-                f"{self.module_name}: {what} gives non-finite weights; the layer is unchanged"
-            )
-        w = self.weight
-        if w.dtype == delta.dtype:
-            w.add_(delta, alpha=sign)
-        else:  # low-precision weights: add in fp32, round once
-            w.copy_(w.float().add_(delta, alpha=sign))
+    @contextmanager
+    def refusing(self, what: str) -> Iterator[None]:
+        """Turn an ``ops.lora`` refusal of a non-finite update into a ``NonFiniteError``
+        that names this layer and what was being done."""
+        try:
+            yield
+        except FloatingPointError:
+            raise NonFiniteError(f"{self.module_name}: {what} gives non-finite weights; the "
+                                 "layer is unchanged") from None
 
     def extra_repr(self) -> str:
         ranks = [s.rank for s in self.specs]

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from loratree.ops.slots import Grouped, Segments, grouped_layout, row_runs, segment
+from loratree.ops.plan import Batch, Plan, describe
+from loratree.ops.slots import Segments
 
 __all__ = ["SlotContext"]
 
@@ -34,22 +35,26 @@ class SlotContext:
         """Flat positions of the tokens whose outputs the model keeps (transformers'
         ``logits_to_keep`` as a tensor: a packed step's last token of each request), set
         inside ``use`` by a caller whose head sees only those; ``head_slots`` reads it."""
-        self._segments: dict[tuple, Any] = {}
+        self.last_plan: Plan | None = None
+        """The plan the last LoRA layer to run chose (``LoraModule.plan``): what a test
+        asks to know which path a forward took."""
+        self._memo: dict[tuple, Any] = {}
+        """Values computed once per ``use`` / ``set`` (per forward): ``memo``."""
 
     @contextmanager
     def use(self, index: Tensor | int | None) -> Iterator[SlotContext]:
         """Select slots for the forward passes inside the block, then restore."""
-        saved = (self.active, self.index, self._segments, self.kept)
+        saved = (self.active, self.index, self._memo, self.kept)
         self.set(index)
         self.kept = None
         try:
             yield self
         finally:
-            self.active, self.index, self._segments, self.kept = saved
+            self.active, self.index, self._memo, self.kept = saved
 
     def set(self, index: Tensor | int | None) -> None:
         """Select one slot for all tokens (int, -1 = base), or per row/token (tensor)."""
-        self._segments = {}
+        self._memo = {}
         if index is None or isinstance(index, int):
             self.active, self.index = (-1 if index is None else index), None
             return
@@ -61,20 +66,15 @@ class SlotContext:
 
     def segments(self, batch: int, n_tokens: int) -> Segments:
         """Segments for a layer input with ``batch`` rows flattened to ``n_tokens`` tokens."""
-        key = (batch, n_tokens)
-        seg = self._segments.get(key)
-        if seg is None:
-            seg = segment(self._flat_index(batch, n_tokens))
-            self._segments[key] = seg
-        return seg
+        return self.batch(batch, n_tokens).segments
 
     def memo(self, key: tuple, make: Callable[[], Any]) -> Any:
         """A value computed once per ``use`` / ``set`` (per forward): ``make()`` the first
         time ``key`` is asked for. Layers share per-batch tensors (masks) this way."""
-        value = self._segments.get(key)
+        value = self._memo.get(key)
         if value is None:
             value = make()
-            self._segments[key] = value
+            self._memo[key] = value
         return value
 
     def batch_slots(self) -> tuple[int, ...]:
@@ -85,42 +85,17 @@ class SlotContext:
         return self.memo(("batch-slots",),
                          lambda: tuple(int(s) for s in self.index.unique().tolist()))
 
-    def runs(self, batch: int, n_tokens: int) -> tuple[tuple[int, int, int], ...] | None:
-        """Runs of consecutive rows on one slot as flat token ranges ``(slot, lo, hi)``
-        (``ops.slots.row_runs``; cached per ``use``), or None when the index is per token or
-        splits into more than twice as many runs as it has distinct slots."""
-        index = self.index
-        assert index is not None
-        if index.dim() != 1 or index.shape[0] != batch or n_tokens % batch:
-            return None
+    def batch(self, batch: int, n_tokens: int) -> Batch:
+        """What ``ops.plan.choose_plan`` needs of this forward's index, for a layer input
+        of ``batch`` rows flattened to ``n_tokens`` tokens (cached per ``use``)."""
+        def make() -> Batch:
+            index = self.index
+            assert index is not None
+            per_row = index.dim() == 1 and index.shape[0] == batch and n_tokens % batch == 0
+            return describe(self.token_slots(batch, n_tokens),
+                            index.tolist() if per_row else None)
 
-        def make() -> tuple[tuple[int, int, int], ...] | bool:
-            rows = index.tolist()
-            found = row_runs(rows, n_tokens // batch, 2 * len(set(rows)))
-            return False if found is None else found  # memo keeps no None
-
-        found = self.memo(("runs", batch, n_tokens), make)
-        return found if found is not False else None
-
-    def grouped_rows(self, batch: int, n_tokens: int,
-                     slots: tuple[int, ...]) -> Grouped | None:
-        """The ``(k, m)`` layout of ``slots``' tokens (``ops.slots.grouped_layout``) when it
-        is a view of whole rows: the index is per row, sorted by slot among ``slots``, with
-        as many rows per slot (cached per ``use``); else None."""
-        index = self.index
-        assert index is not None
-        if index.dim() != 1 or index.shape[0] != batch or n_tokens % batch:
-            return None
-
-        def make() -> Grouped | bool:
-            rows = grouped_layout(index.tolist(), slots)
-            if rows.gather is not None:
-                return False  # memo keeps no None
-            per_row = n_tokens // batch
-            return Grouped(rows.slots, rows.m * per_row, rows.lo * per_row, n_tokens)
-
-        found = self.memo(("grouped-rows", batch, n_tokens, slots), make)
-        return found if found is not False else None
+        return self.memo(("batch", batch, n_tokens), make)
 
     def token_slots(self, batch: int, n_tokens: int) -> Tensor:
         """The slot of each of the ``n_tokens`` flattened tokens ``(N,)`` (cached)."""

@@ -43,5 +43,8 @@ class LoraConv(LoraModule):
         h = self._conv(x, a, None, base.stride, base.padding, base.dilation)  # (B, r, *L')
         return self._conv(h, b) * self.specs[slot].scale  # (B, out, *L')
 
+    def weight_matrix(self) -> Tensor:
+        return self.weight.view(self.base.out_channels, -1)  # (out, in, *k) -> (out, in * k)
+
     def to_weight_layout(self, delta: Tensor) -> Tensor:
         return delta.reshape(self.base.weight.shape)  # (out, in * k) -> (out, in, *k)

@@ -28,14 +28,15 @@ from torch import Tensor, nn
 from loratree.errors import NonFiniteError, TargetError
 from loratree.ops import dora as dora_ops
 from loratree.ops import lora as lora_ops
+from loratree.ops.plan import Plan, Uniform
 from loratree.ops.slots import Segments, map_segments
 
 if TYPE_CHECKING:
     from loratree.layers.base import LoraModule
     from loratree.layers.spec import SlotSpec
 
-__all__ = ["base_matrix", "check", "dropout_mixed", "factor", "merge", "new_magnitude", "norm",
-           "per_token", "set_magnitude", "single", "take_out_merged", "unmerge"]
+__all__ = ["add_lora", "base_matrix", "check", "dropout_mixed", "factor", "merge",
+           "new_magnitude", "norm", "set_magnitude", "single", "take_out_merged", "unmerge"]
 
 
 def _bias(layer: LoraModule) -> Tensor | None:
@@ -57,7 +58,7 @@ def base_matrix(layer: LoraModule) -> Tensor:
         return w
     a, b = layer.factors(k)
     if layer.specs[k].dora:
-        m, n = layer.lora_magnitude[str(k)].detach(), layer.__dict__["_dora_merged_n"]
+        m, n = layer.lora_magnitude[str(k)].detach(), layer.dora_merged_n
         return dora_ops.unmerged(w, a, b, layer.specs[k].scale, m, n)
     return w - lora_ops.delta(a, b, layer.specs[k].scale)
 
@@ -79,7 +80,7 @@ def norm(layer: LoraModule, slot: int) -> Tensor:
     w = layer.weight
     key = (a._version, b._version, a.data_ptr(), b.data_ptr(), w._version, layer.merged,
            layer.specs[slot])
-    cache = layer.__dict__.setdefault("_dora_norms", {})
+    cache = layer.dora_norms  # dropped per slot by LoraModule._invalidate
     hit = cache.get(slot)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -114,14 +115,18 @@ def single(layer: LoraModule, y: Tensor, x: Tensor, slot: int) -> Tensor:
     return dora_ops.rescale(y, factor(layer, slot), _bias(layer))
 
 
-def per_token(layer: LoraModule, y: Tensor, x: Tensor, rows: int, flat: Tensor,
-              slots: frozenset[int]) -> Tensor:
-    """A mixed batch in which the DoRA slots ``slots`` have tokens: the layer's plain LoRA
-    strategy, then each DoRA slot's tokens rescaled by its own ``g``."""
+def add_lora(layer: LoraModule, y: Tensor, x: Tensor, plan: Plan,
+             slots: frozenset[int]) -> Tensor:
+    """``y`` plus the branches ``plan`` runs, the DoRA slots ``slots`` among them: one slot
+    for every token (``single``), or the plain strategy, then each DoRA slot's tokens
+    rescaled by its own ``g``."""
+    if isinstance(plan, Uniform):
+        return single(layer, y, x, plan.slot)
+    rows, flat = layer.tokens(x)
     n = flat.shape[0]
     if layer.training and any(layer.specs[k].dropout for k in slots):
         return dropout_mixed(layer, y, flat, layer.ctx.segments(rows, n))
-    y = layer._lora_per_token(y, x, rows, flat)
+    y = layer.add_planned(y, x, plan)
     out = y.reshape(n, -1)
     bias = _bias(layer)
     for k in sorted(slots):
@@ -158,7 +163,7 @@ def take_out_merged(layer: LoraModule, y: Tensor, x: Tensor) -> Tensor:
     ``(y - bias) / g - s B A x + bias``, with the ``g`` of the merge."""
     k = layer.merged
     assert k is not None
-    g = dora_ops.factor(layer.lora_magnitude[str(k)].detach(), layer.__dict__["_dora_merged_n"])
+    g = dora_ops.factor(layer.lora_magnitude[str(k)].detach(), layer.dora_merged_n)
     y = dora_ops.unrescale(y, g, _bias(layer))
     return y - layer.branch(x, k).to(y.dtype)
 
@@ -170,7 +175,7 @@ def merge(layer: LoraModule, slot: int) -> None:
     m = layer.lora_magnitude[str(slot)].detach()
     new, n = dora_ops.merged(base_matrix(layer), a, b, layer.specs[slot].scale, m)
     _write(layer, new, f"merging DoRA slot {slot}")
-    layer.__dict__["_dora_merged_n"] = n
+    layer.dora_merged_n = n
 
 
 @torch.no_grad()
@@ -179,7 +184,7 @@ def unmerge(layer: LoraModule) -> None:
     k = layer.merged
     assert k is not None
     _write(layer, base_matrix(layer), f"unmerging DoRA slot {k}")
-    layer.__dict__.pop("_dora_merged_n", None)
+    layer.dora_merged_n = None
 
 
 def _write(layer: LoraModule, matrix: Tensor, what: str) -> None:

@@ -37,13 +37,15 @@ def set_bias(layer: LoraModule, slot: int, spec: SlotSpec, bias: Tensor | None) 
     pbias.requires_grad_(False)
 
 
-def add_biases(layer: LoraModule, y: Tensor, rows: int, n: int) -> Tensor:
+def add_biases(layer: LoraModule, y: Tensor, x: Tensor) -> Tensor:
     """y plus each token's slot's scaled LoRA bias s_k b_k (none for slot -1 or a slot
     without one): one gather from a ``(S + 1, out)`` table (last row zero)."""
     biased = [k for k in layer.ctx.batch_slots() if 0 <= k < len(layer.specs)
               and layer.has_bias(k)]
     if not biased:
         return y
+    rows, flat = layer.tokens(x)
+    n = flat.shape[0]
     out = layer.bias_features
     zero = y.new_zeros(out)
     table = torch.stack([layer.lora_bias[k].to(y.dtype) * layer.specs[k].scale

@@ -28,6 +28,7 @@ from loratree.errors import TargetError
 from loratree.layers.base import LoraModule
 from loratree.layers.context import SlotContext
 from loratree.ops import experts as expert_ops
+from loratree.ops import lora as lora_ops
 
 __all__ = ["LoraParam", "ParamHost"]
 
@@ -99,6 +100,12 @@ class LoraParam(LoraModule):
         raise NotImplementedError(f"{self.module_name}: expert factors are not one matrix "
                                   "pair; use delta_weight")
 
+    def fold(self, slot: int, sign: float) -> None:
+        """W += sign * s B_e A_e for every expert (``ops.lora.add_``)."""
+        what = f"{'merging' if sign > 0 else 'unmerging'} slot {slot}"
+        with self.refusing(what):
+            lora_ops.add_(self.weight, self.delta_weight(slot), sign)
+
     @torch.no_grad()
     def switch(self, slot: int) -> None:
         """W += dW_new - dW_old, the difference formed lower slot first (as
@@ -110,7 +117,8 @@ class LoraParam(LoraModule):
         self._check_slot(slot)
         lo, hi = sorted((slot, old))
         diff = self.delta_weight(lo) - self.delta_weight(hi)
-        self._add(diff, f"switching to slot {slot}", sign=1.0 if slot == lo else -1.0)
+        with self.refusing(f"switching to slot {slot}"):
+            lora_ops.add_(self.weight, diff, 1.0 if slot == lo else -1.0)
         self.merged = slot
 
     def offset(self, slot: int) -> Tensor | None:

@@ -25,19 +25,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "Grouped",
+    "GroupLayout",
     "Segments",
     "expand",
     "grouped_add",
     "grouped_branch",
-    "grouped_factors",
     "grouped_layout",
     "keep",
     "map_segments",
-    "padded_factors",
+    "row_layout",
     "row_runs",
     "segment",
     "shrink",
+    "stack_factors",
 ]
 
 
@@ -177,7 +177,7 @@ def expand(
 
 
 @dataclass(frozen=True)
-class Grouped:
+class GroupLayout:
     """Tokens laid out as ``(k, m)``: m token places for each of k slots, in slot order.
 
     Contiguous (``gather`` None): tokens ``lo .. lo + k*m - 1`` already lie that way (a
@@ -196,7 +196,7 @@ class Grouped:
 
 
 def grouped_layout(token_slots: Sequence[int], slots: Sequence[int],
-                   device: torch.device | None = None) -> Grouped:
+                   device: torch.device | None = None) -> GroupLayout:
     """Where each token of ``slots`` goes in a ``(k, m)`` layout (tokens of other slots,
     and -1, go nowhere).
 
@@ -212,50 +212,60 @@ def grouped_layout(token_slots: Sequence[int], slots: Sequence[int],
     lo = n - k * m
     flat = [t for s in slots for t in where[s]]
     if lo >= 0 and flat == list(range(lo, n)):
-        return Grouped(tuple(slots), m, lo, n)
+        return GroupLayout(tuple(slots), m, lo, n)
     gather = [n] * (k * m)
     for j, s in enumerate(slots):
         gather[j * m : j * m + len(where[s])] = where[s]
     places = [p for p, t in enumerate(gather) if t < n]
-    return Grouped(tuple(slots), m, -1, n,
-                   torch.tensor(gather, dtype=torch.long, device=device),
-                   torch.tensor([gather[p] for p in places], dtype=torch.long, device=device),
-                   torch.tensor(places, dtype=torch.long, device=device))
+    return GroupLayout(tuple(slots), m, -1, n,
+                       torch.tensor(gather, dtype=torch.long, device=device),
+                       torch.tensor([gather[p] for p in places], dtype=torch.long,
+                                    device=device),
+                       torch.tensor(places, dtype=torch.long, device=device))
 
 
-def grouped_factors(a: Sequence[Tensor], b: Sequence[Tensor], scales: Sequence[float],
-                    slots: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """The given slots' factors batched for ``torch.bmm``: A transposed and B transposed
-    and scaled, a smaller rank padded with zeros to the largest. Differentiable in ``a``
-    and ``b`` (the fused trainer stacks live parameters; serving passes detached ones).
+def row_layout(row_slots: Sequence[int], slots: Sequence[int],
+               n_tokens: int) -> GroupLayout | None:
+    """The ``(k, m)`` layout of ``slots``' tokens when it is a view of whole rows, else None.
 
-    Semantics: At[j] = [A_k^T | 0], Bt[j] = [s_k B_k^T ; 0] for k = slots[j], so
-    x At[j] Bt[j] = s_k x A_k^T B_k^T.
-    Shape: a[k] (r_k, in), b[k] (out, r_k) -> (K, in, R), (K, R, out) with R = max r_k
+    Semantics: ``grouped_layout`` of the rows, each row's tokens kept together: rows
+    sorted by slot among ``slots``, as many rows per slot, after any other rows.
+    Shape: row_slots (B,) with n_tokens = B * T -> m = rows per slot * T tokens.
+    """
+    if not row_slots or n_tokens % len(row_slots):
+        return None
+    rows = grouped_layout(row_slots, slots)
+    if rows.gather is not None:
+        return None
+    per_row = n_tokens // len(row_slots)
+    return GroupLayout(rows.slots, rows.m * per_row, rows.lo * per_row, n_tokens)
+
+
+def stack_factors(a: Sequence[Tensor], b: Sequence[Tensor], scales: Sequence[float],
+                  slots: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The given slots' factors stacked for ``torch.bmm`` (vLLM's layout): B scaled, a
+    smaller rank padded with zeros to the largest. Differentiable in ``a`` and ``b`` (the
+    fused trainer stacks live parameters; inference passes detached ones).
+
+    Semantics: A[j] = [A_k; 0], B[j] = [s_k B_k | 0] for k = slots[j], so
+    B[j] A[j] x = s_k B_k A_k x.
+    Shape: a[k] (r_k, in), b[k] (out, r_k) -> (K, R, in), (K, out, R) with R = max r_k
     """
     r = max(a[k].shape[0] for k in slots)
-    parts = [padded_factors(a[k], b[k], scales[k], r) for k in slots]
-    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    return (torch.stack([F.pad(a[k], (0, 0, 0, r - a[k].shape[0])) for k in slots]),
+            torch.stack([F.pad(b[k] * scales[k], (0, r - b[k].shape[1])) for k in slots]))
 
 
-def padded_factors(a: Tensor, b: Tensor, scale: float, rank: int) -> tuple[Tensor, Tensor]:
-    """One slot's factors as ``grouped_factors`` stacks them, padded to ``rank``.
-
-    Semantics: At = [A^T | 0], Bt = [s B^T ; 0], so x At Bt = s x A^T B^T.
-    Shape: a (r, in), b (out, r) -> (in, rank), (rank, out); rank >= r
-    """
-    return (F.pad(a.t(), (0, rank - a.shape[0])),
-            F.pad(b.t() * scale, (0, 0, 0, rank - b.shape[1])))
-
-
-def grouped_add(y: Tensor, x: Tensor, at: Tensor, bt: Tensor, layout: Grouped) -> Tensor:
+def grouped_add(y: Tensor, x: Tensor, a: Tensor, b: Tensor, layout: GroupLayout) -> Tensor:
     """Every token's LoRA output added into ``y`` in place, one batched matmul pair for all
     slots (punica's BGMV as ``bmm``): each slot's factors are read once, for its own tokens
     only, so one slot's tokens never touch another's factors.
 
-    Semantics: y_t += s_k B_k A_k x_t for k = the token's slot among ``layout.slots``.
-    Shape: y (N, out), x (N, in), at (K, in, R), bt (K, R, out) -> y
+    Semantics: y_t += B_j A_j x_t for j = the place of the token's slot in ``layout.slots``
+    (B_j holding the slot's scale: ``stack_factors``).
+    Shape: y (N, out), x (N, in), a (K, R, in), b (K, out, R) -> y
     """
+    at, bt = a.transpose(1, 2), b.transpose(1, 2)  # (K, in, R), (K, R, out): views
     k, m = at.shape[0], layout.m
     if layout.gather is None:
         xs, ys = (x, y) if layout.lo == 0 else (x[layout.lo :], y[layout.lo :])
@@ -287,6 +297,6 @@ def grouped_branch(x: Tensor, a: Sequence[Tensor], b: Sequence[Tensor],
     """
     k = len(slots)
     assert k and x.shape[0] % k == 0, f"{x.shape[0]} rows do not split into {k} slots"
-    at, bt = grouped_factors(a, b, scales, slots)  # (K, in, R), (K, R, out)
-    h = torch.bmm(x.reshape(k, -1, x.shape[1]), at)  # (K, m, R)
-    return torch.bmm(h, bt).reshape(x.shape[0], bt.shape[2])  # (N, out)
+    sa, sb = stack_factors(a, b, scales, slots)  # (K, R, in), (K, out, R)
+    h = torch.bmm(x.reshape(k, -1, x.shape[1]), sa.transpose(1, 2))  # (K, m, R)
+    return torch.bmm(h, sb.transpose(1, 2)).reshape(x.shape[0], sb.shape[1])  # (N, out)

@@ -106,18 +106,16 @@ def _grow_layer(layer: LoraModule, slot: int, factor: int,
     before = pa.numel() + pb.numel()
     a, b = lora_ops.grow(pa.data, pb.data, rows)
     state = optimizer.state if optimizer is not None else {}
+    grads = [p.grad for p in (pa, pb)]
     for p, new in ((pa, a), (pb, b)):
         _pad_state(state.get(p, {}), p.shape, new, p is pa)
-        if p.grad is not None:
-            p.grad = _padded(p.grad, new.shape, p is pa)
-        p.data = new
-    layer.specs[slot] = SlotSpec(new_rank, lora_ops.grown_alpha(spec.alpha, rank, new_rank,
-                                                                spec.rslora),
-                                 spec.dropout, spec.rslora, dora=spec.dora,
-                                 bias=spec.bias)
-    layer.__dict__.pop("_batched", None)  # batched factors of the old rank
-    layer.__dict__.pop("_slot_factors", None)
-    layer.__dict__.pop("_live", None)
+    layer.grow_slot(slot, SlotSpec(new_rank, lora_ops.grown_alpha(spec.alpha, rank, new_rank,
+                                                                  spec.rslora),
+                                   spec.dropout, spec.rslora, dora=spec.dora,
+                                   bias=spec.bias), a, b)
+    for p, grad in zip((pa, pb), grads, strict=True):
+        if grad is not None:
+            p.grad = _padded(grad, p.shape, p is pa)
     return pa.numel() + pb.numel() - before
 
 
