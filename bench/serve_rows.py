@@ -203,14 +203,14 @@ def _decode_bound(engine: Engine, prompts: list[list[int]], names: list[str],
     for layer in layers:
         a = [p.detach() for p in layer.lora_a]
         b = [p.detach() for p in layer.lora_b]
-        at, bt = slot_ops.stack_factors(a, b, [sp.scale for sp in layer.specs], slots)
+        sa, sb = slot_ops.stack_factors(a, b, [sp.scale for sp in layer.specs], slots)
         x = torch.randn(BATCH, layer.in_features, generator=g)
-        work.append((x, at, bt, torch.zeros(BATCH, layer.out_features)))
+        work.append((x, sa, sb, torch.zeros(BATCH, layer.out_features)))
 
     def lora_alone() -> None:
         with torch.inference_mode():
-            for x, at, bt, y in work:
-                slot_ops.grouped_add(y, x, at, bt, layout)
+            for x, sa, sb, y in work:
+                slot_ops.grouped_add(y, x, sa, sb, layout)
 
     one, mixed, alone = [], [], []
     for _ in range(max(3, rounds)):

@@ -329,3 +329,23 @@ def test_a_lone_joiner_waits_for_company_up_to_join_wait_prefills(store):
                            (third, PROMPTS[2], BASE)):
             tokens, _ = solo_reference(store, name, p, h.request.max_new_tokens)
             assert list(h.result().tokens) == tokens
+
+
+def test_a_mixed_decode_step_runs_the_grouped_plan(store, monkeypatch):
+    """Once both requests decode, each step runs every LoRA layer as one batched matmul
+    pair (``Grouped``), never the per-slot gather: a fallback fails here, not only in
+    the benchmark."""
+    from loratree.ops import plan as plans
+
+    chosen = []
+    real = plans.choose_plan
+    monkeypatch.setattr(plans, "choose_plan",
+                        lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+    engine = _engine(store)
+    for name, prompt in (("qv-r2", PROMPTS[0]), ("all-r4", PROMPTS[3])):
+        engine.submit(Request(prompt, adapter=name, max_new_tokens=6))
+    for _ in range(3):  # prefill, then decode
+        engine.step()
+    chosen.clear()
+    engine.step()
+    assert chosen and all(isinstance(p, plans.Grouped) for p in chosen), chosen
