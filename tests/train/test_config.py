@@ -35,6 +35,10 @@ def test_modules_to_save_flag_reaches_the_lora_config():
     assert TrainConfig(modules_to_save="lm_head").modules_to_save == ("lm_head",)
     with pytest.raises(ValueError, match="modules_to_save needs method 'lora'"):
         TrainConfig(modules_to_save=("lm_head",), method="prefix")
+    args = build_parser().parse_args(["train", "--lora-bias"])
+    assert config_from_args(args).lora().lora_bias
+    with pytest.raises(ValueError, match="use_dora and lora_bias cannot be combined"):
+        TrainConfig(use_dora=True, lora_bias=True)
 
 
 def test_unknown_toml_key_is_named(tmp_path):
