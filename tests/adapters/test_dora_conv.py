@@ -209,3 +209,26 @@ def test_wrong_magnitude_shape_is_refused_naming_the_key(made, tmp_path, bad):
     save_file(tensors, f)
     with pytest.raises(ShapeMismatchError, match=r"conv2d\.lora_magnitude_vector"):
         load_adapter(tiny_convnet(), path)
+
+
+def test_set_slot_takes_peft_magnitude_shapes(made):
+    """The serving path (``SlotTable`` calls ``set_slot`` with the file's tensors): a plain
+    LoRA slot replaced by the DoRA adapter, magnitudes in PEFT's conv shapes, gives PEFT's
+    output; a magnitude of another shape is refused naming the layer."""
+    from loratree.layers import SlotSpec
+
+    model = tiny_convnet()
+    load_adapter(model, made["lora-conv-r2"][0])
+    path, theirs = made["dora-conv-r4"]
+    adapter = read_adapter(path)
+    layers = surgery.lora_layers(model)
+    spec = SlotSpec(rank=4, alpha=8, dora=True)
+    for name, (a, b) in adapter.weights.items():
+        layers[name].set_slot(0, spec, a, b, adapter.magnitudes[name])
+    ids = _ids(2, seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(_run(model, torch.tensor([0, 0]), ids), theirs(ids),
+                                   atol=1e-5, rtol=0)
+    a, b = adapter.weights["conv1d"]
+    with pytest.raises(ValueError, match=r"conv1d.*\(1, 16, 1\)"):
+        layers["conv1d"].set_slot(0, spec, a, b, torch.ones(1, 1, 16))
