@@ -46,8 +46,8 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alpha overrides, as ``rank_pattern``."""
     use_dora: bool = False
-    """DoRA (PEFT's ``use_dora``): each adapted linear layer also learns a magnitude per
-    output feature, ``y = bias + m / ||W + s B A|| * (W x + s B A x)``."""
+    """DoRA (PEFT's ``use_dora``): each adapted linear or convolution layer also learns a
+    magnitude per output feature (channel), ``y = bias + m / ||W + s B A|| * (W x + s B A x)``."""
     lora_bias: bool = False
     """PEFT's ``lora_bias``: every adapted linear layer's B gets a trainable bias b, and
     the branch becomes ``scale * (B A x + b)`` (merging adds ``scale * b`` to the base

@@ -95,7 +95,8 @@ class AdapterFile:
     embeddings: frozenset[str] = frozenset()
     """Modules whose tensors are PEFT's ``lora_embedding_A`` / ``_B`` (embedding layers)."""
     magnitudes: dict[str, Tensor] = field(default_factory=dict)
-    """DoRA (``config.use_dora``): per module, the magnitude ``(out,)``."""
+    """DoRA (``config.use_dora``): per module, the magnitude as PEFT stores it: ``(out,)``,
+    a convolution's ``(1, out, 1, ...)``."""
     biases: dict[str, Tensor] = field(default_factory=dict)
     """Per module, B's bias ``(out,)`` (``lora_bias``)."""
     copies: dict[str, dict[str, Tensor]] = field(default_factory=dict)
@@ -142,8 +143,9 @@ def save_adapter(
         tensors[peft_key(name, "a", emb)] = layer.lora_a[slot].detach().contiguous().cpu()
         tensors[peft_key(name, "b", emb)] = layer.lora_b[slot].detach().contiguous().cpu()
         if str(slot) in layer.lora_magnitude:  # DoRA
-            m = layer.lora_magnitude[str(slot)]
-            tensors[magnitude_key(name)] = m.detach().contiguous().cpu()
+            m = layer.lora_magnitude[str(slot)]  # (out,); PEFT's file shape per layer kind
+            tensors[magnitude_key(name)] = m.detach().reshape(
+                layer.magnitude_shape(m.shape[0])).contiguous().cpu()
         if layer.has_bias(slot):
             tensors[peft_key(name, "bias", emb)] = layer.lora_bias[slot].detach().cpu()
     copies = {n: c for n, c in copy_layers(model).items() if c.has(slot)}
@@ -413,8 +415,9 @@ def _checkcheck_magnitude(adapter: AdapterFile, module: str, layer: object, labe
         return
     if not getattr(layer, "dora_ok", False):
         raise TargetError(f"{label}: {magnitude_key(module)!r}: DoRA is supported on linear "
-                          f"layers only, {module!r} is a {type(layer).__name__}")
-    want = (layer.b_shape(1)[0],)
+                          f"and convolution layers only, {module!r} is a "
+                          f"{type(layer).__name__}")
+    want = layer.magnitude_shape(layer.b_shape(1)[0])
     if tuple(m.shape) != want:
         raise ShapeMismatchError(f"{label}: {magnitude_key(module)!r} has shape "
                                  f"{tuple(m.shape)}, the model needs {want}")

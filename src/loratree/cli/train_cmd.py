@@ -15,6 +15,8 @@ from loratree.train import TrainConfig, train
 __all__ = ["add_parser", "config_from_args", "run"]
 
 _ALIASES = {"eval_data": ["--eval"], "use_rslora": ["--rslora"], "use_dora": ["--dora"]}
+_LISTS = {"targets": "comma-separated target patterns (default: all-linear)",
+          "modules_to_save": "comma-separated modules trained as full copies (lm_head)"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,10 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         if kind is bool:
             p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                            default=None)
-        elif f.name == "targets":
+        elif f.name in _LISTS:
             p.add_argument(*flags, dest=f.name, default=None,
                            type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()),
-                           help="comma-separated target patterns (default: all-linear)")
+                           help=_LISTS[f.name])
         else:
             p.add_argument(*flags, dest=f.name, default=None, type=_scalar(kind),
                            help=f"default: {f.default}")

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from loratree.errors import NonFiniteError, QuantizedBaseError
 from loratree.layers import dora, lora_bias
 from loratree.layers.context import SlotContext
+from loratree.layers.layout import FeatureLayout
 from loratree.layers.spec import SlotSpec
 from loratree.ops import lora as lora_ops
 from loratree.ops import slots as slot_ops
@@ -34,7 +35,7 @@ tokens are gathered); otherwise (prefill, training) one matmul pair per slot, or
 rows, over that slot's tokens."""
 
 
-class LoraModule(nn.Module):
+class LoraModule(FeatureLayout, nn.Module):
     """Base of the LoRA wrappers. Subclasses define shapes, tokens and the branch."""
 
     def __init__(self, base: nn.Module, ctx: SlotContext, name: str = "") -> None:
@@ -138,7 +139,7 @@ class LoraModule(nn.Module):
         return len(self.specs) - 1
 
     dora_ok = False
-    """Whether DoRA slots are implemented (matrix multiplies: ``LoraLinear``)."""
+    """Whether DoRA slots are implemented (``LoraLinear``, ``LoraConv``)."""
 
     def _drop_caches(self, slot: int | None = None) -> None:
         self.__dict__.pop("_live", None)
@@ -170,7 +171,8 @@ class LoraModule(nn.Module):
         if self.specs[slot].dora and self.specs[slot].rank:
             if magnitude is None:
                 raise ValueError(f"{self.module_name}: DoRA slot {slot} needs its magnitude")
-            pairs.append(("magnitude", magnitude, self.lora_magnitude[str(slot)]))
+            pairs.append(("magnitude", dora.as_vector(self, magnitude),
+                          self.lora_magnitude[str(slot)]))
         if bias is not None or self.has_bias(slot):
             pairs.append(("bias", bias if bias is not None else a.new_zeros(0),
                           self.lora_bias[slot]))
@@ -454,10 +456,6 @@ class LoraModule(nn.Module):
         """(A, B) of ``slot`` as fp32 matrices ``(r, in)``, ``(out, r)``."""
         a, b = self.lora_a[slot].float(), self.lora_b[slot].float()
         return a.flatten(1), b.flatten(1)
-
-    def to_weight_layout(self, delta: Tensor) -> Tensor:
-        """An ``(out, in)`` update in the base weight's layout; subclasses override."""
-        return delta
 
     def delta_weight(self, slot: int) -> Tensor:
         """``scale * B @ A`` of ``slot`` in the base weight's layout (fp32)."""

@@ -51,6 +51,10 @@ class LoraLinear(LoraModule):
         out = lora_ops.branch(self._dropout(x.to(a.dtype), slot), a, b, s)
         return out + self.lora_bias[slot] * s if self.has_bias(slot) else out
 
+    def undropped_branch(self, x: Tensor, slot: int) -> Tensor:
+        a, b = self.lora_a[slot], self.lora_b[slot]
+        return lora_ops.branch(x.to(a.dtype), a, b, self.specs[slot].scale)
+
     def add_branch(self, y: Tensor, x: Tensor, slot: int) -> Tensor:
         """y + s * ((x A^T) B^T + b), the expand, scale and add fused into one addmm."""
         a, b = self.lora_a[slot], self.lora_b[slot]
