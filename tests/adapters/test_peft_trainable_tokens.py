@@ -180,15 +180,17 @@ def _store(tmp_path, paths):
 
 
 def _greedy(base, path, prompt, n):
-    """PEFT's greedy continuation (no cache: the whole sequence each step)."""
+    """PEFT's greedy continuation (no cache: the whole sequence each step) and each step's
+    logits."""
     model = copy.deepcopy(base)
     if path is not None:
         model = peft.PeftModel.from_pretrained(model, path).eval()
-    ids = list(prompt)
+    ids, logits = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+            logits.append(model(torch.tensor([ids])).logits[0, -1])
+            ids.append(int(logits[-1].argmax()))
+    return ids[len(prompt):], torch.stack(logits)
 
 
 @pytest.mark.parametrize("pack", [False, True], ids=["unpacked", "packed"])
@@ -197,7 +199,7 @@ def test_engine_mixed_requests_equal_peft_solo_greedy(made, tmp_path, pack):
     model = copy.deepcopy(base)
     table = SlotTable(model, AdapterCache(_store(tmp_path, paths), 10**7), n_slots=4,
                       max_rank=8)
-    engine = Engine(model, tiny_tokenizer(VOCAB), table, pack_joins=pack)
+    engine = Engine(model, tiny_tokenizer(VOCAB), table, pack_joins=pack, keep_logits=True)
     prompts = [[3, 5, 40, 7], [9, 100, 5], [64, 11, 3, 127, 2], [5, 5, 9]]
     plan = [("a0", prompts[0], 6, 0), ("a2", prompts[1], 5, 0), (BASE, prompts[2], 4, 1),
             ("a1", prompts[3], 5, 1), ("a3", prompts[0], 4, 2), ("a2", prompts[2], 4, 2),
@@ -213,7 +215,9 @@ def test_engine_mixed_requests_equal_peft_solo_greedy(made, tmp_path, pack):
     assert (engine.packed_joins > 0) == pack
     for i, (name, prompt, n, _) in enumerate(plan):
         path = None if name == BASE else paths[int(name[1:])]
-        assert list(handles[i].result().tokens) == _greedy(base, path, prompt, n), name
+        tokens, logits = _greedy(base, path, prompt, n)
+        assert list(handles[i].result().tokens) == tokens, name
+        torch.testing.assert_close(torch.stack(handles[i].logits), logits, atol=1e-4, rtol=0)
 
 
 def test_slot_table_refuses_rows_over_its_budget(made, tmp_path):
@@ -275,3 +279,32 @@ def test_bad_files_are_refused_naming_the_key(made, tmp_path, case):
     assert not surgery.token_layers(model) and not surgery.lora_layers(model)
     if case == "out-of-vocabulary":
         read_adapter(bad)  # the vocabulary is the model's: only loading can check it
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_train_flag_learns_token_rows_that_peft_loads(tmp_path, tied):
+    from loratree.cli.main import build_parser
+    from loratree.cli.train_cmd import config_from_args
+    from loratree.models.tiny import tiny_tokenizer
+    from loratree.train import TrainConfig, train
+
+    args = build_parser().parse_args(
+        ["train", "--trainable-tokens", "5,6,7", "--rank", "2", "--targets", "q_proj",
+         "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "0",
+         "--out", str(tmp_path / "a")])
+    config = config_from_args(args)
+    assert config.lora().trainable_token_indices == (5, 6, 7)
+    with pytest.raises(ValueError, match=r"trainable_tokens repeats token ids \[6\]"):
+        TrainConfig(trainable_tokens=(6, 6))
+    base = llama(tied)
+    records = [{"prompt": "w5 w6", "completion": "w6 w7"}, {"prompt": "w7", "completion": "w5"}]
+    train(config, model=copy.deepcopy(base), tokenizer=tiny_tokenizer(VOCAB), rows=records,
+          progress=False)
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))[KEY]
+    assert not torch.equal(saved, base.model.embed_tokens.weight[[5, 6, 7]])  # learned
+    ids = token_ids(2, 6, seed=5) % 8
+    ours = copy.deepcopy(base)
+    load_adapter(ours, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, solo(base, tmp_path / "a", ids),
+                                   atol=1e-4, rtol=0)

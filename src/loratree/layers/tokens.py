@@ -176,7 +176,7 @@ class TokenRows(nn.Module):
             out.append((self.ids_of(slot), self.rows_of(slot)))
         return out
 
-    def _apply(self, y: Tensor, x: Tensor, slot: int, tokens: Tensor | None) -> Tensor:
+    def _write_over(self, y: Tensor, x: Tensor, slot: int, tokens: Tensor | None) -> Tensor:
         for ids, rows in self.overrides(slot):
             if self.embedding:
                 scale = getattr(self.base, "embed_scale", None)  # Gemma scales lookups
@@ -193,13 +193,13 @@ class TokenRows(nn.Module):
         flat_x = x.reshape(n) if self.embedding else x.reshape(n, x.shape[-1])
         out = y.reshape(n, y.shape[-1])
         if ctx.index is None:
-            return self._apply(out, flat_x, ctx.active, None).view(y.shape)
+            return self._write_over(out, flat_x, ctx.active, None).view(y.shape)
         slots = [k for k in ctx.batch_slots() if self.overrides(k)]
         if not slots:
             return y
         tokens = ctx.head_slots(x.shape[0] if x.dim() > 1 else 1, n)
         for slot in slots:
-            out = self._apply(out, flat_x, slot, tokens == slot)
+            out = self._write_over(out, flat_x, slot, tokens == slot)
         return out.view(y.shape)
 
     # -- merge ----------------------------------------------------------------------------
