@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from loratree.config import LoraConfig, PrefixConfig
+from loratree.config import LoraConfig, PrefixConfig, token_problems
 
 __all__ = ["TrainConfig"]
 
@@ -55,6 +55,9 @@ class TrainConfig:
     modules_to_save: tuple[str, ...] = ()
     """Modules trained as full copies beside the LoRA factors (PEFT's ``modules_to_save``,
     such as ``("lm_head",)``); saved under the module's own name. LoRA only."""
+    trainable_tokens: tuple[int, ...] = ()
+    """PEFT's ``trainable_token_indices``: token ids whose rows of the input embedding (and
+    of a head tied to it) the adapter learns, beside its LoRA layers (LoRA only)."""
     virtual_tokens: int = 20
     """Prefix-tuning: virtual tokens per attention layer."""
     prefix_projection: bool = False
@@ -105,8 +108,15 @@ class TrainConfig:
         saved = self.modules_to_save
         object.__setattr__(self, "modules_to_save",
                            (saved,) if isinstance(saved, str) else tuple(saved))
+        tokens = self.trainable_tokens
+        object.__setattr__(self, "trainable_tokens",
+                           tuple(tokens) if isinstance(tokens, list | tuple) else tokens)
         problems = (_number_problems(self) + _grow_problems(self) + _tree_problems(self)
                     + _feature_problems(self))
+        problems += [p.replace("trainable_token_indices", "trainable_tokens")
+                     for p in token_problems(self.trainable_tokens)]
+        if self.trainable_tokens and self.method != "lora":
+            problems.append(f"trainable_tokens needs method 'lora', got {self.method!r}")
         if self.method not in ("lora", "prefix", "full"):
             problems.append(f"method must be 'lora', 'prefix' or 'full', got {self.method!r}")
         if self.prefix_positions not in ("shift", "keep"):
@@ -131,7 +141,8 @@ class TrainConfig:
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                           targets=self.targets, use_rslora=self.use_rslora,
                           use_dora=self.use_dora, lora_bias=self.lora_bias,
-                          modules_to_save=self.modules_to_save)
+                          modules_to_save=self.modules_to_save,
+                          trainable_token_indices=self.trainable_tokens)
 
     def prefix(self) -> PrefixConfig:
         return PrefixConfig(n_virtual=self.virtual_tokens, projection=self.prefix_projection,
