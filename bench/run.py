@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from bench.contenders import load_model, random_ids
+from bench.dora_rows import dora_tables
 from bench.harness import configure_threads, machine_info
 from bench.lora_rows import file_tables, forward_tables, merge_tables
 from bench.prefix_rows import prefix_tables
@@ -32,8 +33,8 @@ FULL = {"forward": 20, "ops": 30, "train": 9}
 QUICK = {"forward": 2, "ops": 3, "train": 2}
 QUALITY_TARGET = 0.90
 """Acceptance: LoRA r=8 all-linear reaches 90% of full fine-tuning's held-out exact match."""
-GROUPS = ("forward", "merge", "files", "train", "qlora", "prefix", "serve", "many", "sweep",
-          "tree", "quality")
+GROUPS = ("forward", "merge", "files", "train", "qlora", "prefix", "dora", "serve", "many",
+          "sweep", "tree", "quality")
 QLORA_GAP = 5.0
 """Acceptance: QLoRA's held-out exact match is within this many points of LoRA's."""
 
@@ -80,6 +81,8 @@ def run(quick: bool, quality_steps: int = 30, groups: tuple[str, ...] = GROUPS) 
             prefix, prefix_checks = prefix_tables(base, repeats["train"], Path(tmp))
         tables += prefix
         checks += prefix_checks
+    if want("dora"):
+        tables += dora_tables(base, repeats["ops"])[0]
     tokenizer = load_base(None)[1] if want("serve") or want("quality") else None
     if want("serve"):
         served, serve_checks = serve_tables(base, tokenizer, repeats["train"])

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["LoraConfig", "PrefixConfig", "QuantConfig"]
+__all__ = ["LoraConfig", "PrefixConfig", "QuantConfig", "token_problems"]
 
 InitKind = Literal["kaiming", "gaussian"]
 
@@ -46,8 +46,8 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alpha overrides, as ``rank_pattern``."""
     use_dora: bool = False
-    """DoRA (PEFT's ``use_dora``): each adapted linear layer also learns a magnitude per
-    output feature, ``y = bias + m / ||W + s B A|| * (W x + s B A x)``."""
+    """DoRA (PEFT's ``use_dora``): each adapted linear or convolution layer also learns a
+    magnitude per output feature (channel), ``y = bias + m / ||W + s B A|| * (W x + s B A x)``."""
     lora_bias: bool = False
     """PEFT's ``lora_bias``: every adapted linear layer's B gets a trainable bias b, and
     the branch becomes ``scale * (B A x + b)`` (merging adds ``scale * b`` to the base
@@ -61,7 +61,11 @@ class LoraConfig:
     expert) or routers (``mlp.gate.weight``). Each entry is a full parameter name or a
     suffix of one after a dot. ``all-linear`` adds these on the MoE models where PEFT
     does (see docs/adapters.md)."""
-
+    trainable_token_indices: tuple[int, ...] | dict[str, tuple[int, ...]] = ()
+    """PEFT's ``trainable_token_indices``: token ids whose rows of the input embedding
+    this adapter replaces by trainable rows of its own (a list), or per module name (a
+    module name or suffix, e.g. ``embed_tokens``) its ids (a dict). A head tied to the
+    embedding uses the same rows."""
 
     def __post_init__(self) -> None:
         for name in ("targets", "exclude", "target_parameters"):
@@ -70,6 +74,13 @@ class LoraConfig:
         if isinstance(self.modules_to_save, str):
             object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
+        tokens = self.trainable_token_indices
+        if isinstance(tokens, dict):
+            tokens = {k: tuple(v) if isinstance(v, list | tuple) else v
+                      for k, v in tokens.items()}
+        elif isinstance(tokens, list | tuple):
+            tokens = tuple(tokens)
+        object.__setattr__(self, "trainable_token_indices", tokens or ())
         problems = self._feature_problems()
         if not isinstance(self.rank, int) or self.rank < 1:
             problems.append(f"rank must be a positive int, got {self.rank!r}")
@@ -100,10 +111,36 @@ class LoraConfig:
                             "whole layer output)")
         if not all(isinstance(m, str) and m for m in self.modules_to_save):
             problems.append(f"modules_to_save must be module names, got {self.modules_to_save!r}")
-        return problems
+        return problems + token_problems(self.trainable_token_indices)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def token_problems(tokens: object) -> list[str]:
+    """What is wrong with a ``trainable_token_indices`` value: it must be a list of distinct
+    token ids (ints >= 0), or a dict of module names to such lists."""
+    name = "trainable_token_indices"
+    if tokens == ():
+        return []
+    if isinstance(tokens, tuple):
+        groups = {"": tokens}
+    elif isinstance(tokens, dict):
+        groups = tokens
+    else:
+        return [f"{name} must be a list of token ids or a dict of them, got {tokens!r}"]
+    problems = []
+    for key, ids in groups.items():
+        label = f"{name}[{key!r}]" if key else name
+        if not isinstance(key, str) or (isinstance(tokens, dict) and not key):
+            problems.append(f"{name}: keys must be module names, got {key!r}")
+        elif not isinstance(ids, tuple) or not ids or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            problems.append(f"{label} must be a non-empty list of token ids >= 0, got {ids!r}")
+        elif len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            problems.append(f"{label} repeats token ids {twice[:8]}")
+    return problems
 
 
 def _finite_number(x: object) -> bool:

@@ -3,6 +3,7 @@ PEFT's logits, per row in mixed batches on every strategy, merge and switch, fil
 train load in PEFT, bad files get typed errors naming the key."""
 
 import copy
+import json
 import shutil
 
 import peft
@@ -14,6 +15,7 @@ from loratree import surgery
 from loratree.adapters import load_adapter, save_adapter
 from loratree.config import LoraConfig
 from loratree.errors import (
+    AdapterConfigError,
     MergeError,
     MissingKeyError,
     NonFiniteError,
@@ -189,3 +191,21 @@ def test_a_bias_without_lora_bias_in_the_config_is_refused(made, tmp_path):
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias", torch.zeros(32)))
     with pytest.raises(UnexpectedKeyError, match=r"q_proj\.lora_B\.bias.*lora_bias"):
         load_adapter(copy.deepcopy(base), bad)
+
+
+def test_dora_with_lora_bias_is_refused_as_peft_refuses_it(made, tmp_path):
+    """PEFT 0.21.2's LoraConfig refuses ``use_dora`` with ``lora_bias``; so do we, in our
+    config and in a file's config (a hand-edited one: PEFT never writes the pair)."""
+    with pytest.raises(ValueError, match="lora_bias=True is not supported for DoRA"):
+        peft.LoraConfig(use_dora=True, lora_bias=True)
+    with pytest.raises(ValueError, match="use_dora and lora_bias cannot be combined"):
+        LoraConfig(rank=2, alpha=4, use_dora=True, lora_bias=True)
+    base, paths = made
+    bad = shutil.copytree(paths[0], tmp_path / "bad")
+    raw = json.loads((bad / "adapter_config.json").read_text())
+    raw["use_dora"] = True
+    (bad / "adapter_config.json").write_text(json.dumps(raw))
+    model = copy.deepcopy(base)
+    with pytest.raises(AdapterConfigError, match="use_dora and lora_bias"):
+        load_adapter(model, bad)
+    assert not surgery.lora_layers(model)

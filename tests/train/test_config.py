@@ -26,6 +26,21 @@ def test_toml_then_flags_override(tmp_path):
                                  eval_data="b.jsonl", use_rslora=True)
 
 
+def test_modules_to_save_flag_reaches_the_lora_config():
+    args = build_parser().parse_args(["train", "--modules-to-save", "lm_head", "--targets",
+                                      "q_proj"])
+    config = config_from_args(args)
+    assert config.modules_to_save == ("lm_head",)
+    assert config.lora().modules_to_save == ("lm_head",)
+    assert TrainConfig(modules_to_save="lm_head").modules_to_save == ("lm_head",)
+    with pytest.raises(ValueError, match="modules_to_save needs method 'lora'"):
+        TrainConfig(modules_to_save=("lm_head",), method="prefix")
+    args = build_parser().parse_args(["train", "--lora-bias"])
+    assert config_from_args(args).lora().lora_bias
+    with pytest.raises(ValueError, match="use_dora and lora_bias cannot be combined"):
+        TrainConfig(use_dora=True, lora_bias=True)
+
+
 def test_unknown_toml_key_is_named(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('data = "a.jsonl"\nrnak = 4\n')

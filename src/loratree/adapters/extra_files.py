@@ -27,7 +27,8 @@ __all__ = ["check_biases", "check_copies", "check_copy_shapes", "check_magnitude
 def check_magnitude(path: Path, module: str, pair: dict[str, Tensor], config: LoraConfig
                ) -> Tensor:
     """One module's DoRA magnitude, checked: present exactly when the config says
-    ``use_dora``, float, one finite value per output feature (B's rows)."""
+    ``use_dora``, float, one finite value per output feature (B's rows), in PEFT's shape:
+    ``(out,)``, or ``(1, out, 1, ...)`` for a convolution (a B of more than 2 dims)."""
     key = magnitude_key(module)
     if not config.use_dora:
         raise UnexpectedKeyError(f"{path.name}: {key!r} is a DoRA magnitude, but the config "
@@ -38,9 +39,10 @@ def check_magnitude(path: Path, module: str, pair: dict[str, Tensor], config: Lo
     if not m.is_floating_point():
         raise CorruptFileError(f"{path.name}: {key!r} holds {m.dtype}; a DoRA magnitude is "
                                "floating point")
-    if tuple(m.shape) != (out,):
+    want = (out,) if pair["b"].dim() <= 2 else (1, out, *[1] * (pair["b"].dim() - 2))
+    if tuple(m.shape) != want:
         raise ShapeMismatchError(f"{path.name}: {key!r} has shape {tuple(m.shape)}; DoRA on "
-                                 f"this module needs ({out},) (one value per output feature)")
+                                 f"this module needs {want} (one value per output feature)")
     if not torch.isfinite(m).all():
         raise NonFiniteError(f"{path.name}: {key!r} holds NaN or Inf")
     return m

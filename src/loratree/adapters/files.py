@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,11 +39,19 @@ from loratree.adapters.peft_format import (
     matches_saved,
     parse_copy_key,
     parse_key,
+    parse_token_key,
     peft_key,
     read_config,
 )
 from loratree.adapters.prefix_files import PEFT_TYPE, load_prefix, read_prefix, save_prefix
 from loratree.adapters.safetensors_io import read_safetensors
+from loratree.adapters.summary import summarize, target_modules
+from loratree.adapters.token_files import (
+    check_tokens_against,
+    read_tokens,
+    token_bytes,
+    token_tensors,
+)
 from loratree.config import LoraConfig
 from loratree.errors import (
     AdapterFileError,
@@ -66,6 +72,7 @@ from loratree.surgery import (
     lora_layers,
     prefix_bank,
     saved_modules,
+    token_layers,
 )
 from loratree.surgery.inject import wrap
 from loratree.surgery.params import all_linear_config, find_parameters
@@ -95,17 +102,21 @@ class AdapterFile:
     embeddings: frozenset[str] = frozenset()
     """Modules whose tensors are PEFT's ``lora_embedding_A`` / ``_B`` (embedding layers)."""
     magnitudes: dict[str, Tensor] = field(default_factory=dict)
-    """DoRA (``config.use_dora``): per module, the magnitude ``(out,)``."""
+    """DoRA (``config.use_dora``): per module, the magnitude as PEFT stores it: ``(out,)``,
+    a convolution's ``(1, out, 1, ...)``."""
     biases: dict[str, Tensor] = field(default_factory=dict)
     """Per module, B's bias ``(out,)`` (``lora_bias``)."""
     copies: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     """Per module of ``modules_to_save``, its full copy: {"weight": ..., "bias": ...}."""
 
+    tokens: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """Per module of ``trainable_token_indices``: (token ids ``(n,)``, rows ``(n, dim)``)."""
+
     @property
     def copy_bytes(self) -> int:
-        """What the full copies cost in memory, as stored."""
+        """What the full copies and token rows cost in memory, as stored."""
         return sum(t.numel() * t.element_size() for c in self.copies.values()
-                   for t in c.values())
+                   for t in c.values()) + token_bytes(self.tokens)
     params: frozenset[str] = frozenset()
     """Entries of ``weights`` that are adapted parameters (``target_parameters``), by full
     parameter name, their factors in our layout (``ops.experts``)."""
@@ -142,8 +153,9 @@ def save_adapter(
         tensors[peft_key(name, "a", emb)] = layer.lora_a[slot].detach().contiguous().cpu()
         tensors[peft_key(name, "b", emb)] = layer.lora_b[slot].detach().contiguous().cpu()
         if str(slot) in layer.lora_magnitude:  # DoRA
-            m = layer.lora_magnitude[str(slot)]
-            tensors[magnitude_key(name)] = m.detach().contiguous().cpu()
+            m = layer.lora_magnitude[str(slot)]  # (out,); PEFT's file shape per layer kind
+            tensors[magnitude_key(name)] = m.detach().reshape(
+                layer.magnitude_shape(m.shape[0])).contiguous().cpu()
         if layer.has_bias(slot):
             tensors[peft_key(name, "bias", emb)] = layer.lora_bias[slot].detach().cpu()
     copies = {n: c for n, c in copy_layers(model).items() if c.has(slot)}
@@ -152,13 +164,16 @@ def save_adapter(
         tensors[copy_key(name, "weight")] = weight.detach().contiguous().cpu()
         if bias is not None:
             tensors[copy_key(name, "bias")] = bias.detach().contiguous().cpu()
+    token_rows, token_ids = token_tensors(model, slot)
+    tensors.update(token_rows)
     specs = {n: m.specs[slot] for n, m in layers.items()}
-    config = summarize(specs, frozenset(params), tuple(copies))
+    config = dataclasses.replace(summarize(specs, frozenset(params), tuple(copies)),
+                                 trainable_token_indices=token_ids)
     if base_model is None:
         base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     raw = config_to_peft(
         config,
-        _target_modules(model, [n for n in layers if n not in params]),
+        target_modules(model, [n for n in layers if n not in params]),
         base_model=base_model,
         task_type="CAUSAL_LM" if hasattr(model, "generate") else None,
         fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in layers.values()),
@@ -184,8 +199,12 @@ def read_adapter(path: str | Path) -> AdapterFile:
     base_weights: dict[str, Tensor] = {}
     biases: dict[str, Tensor] = {}
     copies: dict[str, dict[str, Tensor]] = {}
+    token_rows: dict[str, Tensor] = {}
     embeddings = set()
     for key, t in tensors.items():
+        if (module := parse_token_key(key)) is not None:
+            token_rows[module] = t
+            continue
         if key.endswith(".base_layer.weight"):  # PEFT saves targeted embeddings whole
             base_weights[key.removeprefix("base_model.model.")[: -len(".base_layer.weight")]] = t
             continue
@@ -216,7 +235,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
     check_copies(path.name, copies)
     return AdapterFile(config, weights, base_weights, raw, frozenset(embeddings),
                        magnitudes=magnitudes, biases=biases, copies=copies,
-                       pending=pending)
+                       pending=pending, tokens=read_tokens(path.name, config, token_rows))
 
 
 def _named_module(config: LoraConfig, module: str) -> bool:
@@ -321,6 +340,10 @@ def load_adapter_file(model: nn.Module, adapter: AdapterFile, label: str, *,
             for p, t in zip(copies[module].parameters_of(report.slot),
                             (parts["weight"], parts.get("bias")), strict=False):
                 p.copy_(t)
+    rows = token_layers(model)
+    with torch.no_grad():
+        for module, (_, t) in adapter.tokens.items():
+            rows[module].rows_of(report.slot).copy_(t)
     if not trainable:
         for p in adapter_parameters(model, report.slot):
             p.requires_grad_(False)
@@ -413,55 +436,12 @@ def _checkcheck_magnitude(adapter: AdapterFile, module: str, layer: object, labe
         return
     if not getattr(layer, "dora_ok", False):
         raise TargetError(f"{label}: {magnitude_key(module)!r}: DoRA is supported on linear "
-                          f"layers only, {module!r} is a {type(layer).__name__}")
-    want = (layer.b_shape(1)[0],)
+                          f"and convolution layers only, {module!r} is a "
+                          f"{type(layer).__name__}")
+    want = layer.magnitude_shape(layer.b_shape(1)[0])
     if tuple(m.shape) != want:
         raise ShapeMismatchError(f"{label}: {magnitude_key(module)!r} has shape "
                                  f"{tuple(m.shape)}, the model needs {want}")
-
-
-def summarize(specs: dict[str, object], params: frozenset[str] = frozenset(),
-              saved: tuple[str, ...] = ()) -> LoraConfig:
-    """One config for per-layer specs; ``params`` of them are adapted parameters,
-    ``saved`` the modules with full copies."""
-    ranks = Counter(s.rank for s in specs.values())
-    alphas = Counter(s.alpha for s in specs.values())
-    dropouts = {s.dropout for s in specs.values()}
-    rslora = {s.rslora for s in specs.values()}
-    if len(rslora) > 1:
-        raise ValueError("cannot save one adapter that mixes rsLoRA and plain LoRA scaling")
-    dora = {s.dora for s in specs.values()}
-    if len(dora) > 1:
-        raise ValueError("cannot save one adapter that mixes DoRA and plain LoRA layers")
-    biased = {s.bias for s in specs.values()}
-    if len(biased) > 1:
-        raise ValueError("cannot save one adapter with a LoRA bias on some layers only "
-                         "(PEFT's lora_bias holds for every adapted layer)")
-    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
-    return LoraConfig(
-        rank=rank,
-        alpha=alpha,
-        dropout=max(dropouts),
-        targets=tuple(n for n in specs if n not in params),
-        target_parameters=tuple(n for n in specs if n in params),
-        use_rslora=rslora.pop(),
-        use_dora=dora.pop(),
-        lora_bias=biased.pop(),
-        modules_to_save=saved,
-        rank_pattern={re.escape(n): s.rank for n, s in specs.items() if s.rank != rank},
-        alpha_pattern={re.escape(n): s.alpha for n, s in specs.items() if s.alpha != alpha},
-    )
-
-
-def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
-    """The shortest PEFT ``target_modules`` that selects exactly ``names`` in this model."""
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    selected = {n for n in adaptable_modules(model) if any(
-        n == s or n.endswith("." + s) for s in suffixes
-    )}
-    if selected == set(names):
-        return suffixes
-    return "|".join(re.escape(n) for n in names)
 
 
 def _check_extras_against(model: nn.Module, adapter: AdapterFile, label: str,
@@ -487,3 +467,5 @@ def _check_extras_against(model: nn.Module, adapter: AdapterFile, label: str,
             raise UnexpectedKeyError(f"{label}: {copy_key(module, 'weight')!r} names module "
                                      f"{module!r}, which the model does not have")
         check_copy_shapes(label, module, parts, copies.get(module), model)
+    check_tokens_against(label, model, adapter.config, adapter.tokens,
+                         set(adapter.weights) | set(adapter.copies))

@@ -7,6 +7,9 @@ A DoRA adapter (``use_dora: true``) also holds ``<module>.lora_magnitude_vector`
 ``.weight`` suffix), one value per output feature.
 With ``lora_bias`` B's bias is ``...lora_B.bias``; a ``modules_to_save`` copy is saved
 under the module's own name: ``base_model.model.<module>.weight`` (and ``.bias``).
+Trainable token rows (``trainable_token_indices``) are
+``<module>.token_adapter.trainable_tokens_delta`` ``(n, dim)``: the rows themselves (not a
+difference), their ids in the config; a head tied to the embedding saves nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from loratree.config import LoraConfig
+from loratree.config import LoraConfig, token_problems
 from loratree.errors import AdapterConfigError, UnsafeFormatError
 
 __all__ = [
@@ -33,8 +36,10 @@ __all__ = [
     "param_factors_to_peft",
     "parse_copy_key",
     "parse_key",
+    "parse_token_key",
     "peft_key",
     "read_config",
+    "token_key",
     "wrapper_path",
 ]
 
@@ -50,10 +55,11 @@ _COPY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.modules_to_save\.[^.]+)?"
     r"\.(?P<param>weight|bias)$"
 )
+_TOKENS = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.token_adapter\.trainable_tokens_delta$")
 Part = Literal["a", "b", "bias", "m"]
 _UNSUPPORTED = {
     "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable token indices",
 }
 
 
@@ -123,6 +129,17 @@ def parse_copy_key(key: str) -> tuple[str, str] | None:
     return None if m is None else (m["module"], m["param"])
 
 
+def token_key(module: str) -> str:
+    """The key of a module's trainable token rows, as PEFT saves them."""
+    return f"{_PREFIX}{module}.token_adapter.trainable_tokens_delta"
+
+
+def parse_token_key(key: str) -> str | None:
+    """A trainable-token-rows key -> its module name, or None."""
+    m = _TOKENS.match(key)
+    return None if m is None else m["module"]
+
+
 def matches_saved(name: str, patterns: tuple[str, ...]) -> bool:
     """Whether module ``name`` is one of ``modules_to_save`` (PEFT: the name or a suffix
     after a dot)."""
@@ -188,6 +205,7 @@ def config_from_peft(raw: dict[str, Any]) -> LoraConfig:
         targets = ()
     else:
         raise AdapterConfigError(f"target_modules must be a string or a list, got {targets!r}")
+    tokens = _token_indices(raw)
     exclude = raw.get("exclude_modules") or ()
     exclude = (f"re:{exclude}",) if isinstance(exclude, str) else tuple(exclude)
     try:
@@ -204,9 +222,24 @@ def config_from_peft(raw: dict[str, Any]) -> LoraConfig:
             lora_bias=bool(raw.get("lora_bias", False)),
             modules_to_save=tuple(saved),
             target_parameters=tuple(params),
+            trainable_token_indices=tokens,
         )
     except (ValueError, TypeError) as e:
         raise AdapterConfigError(f"invalid LoRA settings: {e}") from e
+
+
+def _token_indices(raw: dict[str, Any]) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
+    """PEFT's ``trainable_token_indices`` (a list, or a dict of lists), checked: distinct
+    ids >= 0; the error names the field (and the dict's key)."""
+    tokens = raw.get("trainable_token_indices") or ()
+    if isinstance(tokens, dict):
+        tokens = {k: tuple(v) if isinstance(v, list) else v for k, v in tokens.items()}
+    elif isinstance(tokens, list):
+        tokens = tuple(tokens)
+    problems = token_problems(tokens) if tokens else []
+    if problems:
+        raise AdapterConfigError("; ".join(problems))
+    return tokens
 
 
 def config_to_peft(
@@ -240,4 +273,8 @@ def config_to_peft(
     }
     if config.use_dora:
         raw["use_dora"] = True
+    tokens = config.trainable_token_indices
+    if tokens:
+        raw["trainable_token_indices"] = ({k: list(v) for k, v in tokens.items()}
+                                          if isinstance(tokens, dict) else list(tokens))
     return raw

@@ -28,6 +28,7 @@ from torch import nn
 from loratree import surgery
 from loratree.adapters.cache import AdapterCache, LoadedAdapter
 from loratree.adapters.files import AdapterFile, check_against
+from loratree.adapters.token_files import token_bytes
 from loratree.errors import AdapterInUseError, CopyTooLargeError, RankTooLargeError, TargetError
 from loratree.layers import SlotSpec
 from loratree.surgery.targets import pattern_value
@@ -76,10 +77,11 @@ class SlotTable:
     (``LoraModule.stack_slots``: ``set_slot`` copies an adapter into its slot's row).
 
     An adapter with ``modules_to_save`` (full copies of e.g. ``lm_head``) costs its copies'
-    bytes per slot on top of its LoRA factors; one whose copies, in the model's dtype, come
-    to more than ``max_copy_bytes`` is refused (``CopyTooLargeError``, naming the adapter
-    and the bytes). The modules are wrapped (``FullCopy``) the first time an adapter needs
-    them.
+    bytes per slot on top of its LoRA factors, one with ``trainable_token_indices`` its
+    ``n x dim`` rows (and n ids; a tied head costs nothing more); one whose copies and rows,
+    in the model's dtype, come to more than ``max_copy_bytes`` is refused
+    (``CopyTooLargeError``, naming the adapter and the bytes). The modules are wrapped
+    (``FullCopy``, ``TokenRows``) the first time an adapter needs them.
     """
 
     def __init__(self, model: nn.Module, cache: AdapterCache, n_slots: int = 8,
@@ -258,21 +260,27 @@ class SlotTable:
         if adapter.kind == "lora" and adapter.rank > self.max_rank:
             raise RankTooLargeError(f"{adapter.name!r} has rank {adapter.rank}; the slots "
                                     f"take at most {self.max_rank}")
-        if adapter.kind == "lora" and adapter.lora is not None and adapter.lora.copies:
-            need = self._copy_bytes(adapter.lora.copies)
+        lora = adapter.lora if adapter.kind == "lora" else None
+        if lora is not None and (lora.copies or lora.tokens):
+            need = self._copy_bytes(lora.copies, lora.tokens)
             if need > self.max_copy_bytes:
+                what = ([f"modules_to_save copies ({', '.join(lora.copies)})"] * bool(
+                    lora.copies) + [f"trainable token rows ({', '.join(lora.tokens)})"] * bool(
+                    lora.tokens))
                 raise CopyTooLargeError(
-                    f"{adapter.name!r}: its modules_to_save copies "
-                    f"({', '.join(adapter.lora.copies)}) take {need:,} bytes per slot; the "
-                    f"slot table holds at most {self.max_copy_bytes:,} (max_copy_bytes)")
+                    f"{adapter.name!r}: its {' and '.join(what)} take {need:,} bytes per "
+                    f"slot; the slot table holds at most {self.max_copy_bytes:,} "
+                    "(max_copy_bytes)")
         if adapter.kind == "prefix" and adapter.rank > self.max_prefix:
             raise RankTooLargeError(f"{adapter.name!r} has {adapter.rank} virtual tokens; "
                                     f"the slots take at most {self.max_prefix}")
 
-    def _copy_bytes(self, copies: dict) -> int:
-        """Bytes the copies take on the model: its dtype (that of its first parameter)."""
+    def _copy_bytes(self, copies: dict, tokens: dict) -> int:
+        """Bytes the copies and token rows (with their ids) take on the model: its dtype
+        (that of its first parameter)."""
         size = next(self.model.parameters()).element_size()
-        return sum(t.numel() * size for parts in copies.values() for t in parts.values())
+        return (sum(t.numel() * size for parts in copies.values() for t in parts.values())
+                + token_bytes(tokens, size))
 
     def _free_slot(self) -> _Slot:
         free = [s for s in self._slots if s.name is None]
@@ -287,9 +295,14 @@ class SlotTable:
         for layer in self.layers.values():
             if layer.specs[index].rank:
                 layer.set_slot(index, _EMPTY)
-        for copy in surgery.copy_layers(self.model).values():
+        for copy in self._copies():
             copy.drop(index)
         surgery.clear_prefix(self.model, index)
+
+    def _copies(self) -> list:
+        """The full copies and token rows on the model (what a slot holds beyond LoRA)."""
+        return [*surgery.copy_layers(self.model).values(),
+                *surgery.token_layers(self.model, tied=False).values()]
 
     def _let_go(self, slot: _Slot) -> None:
         """Release the slot's hold on its adapter in the cache, keeping its weights."""
@@ -305,7 +318,7 @@ class SlotTable:
         for name in slot.layers:
             if name not in overwritten:
                 self.layers[name].set_slot(slot.index, empty)
-        for copy in surgery.copy_layers(self.model).values():
+        for copy in self._copies():
             copy.drop(slot.index)
         surgery.clear_prefix(self.model, slot.index)
         if self._by_name.get(slot.name) is slot:
@@ -359,6 +372,8 @@ class SlotTable:
             for module, parts in lora.copies.items():
                 surgery.wrap_copy(self.model, module, self.ctx).set_copy(
                     slot.index, parts["weight"], parts.get("bias"))
+            for module, (ids, rows) in lora.tokens.items():
+                surgery.wrap_tokens(self.model, module, self.ctx).set_rows(slot.index, ids, rows)
             slot.layers = tuple(weights)
         slot.name, slot.kind, slot.version = adapter.name, adapter.kind, adapter.version
         self._by_name[adapter.name] = slot

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loratree.adapters.files import AdapterFile, summarize
+from loratree.adapters.files import AdapterFile
 from loratree.adapters.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -44,6 +44,7 @@ from loratree.adapters.peft_format import (
     config_to_peft,
 )
 from loratree.adapters.store import FILES, AdapterInfo, AdapterStore
+from loratree.adapters.summary import summarize
 from loratree.errors import TreeError
 from loratree.fsio import atomic_write
 from loratree.layers import SlotSpec
@@ -301,6 +302,9 @@ def compose_files(files: list[AdapterFile], label: str = "") -> AdapterFile:
     if any(f.config.use_dora for f in files):
         raise TreeError(f"{label}: a DoRA adapter on a path does not compose into one LoRA "
                         "adapter (its magnitude rescales the sum, not one term)")
+    if any(f.tokens for f in files):
+        raise TreeError(f"{label}: adapters with trainable token rows replace rows rather "
+                        "than add to them; they cannot be composed along a tree path")
     if any(f.pending or f.params for f in files):
         raise TreeError(f"{label}: adapters of fused parameters (target_parameters) cannot "
                         "be composed along a tree path yet")

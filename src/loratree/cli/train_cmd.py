@@ -15,6 +15,10 @@ from loratree.train import TrainConfig, train
 __all__ = ["add_parser", "config_from_args", "run"]
 
 _ALIASES = {"eval_data": ["--eval"], "use_rslora": ["--rslora"], "use_dora": ["--dora"]}
+_LISTS = {"targets": (str, "comma-separated target patterns (default: all-linear)"),
+          "modules_to_save": (str, "comma-separated modules trained as full copies (lm_head)"),
+          "trainable_tokens": (int, "comma-separated token ids whose embedding rows the "
+                                    "adapter learns (PEFT's trainable_token_indices)")}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,10 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         if kind is bool:
             p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                            default=None)
-        elif f.name == "targets":
-            p.add_argument(*flags, dest=f.name, default=None,
-                           type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()),
-                           help="comma-separated target patterns (default: all-linear)")
+        elif f.name in _LISTS:
+            item, text = _LISTS[f.name]
+            p.add_argument(*flags, dest=f.name, default=None, type=_list_of(item), help=text)
         else:
             p.add_argument(*flags, dest=f.name, default=None, type=_scalar(kind),
                            help=f"default: {f.default}")
@@ -58,6 +61,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {result.steps} steps: train loss {result.train_loss:.4f}"
           + (f", {evals}" if evals else "") + f"\nsaved to {result.out}")
     return 0
+
+
+def _list_of(item: type):
+    """An argparse type: a comma-separated list of ``item``s, as a tuple."""
+    def parse(s: str) -> tuple:
+        try:
+            return tuple(item(t.strip()) for t in s.split(",") if t.strip())
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{s!r}: expected a comma-separated list of "
+                                             f"{item.__name__}") from e
+    return parse
 
 
 def _scalar(kind: object):

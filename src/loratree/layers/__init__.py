@@ -9,7 +9,8 @@ from loratree.layers.linear import LoraLinear
 from loratree.layers.nf4 import NF4Linear
 from loratree.layers.param import LoraParam, ParamHost
 from loratree.layers.prefix import PrefixBank, PrefixEncoder, PrefixGeometry
+from loratree.layers.tokens import TokenRows
 
 __all__ = ["FullCopy", "LoraConv", "LoraEmbedding", "LoraLinear", "LoraModule", "LoraParam",
            "NF4Linear", "ParamHost", "PrefixBank", "PrefixEncoder", "PrefixGeometry",
-           "SlotContext", "SlotSpec"]
+           "SlotContext", "SlotSpec", "TokenRows"]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from loratree.errors import NonFiniteError, QuantizedBaseError
 from loratree.layers import dora, lora_bias, merging
 from loratree.layers.context import SlotContext
+from loratree.layers.layout import FeatureLayout
 from loratree.layers.spec import SlotSpec
 from loratree.ops import lora as lora_ops
 from loratree.ops import plan as plans
@@ -43,7 +44,7 @@ class _Derived:
     factors: SlotFactors
 
 
-class LoraModule(nn.Module):
+class LoraModule(FeatureLayout, nn.Module):
     """Base of the LoRA wrappers. Subclasses define shapes, tokens and the branch."""
 
     def __init__(self, base: nn.Module, ctx: SlotContext, name: str = "") -> None:
@@ -87,7 +88,7 @@ class LoraModule(nn.Module):
     matmuls (LoRA on linear layers); other layers run one ``branch`` per slot."""
 
     dora_ok = False
-    """Whether DoRA slots are implemented (matrix multiplies: ``LoraLinear``)."""
+    """Whether DoRA slots are implemented (``LoraLinear``, ``LoraConv``)."""
 
     def bias_shape(self, spec: SlotSpec) -> tuple[int, ...]:
         """``(out,)`` for a slot with a LoRA bias, ``(0,)`` otherwise."""
@@ -140,10 +141,6 @@ class LoraModule(nn.Module):
             )
         return w
 
-    def weight_matrix(self) -> Tensor:
-        """The base weight as an ``(out, in)`` view (writes go to the weight)."""
-        return self.weight
-
     def factor_like(self) -> tuple[torch.dtype, torch.device]:
         """dtype and device for new LoRA factors: the base weight's (NF4: its float type)."""
         w = getattr(self.base, "weight", None)
@@ -191,7 +188,8 @@ class LoraModule(nn.Module):
         if self.specs[slot].dora and self.specs[slot].rank:
             if magnitude is None:
                 raise ValueError(f"{self.module_name}: DoRA slot {slot} needs its magnitude")
-            pairs.append(("magnitude", magnitude, self.lora_magnitude[str(slot)]))
+            pairs.append(("magnitude", dora.as_vector(self, magnitude),
+                          self.lora_magnitude[str(slot)]))
         if bias is not None or self.has_bias(slot):
             pairs.append(("bias", bias if bias is not None else a.new_zeros(0),
                           self.lora_bias[slot]))
@@ -444,10 +442,6 @@ class LoraModule(nn.Module):
         """(A, B) of ``slot`` as fp32 matrices ``(r, in)``, ``(out, r)``."""
         a, b = self.lora_a[slot].float(), self.lora_b[slot].float()
         return a.flatten(1), b.flatten(1)
-
-    def to_weight_layout(self, delta: Tensor) -> Tensor:
-        """An ``(out, in)`` update in the base weight's layout; subclasses override."""
-        return delta
 
     def delta_weight(self, slot: int) -> Tensor:
         """``scale * B @ A`` of ``slot`` in the base weight's layout (fp32)."""

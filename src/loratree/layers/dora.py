@@ -13,8 +13,12 @@ output of the clean input and adds ``(g - 1) W xd + g s B A xd`` from the droppe
 ``xd``, which a rescale of ``y`` cannot give; such a batch runs one matmul set per slot
 (``dropout_mixed``), an extra ``W xd`` per DoRA slot.
 
-Functions here take the layer (a ``LoraModule`` on a matrix multiply: ``LoraLinear``) and
-never import it, so ``layers.base`` can call them.
+Layers whose output keeps its features elsewhere than last (a convolution's channels at
+dim 1) shape ``g`` and the bias through their ``FeatureLayout`` (``layers.layout``); the
+norm is then over all of a channel's weights (``(in, *k)``), as PEFT takes it.
+
+Functions here take the layer (``LoraLinear`` or ``LoraConv``) and never import it, so
+``layers.base`` can call them.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loratree.errors import NonFiniteError, TargetError
@@ -35,18 +38,19 @@ if TYPE_CHECKING:
     from loratree.layers.base import LoraModule
     from loratree.layers.spec import SlotSpec
 
-__all__ = ["add_lora", "base_matrix", "check", "dropout_mixed", "factor", "merge",
+__all__ = ["add_lora", "as_vector", "base_matrix", "check", "dropout_mixed", "factor", "merge",
            "new_magnitude", "norm", "set_magnitude", "single", "take_out_merged", "unmerge"]
 
 
 def _bias(layer: LoraModule) -> Tensor | None:
+    """The base's bias shaped to broadcast over the layer's output, or None."""
     b = getattr(layer.base, "bias", None)
-    return b if isinstance(b, Tensor) else None
+    return layer.feature_view(b) if isinstance(b, Tensor) else None
 
 
 def _matrix(layer: LoraModule) -> Tensor:
     """The base weight as ``(out, in)``, as stored now (a merged slot included)."""
-    return layer.to_weight_layout(layer.weight)  # Conv1D's (in, out): its own inverse
+    return layer.weight_matrix(layer.weight)
 
 
 def base_matrix(layer: LoraModule) -> Tensor:
@@ -96,13 +100,16 @@ def factor(layer: LoraModule, slot: int) -> Tensor:
     return dora_ops.factor(m, norm(layer, slot).to(m.device))
 
 
+def _g(layer: LoraModule, slot: int) -> Tensor:
+    """``factor`` shaped to broadcast over the layer's output."""
+    return layer.feature_view(factor(layer, slot))
+
+
 def _dropout_delta(layer: LoraModule, x: Tensor, slot: int) -> Tensor:
-    """PEFT's ``(g - 1) W xd + g s B A xd`` for tokens ``x`` ``(..., in)`` of ``slot``."""
-    a, b, spec = layer.lora_a[slot], layer.lora_b[slot], layer.specs[slot]
-    xd = layer._dropout(x.to(a.dtype), slot)
-    base_xd = F.linear(xd, base_matrix(layer).to(xd))
-    return dora_ops.dropout_delta(base_xd, lora_ops.branch(xd, a, b, spec.scale),
-                                  factor(layer, slot))
+    """PEFT's ``(g - 1) W xd + g s B A xd`` for the input ``x`` of ``slot``'s tokens."""
+    xd = layer._dropout(x.to(layer.lora_a[slot].dtype), slot)
+    base_xd = layer.base_map(xd, base_matrix(layer).to(xd))
+    return dora_ops.dropout_delta(base_xd, layer.undropped_branch(xd, slot), _g(layer, slot))
 
 
 def single(layer: LoraModule, y: Tensor, x: Tensor, slot: int) -> Tensor:
@@ -112,7 +119,7 @@ def single(layer: LoraModule, y: Tensor, x: Tensor, slot: int) -> Tensor:
     if layer.training and layer.specs[slot].dropout > 0:
         return y + _dropout_delta(layer, x, slot).to(y.dtype)
     y = layer.add_branch(y, x, slot)
-    return dora_ops.rescale(y, factor(layer, slot), _bias(layer))
+    return dora_ops.rescale(y, _g(layer, slot), _bias(layer))
 
 
 def add_lora(layer: LoraModule, y: Tensor, x: Tensor, plan: Plan,
@@ -127,12 +134,12 @@ def add_lora(layer: LoraModule, y: Tensor, x: Tensor, plan: Plan,
     if layer.training and any(layer.specs[k].dropout for k in slots):
         return dropout_mixed(layer, y, flat, layer.ctx.segments(rows, n))
     y = layer.add_planned(y, x, plan)
-    out = y.reshape(n, -1)
+    out = layer.token_rows(y, n)
     bias = _bias(layer)
     for k in sorted(slots):
         pos = layer.ctx.memo(("dora-rows", rows, n, k), lambda k=k: (
             layer.ctx.token_slots(rows, n) == k).nonzero().squeeze(1))
-        part = dora_ops.rescale(out.index_select(0, pos), factor(layer, k), bias)
+        part = dora_ops.rescale(out.index_select(0, pos), _g(layer, k), bias)
         if torch.is_grad_enabled():
             out = out.index_copy(0, pos, part)
         else:  # the layer's own output: written in place
@@ -164,7 +171,7 @@ def take_out_merged(layer: LoraModule, y: Tensor, x: Tensor) -> Tensor:
     k = layer.merged
     assert k is not None
     g = dora_ops.factor(layer.lora_magnitude[str(k)].detach(), layer.dora_merged_n)
-    y = dora_ops.unrescale(y, g, _bias(layer))
+    y = dora_ops.unrescale(y, layer.feature_view(g), _bias(layer))
     return y - layer.branch(x, k).to(y.dtype)
 
 
@@ -205,20 +212,31 @@ def set_magnitude(layer: LoraModule, slot: int, spec: SlotSpec,
             del layer.lora_magnitude[key]
         return
     check(layer)
-    want = (layer.b_shape(spec.rank)[0],)
-    if magnitude is None or tuple(magnitude.shape) != want:
+    out = layer.b_shape(spec.rank)[0]
+    magnitude = None if magnitude is None else as_vector(layer, magnitude)
+    if magnitude is None or tuple(magnitude.shape) != (out,):
         got = None if magnitude is None else tuple(magnitude.shape)
         raise ValueError(f"{layer.module_name}: DoRA slot {slot} needs a magnitude of "
-                         f"shape {want}, got {got}")
+                         f"shape {layer.magnitude_shape(out)}, got {got}")
     dtype, device = layer.factor_like()
     layer.lora_magnitude[key] = nn.Parameter(magnitude.to(dtype=dtype, device=device),
                                             requires_grad=False)
+
+
+def as_vector(layer: LoraModule, magnitude: Tensor) -> Tensor:
+    """A magnitude as the layer keeps it, ``(out,)``, from PEFT's file shape
+    (``layer.magnitude_shape``: a convolution's ``(1, out, 1, ...)``); another shape comes
+    back unchanged, for the caller's check to name."""
+    out = layer.b_shape(1)[0]
+    if tuple(magnitude.shape) in ((out,), layer.magnitude_shape(out)):
+        return magnitude.reshape(out)
+    return magnitude
 
 
 def check(layer: LoraModule) -> None:
     """Refuse a DoRA slot where it is not implemented, or where the base keeps no float
     weight to take the norm of (a quantized base)."""
     if not layer.dora_ok:
-        raise TargetError(f"{layer.module_name}: DoRA is supported on linear layers only, "
-                          f"not on {type(layer).__name__}")
+        raise TargetError(f"{layer.module_name}: DoRA is supported on linear and "
+                          f"convolution layers only, not on {type(layer).__name__}")
     _ = layer.weight

@@ -40,8 +40,5 @@ class LoraEmbedding(LoraModule):
         )
         return h @ b.t() * self.specs[slot].scale  # (..., dim)
 
-    def weight_matrix(self) -> Tensor:
-        return self.weight.t()  # the table (num_embeddings, dim) as (dim, num_embeddings)
-
     def to_weight_layout(self, delta: Tensor) -> Tensor:
         return delta.t()  # (dim, num_embeddings) -> the table's (num_embeddings, dim)

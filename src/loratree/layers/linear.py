@@ -50,15 +50,15 @@ class LoraLinear(LoraModule):
         out = lora_ops.branch(self._dropout(x.to(a.dtype), slot), a, b, s)
         return out + self.lora_bias[slot] * s if self.has_bias(slot) else out
 
+    def undropped_branch(self, x: Tensor, slot: int) -> Tensor:
+        a, b = self.lora_a[slot], self.lora_b[slot]
+        return lora_ops.branch(x.to(a.dtype), a, b, self.specs[slot].scale)
+
     batchable = True
     dora_ok = True
 
     def add_lora(self, y: Tensor, x: Tensor, plan: Plan) -> Tensor:
         return add_lora(y, x, self.derived().factors, plan)
-
-    def weight_matrix(self) -> Tensor:
-        w = self.weight
-        return w.t() if self.fan_in_fan_out else w  # Conv1D stores (in, out)
 
     def to_weight_layout(self, delta: Tensor) -> Tensor:
         return delta.t() if self.fan_in_fan_out else delta  # Conv1D stores (in, out)

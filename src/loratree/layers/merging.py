@@ -1,7 +1,8 @@
 """Merge, unmerge and switch one slot of a LoRA layer into its base weight.
 
 The arithmetic is ``ops.lora``'s in-place ``merge_`` / ``unmerge_`` / ``switch_`` on an
-``(out, in)`` view of the weight (``LoraModule.weight_matrix``); this module decides which
+``(out, in)`` view of the weight (``FeatureLayout.weight_matrix``: a view, so the
+ops write through to the weight); this module decides which
 applies (DoRA slots and LoRA biases have their own folds: ``layers.dora``,
 ``layers.lora_bias``) and keeps ``layer.merged``. Functions take the layer and never
 import its class, so ``layers.base`` can call them.
@@ -62,7 +63,7 @@ def fold(layer: LoraModule, slot: int, sign: float) -> None:
     op = lora_ops.merge_ if sign > 0 else lora_ops.unmerge_
     what = f"{'merging' if sign > 0 else 'unmerging'} slot {slot}"
     with layer.refusing(what):
-        op(layer.weight_matrix(), a, b, layer.specs[slot].scale)
+        op(layer.weight_matrix(layer.weight), a, b, layer.specs[slot].scale)
 
 
 def switch(layer: LoraModule, slot: int) -> None:
@@ -93,5 +94,6 @@ def switch(layer: LoraModule, slot: int) -> None:
         return
     pair = [(*layer.factors(k), specs[k].scale) for k in (old, slot)]
     with layer.refusing(f"switching to slot {slot}"):
-        lora_ops.switch_(layer.weight_matrix(), pair[0], pair[1], new_first=slot < old)
+        lora_ops.switch_(layer.weight_matrix(layer.weight), pair[0], pair[1],
+                         new_first=slot < old)
     layer.merged = slot

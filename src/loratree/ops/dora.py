@@ -5,7 +5,8 @@ output row (one norm per output feature: the paper writes weights ``(in, out)`` 
 it the column norm). The norm is a constant to autograd (the paper's section 4.3, and PEFT):
 gradients reach ``m``, ``A`` and ``B`` through ``m / n`` and ``s B A x``, never through
 ``n``. Conventions as ``ops.lora``: ``w`` ``(out, in)``, ``a`` ``(r, in)``, ``b`` ``(out, r)``,
-``m`` and ``n`` ``(out,)``.
+``m`` and ``n`` ``(out,)``. A convolution's weight ``(out, in, *k)`` enters as the matrix
+``(out, in * k)``: the norm of an output channel is over all its kernel weights.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def rescale(y: Tensor, g: Tensor, bias: Tensor | None) -> Tensor:
     its scale. With no dropout this is exactly PEFT's ``y + (g - 1) W x + g s B A x``.
 
     Semantics: y' = g * (y - bias) + bias
-    Shape: y (..., out), g (out,), bias (out,) or None -> (..., out)
+    Shape: y (..., out), g (out,), bias (out,) or None -> (..., out); channels first
+        (a convolution): y (B, out, *L), g and bias (out, 1, ...) -> (B, out, *L)
     """
     g = g.to(y.dtype)
     if bias is None:
@@ -60,7 +62,8 @@ def unrescale(y: Tensor, g: Tensor, bias: Tensor | None) -> Tensor:
     """The inverse of ``rescale``: the plain output from a DoRA output (g must be nonzero).
 
     Semantics: y = (y' - bias) / g + bias
-    Shape: y (..., out), g (out,), bias (out,) or None -> (..., out)
+    Shape: y (..., out), g (out,), bias (out,) or None -> (..., out); channels first as
+        ``rescale``
     """
     g = g.to(y.dtype)
     if bias is None:
@@ -90,7 +93,8 @@ def dropout_delta(base_xd: Tensor, lora_xd: Tensor, g: Tensor) -> Tensor:
     ``lora_xd = s B A xd`` are given.
 
     Semantics: delta = (g - 1) * base_xd + g * lora_xd
-    Shape: base_xd (..., out), lora_xd (..., out), g (out,) -> (..., out)
+    Shape: base_xd (..., out), lora_xd (..., out), g (out,) -> (..., out); channels first
+        as ``rescale``
     """
     g = g.to(base_xd.dtype)
     return (g - 1) * base_xd + g * lora_xd

@@ -32,6 +32,12 @@ from loratree.surgery.quantize import (
 )
 from loratree.surgery.skinny import skinny_linears, warm_linears
 from loratree.surgery.targets import adaptable_modules, find_targets
+from loratree.surgery.tokens import (
+    input_embedding_name,
+    token_layers,
+    token_modules,
+    wrap_tokens,
+)
 
 __all__ = [
     "DEFAULT_RANKS",
@@ -53,6 +59,7 @@ __all__ = [
     "geometry",
     "grow_slot",
     "inject",
+    "input_embedding_name",
     "lora_layers",
     "merge",
     "merge_and_unload",
@@ -69,8 +76,11 @@ __all__ = [
     "slot_count",
     "stack",
     "switch",
+    "token_layers",
+    "token_modules",
     "unload",
     "unmerge",
     "warm_linears",
     "wrap_copy",
+    "wrap_tokens",
 ]

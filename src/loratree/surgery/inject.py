@@ -23,6 +23,7 @@ from loratree.surgery.copies import copy_layers, saved_modules, wrap_copy
 from loratree.surgery.params import all_linear_config, find_parameters, wrap_parameter
 from loratree.surgery.prefix import prefix_bank, prefix_parameters, slot_count
 from loratree.surgery.targets import Conv1D, adaptable_modules, find_targets, pattern_value
+from loratree.surgery.tokens import token_layers, token_modules, wrap_tokens
 
 __all__ = [
     "InjectionReport",
@@ -105,6 +106,7 @@ def inject(
             layer.add_slot(SlotSpec(0, 1.0))
     config, targets, params = _chosen(model, config, names)
     saved = _saved(model, config, set(targets) | set(existing))
+    tokens = _tokens(model, config, set(targets) | set(existing) | set(saved))
     _wrap_new(model, ctx, existing, targets, params, slot)
     targets = {**targets, **{n: existing[n] for n in params}}
     # initialise in the model's module order, whatever was wrapped before, so a slot draws
@@ -123,6 +125,8 @@ def inject(
         bank.pad_to(slot + 1)
     for name in saved:  # full copies, after LoRA: they draw no random numbers
         wrap_copy(model, name, ctx).add_copy(slot)
+    for name, ids in tokens.items():  # token rows start as the table's own (a no-op)
+        wrap_tokens(model, name, ctx).add_rows(slot, list(ids))
     if trainable:
         set_trainable(model, slot)
     return InjectionReport(
@@ -142,6 +146,18 @@ def _saved(model: nn.Module, config: LoraConfig, adapted: set[str]) -> list[str]
         raise TargetError(f"{both[:3]}: LoRA adapts these modules; they cannot also be "
                           "modules_to_save")
     return saved
+
+
+def _tokens(model: nn.Module, config: LoraConfig, taken: set[str]
+            ) -> dict[str, tuple[int, ...]]:
+    """The modules ``config.trainable_token_indices`` selects, with their ids, none of them
+    adapted by LoRA or fully copied."""
+    tokens = token_modules(model, config.trainable_token_indices)
+    both = sorted(set(tokens) & taken)
+    if both:
+        raise TargetError(f"{both[:3]}: LoRA or modules_to_save already adapt these modules; "
+                          "they cannot also hold trainable tokens")
+    return tokens
 
 
 def reserve_slots(model: nn.Module, n: int, targets: tuple[str, ...] = ("all-linear",),
@@ -212,7 +228,8 @@ def _chosen(model: nn.Module, config: LoraConfig, names: tuple[str, ...]
 def adapter_parameters(model: nn.Module, slot: int | None = None) -> Iterator[nn.Parameter]:
     """The adapter parameters of one slot (or of all slots): the one way to find them.
 
-    LoRA factors (and LoRA biases), full module copies (``modules_to_save``), and a prefix
+    LoRA factors (and LoRA biases), full module copies (``modules_to_save``), token rows
+    (``trainable_token_indices``), and a prefix
     adapter's encoder. Empty slots (rank 0: the adapter does
     not reach that layer) have none.
     """
@@ -227,6 +244,9 @@ def adapter_parameters(model: nn.Module, slot: int | None = None) -> Iterator[nn
                 if layer.has_bias(s):
                     yield layer.lora_bias[s]
     for layer in copy_layers(model).values():
+        for s in layer.slots() if slot is None else (slot,):
+            yield from layer.parameters_of(s)
+    for layer in token_layers(model, tied=False).values():
         for s in layer.slots() if slot is None else (slot,):
             yield from layer.parameters_of(s)
     bank = prefix_bank(model)

@@ -8,6 +8,7 @@ from loratree.layers import LoraParam, ParamHost
 from loratree.surgery.copies import copy_layers
 from loratree.surgery.inject import lora_layers, replace_module
 from loratree.surgery.prefix import remove_prefixes
+from loratree.surgery.tokens import token_layers
 
 __all__ = ["merge", "merge_and_unload", "switch", "unload", "unmerge"]
 
@@ -23,7 +24,7 @@ def merge(model: nn.Module, slot: int = 0) -> None:
         layer.check_finite(slot)
     done = []
     try:
-        for layer in [*lora_layers(model).values(), *copy_layers(model).values()]:
+        for layer in _layers(model):
             was = layer.merged
             layer.merge(slot)
             if was is None:
@@ -36,7 +37,7 @@ def merge(model: nn.Module, slot: int = 0) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Take the merged slot back out of every layer. A no-op when nothing is merged."""
-    for layer in [*lora_layers(model).values(), *copy_layers(model).values()]:
+    for layer in _layers(model):
         layer.unmerge()
 
 
@@ -48,8 +49,8 @@ def switch(model: nn.Module, slot: int) -> None:
             layer.check_finite(slot)
     for layer in layers:
         layer.switch(slot)
-    for copy in copy_layers(model).values():  # a copy swaps in whole: no difference to add
-        copy.merge(slot)
+    for copy in [*copy_layers(model).values(), *token_layers(model, tied=False).values()]:
+        copy.merge(slot)  # a copy or token rows swap in whole: no difference to add
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -57,7 +58,7 @@ def unload(model: nn.Module) -> nn.Module:
     taking prefix adapters and their hook off."""
     for layer in lora_layers(model).values():
         layer.unmerge()
-    for copy in copy_layers(model).values():
+    for copy in [*copy_layers(model).values(), *token_layers(model, tied=False).values()]:
         copy.unmerge()
     _restore(model)
     remove_prefixes(model)
@@ -82,5 +83,12 @@ def _restore(model: nn.Module) -> None:
                 replace_module(model, owner, host.base)
         else:
             replace_module(model, name, layer.base)
-    for name, copy in copy_layers(model).items():
+    for name, copy in [*copy_layers(model).items(), *token_layers(model).items()]:
         replace_module(model, name, copy.base)
+
+
+def _layers(model: nn.Module) -> list:
+    """What merges: LoRA layers, full copies, token rows (a tied head follows its
+    embedding)."""
+    return [*lora_layers(model).values(), *copy_layers(model).values(),
+            *token_layers(model, tied=False).values()]

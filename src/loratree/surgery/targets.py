@@ -8,7 +8,7 @@ import re
 from torch import nn
 
 from loratree.errors import TargetError
-from loratree.layers import FullCopy, LoraModule, NF4Linear, ParamHost, PrefixBank
+from loratree.layers import FullCopy, LoraModule, NF4Linear, ParamHost, PrefixBank, TokenRows
 
 __all__ = ["ADAPTABLE", "adaptable_modules", "find_targets", "matches", "pattern_value"]
 
@@ -30,8 +30,8 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in skip):
             continue
-        if isinstance(module, PrefixBank | FullCopy | ParamHost):  # prefix encoders, full
-            # copies, adapted parameters
+        if isinstance(module, PrefixBank | FullCopy | ParamHost | TokenRows):  # prefix
+            # encoders, full copies, adapted parameters, token rows
             skip.append(name + ".")
         elif isinstance(module, LoraModule):
             found[name] = module.base

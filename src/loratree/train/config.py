@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from loratree.config import LoraConfig, PrefixConfig
+from loratree.config import LoraConfig, PrefixConfig, token_problems
 
 __all__ = ["TrainConfig"]
 
@@ -49,6 +49,15 @@ class TrainConfig:
     use_rslora: bool = False
     use_dora: bool = False
     """DoRA: also learn a magnitude per output feature of each adapted linear layer."""
+    lora_bias: bool = False
+    """PEFT's ``lora_bias``: B also learns a bias in each adapted linear layer (not with
+    ``use_dora``: PEFT refuses the pair)."""
+    modules_to_save: tuple[str, ...] = ()
+    """Modules trained as full copies beside the LoRA factors (PEFT's ``modules_to_save``,
+    such as ``("lm_head",)``); saved under the module's own name. LoRA only."""
+    trainable_tokens: tuple[int, ...] = ()
+    """PEFT's ``trainable_token_indices``: token ids whose rows of the input embedding (and
+    of a head tied to it) the adapter learns, beside its LoRA layers (LoRA only)."""
     virtual_tokens: int = 20
     """Prefix-tuning: virtual tokens per attention layer."""
     prefix_projection: bool = False
@@ -96,7 +105,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
-        problems = _number_problems(self) + _grow_problems(self) + _tree_problems(self)
+        saved = self.modules_to_save
+        object.__setattr__(self, "modules_to_save",
+                           (saved,) if isinstance(saved, str) else tuple(saved))
+        tokens = self.trainable_tokens
+        object.__setattr__(self, "trainable_tokens",
+                           tuple(tokens) if isinstance(tokens, list | tuple) else tokens)
+        problems = (_number_problems(self) + _grow_problems(self) + _tree_problems(self)
+                    + _feature_problems(self))
+        problems += [p.replace("trainable_token_indices", "trainable_tokens")
+                     for p in token_problems(self.trainable_tokens)]
+        if self.trainable_tokens and self.method != "lora":
+            problems.append(f"trainable_tokens needs method 'lora', got {self.method!r}")
         if self.method not in ("lora", "prefix", "full"):
             problems.append(f"method must be 'lora', 'prefix' or 'full', got {self.method!r}")
         if self.prefix_positions not in ("shift", "keep"):
@@ -120,7 +140,9 @@ class TrainConfig:
     def lora(self) -> LoraConfig:
         return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                           targets=self.targets, use_rslora=self.use_rslora,
-                          use_dora=self.use_dora)
+                          use_dora=self.use_dora, lora_bias=self.lora_bias,
+                          modules_to_save=self.modules_to_save,
+                          trainable_token_indices=self.trainable_tokens)
 
     def prefix(self) -> PrefixConfig:
         return PrefixConfig(n_virtual=self.virtual_tokens, projection=self.prefix_projection,
@@ -187,4 +209,16 @@ def _tree_problems(c: TrainConfig) -> list[str]:
             "/" not in c.node or c.node.rsplit("/", 1)[0] != c.parent):
         problems.append(f"node {c.node!r} must be named '{c.parent}/<name>' (a child of "
                         f"parent {c.parent!r})")
+    return problems
+
+
+def _feature_problems(c: TrainConfig) -> list[str]:
+    """PEFT's LoRA extras: which methods and which pairs they take."""
+    problems = []
+    if c.modules_to_save and (c.method != "lora" or c.parent is not None):
+        problems.append("modules_to_save needs method 'lora' and no parent (a tree node "
+                        "composes LoRA factors only)")
+    if c.use_dora and c.lora_bias:
+        problems.append("use_dora and lora_bias cannot be combined (PEFT refuses the pair: "
+                        "DoRA rescales the whole layer output)")
     return problems
