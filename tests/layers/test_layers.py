@@ -158,3 +158,23 @@ def test_mixed_decode_step_equals_each_row_alone(index):
     """Few tokens at inference (a decode step): every slot's rows in one batched matmul
     pair, ranks 2 and 3 padded to 4."""
     _mixed_equals_alone(index, torch.randn(6, 1, 6), changes=2)
+
+
+def test_merge_and_switch_reach_a_conv_weight_that_is_not_contiguous():
+    """A channels-last conv weight reads as a matrix copy, not a view: the update is
+    written back, so the merged base equals the slot's output."""
+    ctx = SlotContext()
+    base = nn.Conv2d(3, 4, 3, padding=1).to(memory_format=torch.channels_last)
+    layer = LoraConv(base, ctx)
+    for slot in range(2):
+        layer.add_slot(SlotSpec(2, 4.0))
+        _fill(layer, slot, seed=slot)
+    x = torch.randn(2, 3, 5, 5)
+    want = []
+    for slot in range(2):
+        with ctx.use(slot):
+            want.append(layer(x))
+    layer.merge(0)
+    torch.testing.assert_close(base(x), want[0], atol=1e-5, rtol=0)
+    layer.switch(1)
+    torch.testing.assert_close(base(x), want[1], atol=1e-5, rtol=0)

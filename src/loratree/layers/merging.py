@@ -10,7 +10,10 @@ import its class, so ``layers.base`` can call them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from torch import Tensor
 
 from loratree.layers import dora, lora_bias
 from loratree.ops import lora as lora_ops
@@ -63,7 +66,7 @@ def fold(layer: LoraModule, slot: int, sign: float) -> None:
     op = lora_ops.merge_ if sign > 0 else lora_ops.unmerge_
     what = f"{'merging' if sign > 0 else 'unmerging'} slot {slot}"
     with layer.refusing(what):
-        op(layer.weight_matrix(layer.weight), a, b, layer.specs[slot].scale)
+        _in_matrix(layer, lambda m: op(m, a, b, layer.specs[slot].scale))
 
 
 def switch(layer: LoraModule, slot: int) -> None:
@@ -94,6 +97,17 @@ def switch(layer: LoraModule, slot: int) -> None:
         return
     pair = [(*layer.factors(k), specs[k].scale) for k in (old, slot)]
     with layer.refusing(f"switching to slot {slot}"):
-        lora_ops.switch_(layer.weight_matrix(layer.weight), pair[0], pair[1],
-                         new_first=slot < old)
+        _in_matrix(layer, lambda m: lora_ops.switch_(m, pair[0], pair[1],
+                                                     new_first=slot < old))
     layer.merged = slot
+
+
+def _in_matrix(layer: LoraModule, write: Callable[[Tensor], None]) -> None:
+    """Run an in-place op on the weight as an ``(out, in)`` matrix: a view of the weight,
+    or, where the layout gives a copy (a conv weight that is not contiguous), the copy
+    written back."""
+    w = layer.weight
+    m = layer.weight_matrix(w)
+    write(m)
+    if m.untyped_storage().data_ptr() != w.untyped_storage().data_ptr():
+        w.copy_(layer.to_weight_layout(m))
