@@ -30,7 +30,6 @@ from loratree.surgery.quantize import (
     nf4_layers,
     quantize,
 )
-from loratree.surgery.skinny import skinny_linears, warm_linears
 from loratree.surgery.targets import adaptable_modules, find_targets
 
 __all__ = [
@@ -65,12 +64,10 @@ __all__ = [
     "saved_modules",
     "set_prefix",
     "set_trainable",
-    "skinny_linears",
     "slot_count",
     "stack",
     "switch",
     "unload",
     "unmerge",
-    "warm_linears",
     "wrap_copy",
 ]
