@@ -32,3 +32,15 @@ def test_serve_takes_cpu_tuning_off_by_default():
                                         release_openmp_pool=True)
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--cpu-tuning", "fast"])
+
+
+def test_the_ablation_runs_all_off_all_on_and_each_piece_alone_on_and_alone_off():
+    from bench.cpu_ablation import OFF, configurations
+
+    configs = configurations()
+    assert configs[OFF] is None and configs["all on"] == CpuTuning()
+    assert len(configs) == 2 + 2 * len(Piece)
+    for piece in Piece:
+        assert configs[f"only {piece}"].pieces == (piece,)
+        assert piece not in configs[f"all but {piece}"].pieces
+        assert len(configs[f"all but {piece}"].pieces) == len(Piece) - 1
