@@ -27,7 +27,7 @@ from torch import nn
 from bench.contenders import ALL_R16, QV_R8
 from bench.harness import interleaved, machine_info
 from bench.report import Check, Row, Table, render, write_atomic
-from bench.serve_rows import NEW, _peft, _store, generate_batch
+from bench.serve_rows import NEW, _peft, generate_batch, make_store
 from loratree.adapters.cache import AdapterCache
 from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.models.tiny import tiny_tokenizer
@@ -144,7 +144,7 @@ def serving(base: nn.Module, root: Path, rounds: int) -> tuple[list[Table], list
     prompts = [row.tolist() for row in ids]
     names = [f"a{i}" for i in range(8)]
     for spec in (QV_R8, ALL_R16):
-        store = _store(base, spec, root / spec.label.replace(" ", "_"))
+        store = make_store(base, spec, root / spec.label.replace(" ", "_"))
         model = copy.deepcopy(base).to(cuda)
         table = SlotTable(model, AdapterCache(store, 2**30), n_slots=8, max_rank=16)
         engine = Engine(model, tokenizer, table, max_batch=8)

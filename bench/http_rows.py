@@ -16,7 +16,7 @@ from torch import nn
 
 from bench.contenders import QV_R8, random_ids
 from bench.report import Row, Table
-from bench.serve_rows import _store
+from bench.serve_rows import make_store
 from loratree.adapters.cache import AdapterCache
 from loratree.adapters.slot_table import SlotTable
 from loratree.serve import Engine, Request
@@ -31,7 +31,7 @@ STREAMS, PROMPT, NEW = 8, 32, 24
 
 
 def http_table(base: nn.Module, tokenizer, root: Path, rounds: int) -> tuple[Table, list]:
-    store = _store(base, QV_R8, root, STREAMS)
+    store = make_store(base, QV_R8, root, STREAMS)
     model = copy.deepcopy(base)
     table = SlotTable(model, AdapterCache(store, 2**30), n_slots=STREAMS, max_rank=16)
     engine = Engine(model, tokenizer, table, max_batch=STREAMS)

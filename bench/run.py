@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 from bench.contenders import load_model, random_ids
+from bench.cpu_ablation import DEFAULT as CPU_DEFAULT
+from bench.cpu_ablation import QUICK as CPU_QUICK
+from bench.cpu_ablation import AblationSettings, ablation_tables
 from bench.dora_rows import dora_tables
 from bench.harness import configure_threads, machine_info
 from bench.lora_rows import file_tables, forward_tables, merge_tables
@@ -33,14 +36,16 @@ FULL = {"forward": 20, "ops": 30, "train": 9}
 QUICK = {"forward": 2, "ops": 3, "train": 2}
 QUALITY_TARGET = 0.90
 """Acceptance: LoRA r=8 all-linear reaches 90% of full fine-tuning's held-out exact match."""
-GROUPS = ("forward", "merge", "files", "train", "qlora", "prefix", "dora", "serve", "many",
-          "sweep", "tree", "quality")
+GROUPS = ("forward", "merge", "files", "train", "qlora", "prefix", "dora", "serve", "cpu",
+          "many", "sweep", "tree", "quality")
 QLORA_GAP = 5.0
 """Acceptance: QLoRA's held-out exact match is within this many points of LoRA's."""
 
 
-def run(quick: bool, quality_steps: int = 30, groups: tuple[str, ...] = GROUPS) -> str:
-    """Run the benchmark groups named (all by default) and return the markdown report."""
+def run(quick: bool, quality_steps: int = 30, groups: tuple[str, ...] = GROUPS,
+        cpu: AblationSettings = CPU_DEFAULT) -> str:
+    """Run the benchmark groups named (all by default) and return the markdown report;
+    ``cpu`` sizes the CPU tuning ablation (``--quick`` takes its smallest settings)."""
     t0 = time.perf_counter()
     load_start = os.getloadavg()[0]
     threads = configure_threads()
@@ -81,13 +86,11 @@ def run(quick: bool, quality_steps: int = 30, groups: tuple[str, ...] = GROUPS) 
             prefix, prefix_checks = prefix_tables(base, repeats["train"], Path(tmp))
         tables += prefix
         checks += prefix_checks
-    if want("dora"):
-        tables += dora_tables(base, repeats["ops"])[0]
-    tokenizer = load_base(None)[1] if want("serve") or want("quality") else None
-    if want("serve"):
-        served, serve_checks = serve_tables(base, tokenizer, repeats["train"])
-        tables += served
-        checks += serve_checks
+    tokenizer = load_base(None)[1] if {"serve", "cpu", "quality"} & set(groups) else None
+    served, serve_checks = _serving_groups(base, tokenizer, groups, repeats,
+                                           CPU_QUICK if quick else cpu)
+    tables += served
+    checks += serve_checks
     rooted, rooted_checks = _rooted_groups(groups)
     tables += rooted
     checks += rooted_checks
@@ -124,6 +127,23 @@ def run(quick: bool, quality_steps: int = 30, groups: tuple[str, ...] = GROUPS) 
     ]
     log.info("done in %.0f s", elapsed)
     return render("loratree benchmarks", machine_info(), method, tables, checks, extra)
+
+
+def _serving_groups(base: object, tokenizer: object, groups: tuple[str, ...],
+                    repeats: dict[str, int], cpu: AblationSettings
+                    ) -> tuple[list[Table], list[Check]]:
+    """The decode-step groups over the loaded model: dora, serve, cpu."""
+    tables: list[Table] = []
+    checks: list[Check] = []
+    if "dora" in groups:
+        tables += dora_tables(base, repeats["ops"])[0]
+    if "serve" in groups:
+        served, serve_checks = serve_tables(base, tokenizer, repeats["train"])
+        tables += served
+        checks += serve_checks
+    if "cpu" in groups:
+        tables += ablation_tables(base, tokenizer, cpu)
+    return tables, checks
 
 
 def _rooted_groups(groups: tuple[str, ...]) -> tuple[list[Table], list[Check]]:
@@ -167,13 +187,19 @@ def main(argv: list[str] | None = None) -> int:
                              "tables and checks stay) instead of replacing it")
     parser.add_argument("--quality-steps", type=int, default=30,
                         help="training steps per quality-table run (0 skips the table)")
+    parser.add_argument("--cpu-rounds", type=int, default=AblationSettings.rounds,
+                        help="measured rounds of the cpu group (CPU tuning ablation)")
+    parser.add_argument("--cpu-arrival-requests", type=int,
+                        default=AblationSettings.arrival_requests,
+                        help="requests per arrival replay of the cpu group")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     groups = tuple(g.strip() for g in args.only.split(",") if g.strip())
     unknown = sorted(set(groups) - set(GROUPS))
     if unknown:
         parser.error(f"unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
-    text = run(args.quick, args.quality_steps, groups)
+    cpu = AblationSettings(rounds=args.cpu_rounds, arrival_requests=args.cpu_arrival_requests)
+    text = run(args.quick, args.quality_steps, groups, cpu)
     if args.update and args.out.exists():
         text = splice(args.out.read_text(encoding="utf-8"), text,
                       note=f"Groups {', '.join(groups)} rerun on "

@@ -32,8 +32,9 @@ from loratree.adapters.routing import Router, prompt_features, write_centroid
 from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.ops import slots as slot_ops
 from loratree.serve import Engine, Request
+from loratree.serve.cpu import CpuTuning
 
-__all__ = ["serve_tables"]
+__all__ = ["arrival_plan", "arrival_run", "generate_batch", "make_store", "serve_tables"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def serve_tables(base: nn.Module, tokenizer, repeats: int) -> tuple[list[Table],
     tables, checks = [], []
     with tempfile.TemporaryDirectory(prefix="loratree-serve-") as tmp:
         for spec in (QV_R8, ALL_R16):
-            store = _store(base, spec, Path(tmp) / spec.label.replace(" ", "_"))
+            store = make_store(base, spec, Path(tmp) / spec.label.replace(" ", "_"))
             t, c = _throughput(base, tokenizer, store, spec, repeats)
             tables += t
             checks += c
@@ -69,7 +70,8 @@ def serve_tables(base: nn.Module, tokenizer, repeats: int) -> tuple[list[Table],
     return tables, checks
 
 
-def _store(base: nn.Module, spec: AdapterSpec, root: Path, n: int = N_ADAPTERS) -> AdapterStore:
+def make_store(base: nn.Module, spec: AdapterSpec, root: Path,
+               n: int = N_ADAPTERS) -> AdapterStore:
     store = AdapterStore(root)
     model = copy.deepcopy(base)
     for i in range(n):
@@ -162,7 +164,8 @@ def _throughput(base, tokenizer, store, spec, repeats):
         [f"{BATCH} requests of {PROMPT} prompt tokens, {NEW} greedy new tokens each, submitted "
          f"together; medians of {rounds} interleaved rounds; tokens/s = generated tokens / "
          "wall time of the whole batch (prefill included). Ours: the engine (continuous "
-         "batching, per-row slots; a one-adapter batch runs merged). PEFT: "
+         "batching, per-row slots; a one-adapter batch runs merged; no CPU tuning, "
+         "whose pieces the CPU tuning ablation times). PEFT: "
          "`generate(adapter_names=...)` for the mixed batch, `set_adapter` for one, "
          "`disable_adapter` for none. The 'per round' rows (and the checks) divide the "
          "two throughputs measured in the same round and take the median over rounds; a "
@@ -318,10 +321,14 @@ on this CPU a thinned batch's steps are cheaper), and a wider one, nearer to cha
 it waits for ~55 of a mean 36 (fewer requests, so a run takes about as long)."""
 
 
-def _arrivals(base, tokenizer, root, n_adapters=20, n_requests=160, new=(8, 24)):
-    if not (root / "a0").exists():  # the workloads share one store
-        _store(base, QV_R8, root, n_adapters)
-    store = AdapterStore(root)
+Plan = list[tuple[float, str, int]]
+"""(seconds after the previous request, adapter, new tokens) per request."""
+
+
+def arrival_plan(base, tokenizer, store: AdapterStore, n_adapters: int, n_requests: int,
+                 new: tuple[int, int]) -> tuple[Plan, list[list[int]], float]:
+    """The arrival workload: its plan, its prompts, and its rate (``LOAD`` of the untuned
+    static engine's measured capacity, in requests per second)."""
     rng = random.Random(3)
     shape = [(rng.expovariate(1.0), f"a{rng.randrange(n_adapters)}", rng.randint(*new))
              for _ in range(n_requests)]
@@ -329,10 +336,19 @@ def _arrivals(base, tokenizer, root, n_adapters=20, n_requests=160, new=(8, 24))
     capacity = _capacity(base, tokenizer, store, shape, prompts)
     rate_per_s = LOAD * capacity
     log.info("arrivals: capacity %.2f requests/s, rate %.2f/s", capacity, rate_per_s)
-    plan = [(gap / rate_per_s, name, n) for gap, name, n in shape]
+    return [(gap / rate_per_s, name, n) for gap, name, n in shape], prompts, rate_per_s
+
+
+def _arrivals(base, tokenizer, root, n_adapters=20, n_requests=160, new=(8, 24)):
+    if not (root / "a0").exists():  # the workloads share one store
+        make_store(base, QV_R8, root, n_adapters)
+    store = AdapterStore(root)
+    plan, prompts, rate_per_s = arrival_plan(base, tokenizer, store, n_adapters, n_requests,
+                                             new)
+    capacity = rate_per_s / LOAD
     runs: dict[str, list[dict]] = {"continuous": [], "static": []}
     for mode in ("continuous", "static", "static", "continuous"):  # sandwiched
-        runs[mode].append(_arrival_run(base, tokenizer, store, plan, prompts, mode))
+        runs[mode].append(arrival_run(base, tokenizer, store, plan, prompts, mode))
         log.info("arrivals %s: p99 %.2f s", mode, _percentile(runs[mode][-1]["latencies"], 0.99))
     results = {}
     for mode, done in runs.items():
@@ -367,19 +383,21 @@ def _arrivals(base, tokenizer, root, n_adapters=20, n_requests=160, new=(8, 24))
 
 def _capacity(base, tokenizer, store, plan, prompts, n: int = 16) -> float:
     """Requests per second the static engine serves with the plan's first ``n`` requests
-    all queued at once; the faster of two runs (the first pays one-time costs: page faults,
-    the linears' orientation timing)."""
+    all queued at once, untuned; the faster of two runs (the first pays one-time costs: page
+    faults)."""
     queued = [(0.0, name, k) for _, name, k in plan[:n]]
-    return max(n / _arrival_run(base, tokenizer, store, queued, prompts[:n], "static")["wall"]
+    return max(n / arrival_run(base, tokenizer, store, queued, prompts[:n], "static")["wall"]
                for _ in range(2))
 
 
-def _arrival_run(base, tokenizer, store, plan, prompts, mode: str) -> dict:
+def arrival_run(base, tokenizer, store, plan, prompts, mode: str,
+                cpu_tuning: CpuTuning | None = None) -> dict:
     """One arrival run of the engine in ``mode``: requests fed on the plan's schedule."""
     model = copy.deepcopy(base)
     cache = AdapterCache(store, 4 * store.info("a0").size + 1024)
     table = SlotTable(model, cache, n_slots=4, max_rank=16)
-    engine = Engine(model, tokenizer, table, max_batch=4, static=mode == "static").start()
+    engine = Engine(model, tokenizer, table, max_batch=4, static=mode == "static",
+                    cpu_tuning=cpu_tuning).start()
     handles = []
     started = time.perf_counter()
 

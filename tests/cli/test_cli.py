@@ -195,11 +195,13 @@ def test_generate_streams_the_adapters_greedy_tokens(tmp_path):
     with torch.no_grad():
         want = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False,
                               pad_token_id=0)[0, 3:].tolist()
-    out = _cli("generate", "w5 w6 w7", "--raw", "--model", str(base), "--store",
-               str(tmp_path / "store"), "--adapter", "team/a", "--max-new-tokens", "4")
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == [f"w{t}" for t in want]
-    assert "team/a: 4 tokens, length" in out.stderr
+    for tuning in ("none", "all"):  # CPU tuning changes the speed, never the tokens
+        out = _cli("generate", "w5 w6 w7", "--raw", "--model", str(base), "--store",
+                   str(tmp_path / "store"), "--adapter", "team/a", "--max-new-tokens", "4",
+                   "--cpu-tuning", tuning)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split() == [f"w{t}" for t in want]
+        assert "team/a: 4 tokens, length" in out.stderr
     missing = _cli("generate", "w5", "--raw", "--model", str(base), "--store",
                    str(tmp_path / "store"), "--adapter", "nope")
     assert missing.returncode == 2 and "nope" in missing.stderr

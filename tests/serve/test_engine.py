@@ -13,6 +13,7 @@ from loratree.config import LoraConfig, PrefixConfig
 from loratree.errors import NonFiniteError
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
+from loratree.serve.cpu import CpuTuning
 from tests.conftest import randomize_slot
 from tests.serve.common import VOCAB, solo_reference, tiny_model
 
@@ -177,12 +178,14 @@ def test_end_of_sequence_stops_a_request_unless_it_ignores_eos(store):
     assert kept.result().finish_reason == "length" and list(kept.result().tokens) == tokens
 
 
-def test_threaded_engine_streams(store):
-    """In its own thread (decode steps with MKL on one thread there) the engine streams, and
-    a mixed batch gives each request the tokens and logits it gets alone."""
-    from loratree.serve import mkl
+@pytest.mark.parametrize("tuning", [None, CpuTuning()], ids=["untuned", "cpu-tuned"])
+def test_threaded_engine_streams(store, tuning):
+    """In its own thread (with CPU tuning: decode steps with MKL on one thread or all, as
+    measured) the engine streams, and a mixed batch gives each request the tokens and
+    logits it gets alone."""
+    from loratree.serve.cpu import mkl
 
-    engine = _engine(store).start()
+    engine = _engine(store, cpu_tuning=tuning).start()
     try:
         h = engine.submit(Request(PROMPTS[3], adapter="all-r4", max_new_tokens=5))
         text = "".join(h)

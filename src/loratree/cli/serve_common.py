@@ -9,6 +9,7 @@ from loratree.adapters.cache import AdapterCache
 from loratree.adapters.slot_table import SlotTable
 from loratree.models import load_base
 from loratree.serve import Engine
+from loratree.serve.cpu import CpuTuning, Piece
 
 __all__ = ["add_engine_args", "add_model_args", "build_engine", "parse_stop"]
 
@@ -25,6 +26,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rank", type=int, default=64, help="largest LoRA rank a slot takes")
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests decoded together at most (default 8)")
+    p.add_argument("--cpu-tuning", type=_cpu_tuning, default=None, metavar="PIECES",
+                   help="CPU serving tuning: all, none (default), or comma-separated pieces "
+                        f"of {', '.join(Piece)}; see bench.cpu_ablation for what each "
+                        "gains on a host")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +52,15 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, object]:
     store = AdapterStore(args.store)
     cache = AdapterCache(store, int(args.cache_mb * 2**20))
     table = SlotTable(model, cache, n_slots=args.slots, max_rank=args.max_rank)
-    return Engine(model, tokenizer, table, max_batch=args.max_batch), tokenizer
+    return Engine(model, tokenizer, table, max_batch=args.max_batch,
+                  cpu_tuning=args.cpu_tuning), tokenizer
+
+
+def _cpu_tuning(text: str) -> CpuTuning | None:
+    try:
+        return CpuTuning.parse(text)
+    except ValueError as e:  # argparse reports an ArgumentTypeError's message as given
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_stop(values: list[str]) -> tuple[str, ...]:

@@ -3,9 +3,9 @@
 ``F.linear`` hands the BLAS ``x @ W^T`` with the rows of ``x`` as the GEMM's M. With M of
 1-32 (one token per request in a decode step) some CPU BLAS builds run that far below
 memory speed, while the same product posed the other way round, ``(W @ x^T)^T`` with the
-weight's rows as M, runs up to 1.4x faster here. Which one wins depends on the BLAS, the
-shape and the machine, so ``layers.skinny`` times both and keeps the faster; for a wide
-weight it also times ``blocked``.
+weight's rows as M, can run faster. Which one wins depends on the BLAS, the shape and the
+machine, so ``serve.cpu.orientation`` (opt-in CPU tuning) times both and keeps the
+faster; for a wide weight it also times ``blocked``.
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ def blocked(x: Tensor, weight: Tensor, bias: Tensor | None = None,
             block: int = BLOCK) -> Tensor:
     """``F.linear`` over blocks of ``block`` weight rows, the outputs side by side. For a
     wide weight (SmolLM2's LM head: 49152 x 576) against 4-8 rows, one GEMM over all of it
-    ran far below memory speed here (4 rows 8.7 ms, 8 rows 13 ms, against 4.5 ms for one
-    row); in blocks of 512 rows, 6.6 and 7.8 ms.
+    has run far below memory speed, and in blocks of 512 rows nearer to it.
 
     Semantics: y[..., j:j+block] = x @ W[j:j+block]^T + b[j:j+block]
     Shape: x (..., in), weight (out, in), bias (out,) -> (..., out)

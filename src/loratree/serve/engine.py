@@ -21,7 +21,6 @@ alone, whatever joined before or after it.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import threading
@@ -37,16 +36,14 @@ from loratree.adapters.routing import Router
 from loratree.adapters.slot_table import SlotTable
 from loratree.errors import AdapterInUseError, CacheFullError
 from loratree.models.attention import check_attention, layer_windows, sliding_window
-from loratree.serve import mkl
+from loratree.serve.cpu import CpuTuner, CpuTuning
 from loratree.serve.grouping import prefill_groups
 from loratree.serve.kv import BatchKV
 from loratree.serve.packed import pack, supports_packing
 from loratree.serve.requests import AUTO, Completion, Handle, Request, prompt_ids
 from loratree.serve.rows import Row, finite_rows
-from loratree.serve.thread_choice import DecodeThreads
 from loratree.surgery.cache_api import cache_kwarg, forward_takes
 from loratree.surgery.prefix import prefix_state
-from loratree.surgery.skinny import skinny_linears, warm_linears
 
 __all__ = ["Engine"]
 
@@ -70,14 +67,17 @@ class Engine:
     ``join_wait`` (only without packed joins): while rows are running, a request that
     would join alone (fewer waiting than free rows) waits up to this many prefill times (a
     running mean) for others, so one prefill stalls the batch for several; 0 joins at once.
-    ``tune_linears`` (on a CPU) turns the model's plain linears into
-    ``layers.SkinnyLinear``, in place, so decode steps use the faster GEMM orientation.
+    ``cpu_tuning`` (on a CPU; ``serve.cpu``): the measured GEMM orientation on the model's
+    plain linears, MKL threads per decode thread, the caller's OpenMP pool released on
+    ``start``, each piece switchable; ``close`` takes it off the model again. The default,
+    None, is no tuning: the default follows the ablation (``bench.cpu_ablation``), which
+    must show a piece beyond noise before it is turned on for everyone.
     """
 
     def __init__(self, model: nn.Module, tokenizer: object, table: SlotTable, *,
                  max_batch: int = 8, static: bool = False, keep_logits: bool = False,
                  merge_min_tokens: int = 16, router: Router | None = None,
-                 tune_linears: bool = True, pack_joins: bool = True,
+                 cpu_tuning: CpuTuning | None = None, pack_joins: bool = True,
                  join_wait: float = 2.0) -> None:
         check_attention(model)  # an attention kind run wrong is refused, not served
         self.model, self.tokenizer, self.table = model, tokenizer, table
@@ -100,13 +100,8 @@ class Engine:
         self._prefill_s: float | None = None
         """Running mean (EMA) of a prefill's wall time, the unit of ``join_wait``."""
         self.device = next(model.parameters()).device
-        self.decode_threads = DecodeThreads()
-        """MKL's thread count for decode steps in the engine's thread, by measurement."""
-        self._tuned = tune_linears and self.device.type == "cpu"
-        if self._tuned:
-            # decode steps multiply few rows: each plain linear measures which GEMM
-            # orientation is faster for its shape (layers.skinny); values are unchanged
-            skinny_linears(model)
+        self.cpu = CpuTuner(model, cpu_tuning, self.device)
+        """The CPU tuning asked for, installed on the model until ``close``."""
         self._waiting: deque[Handle] = deque()
         self._rows: list[Row] = []
         self._kv: BatchKV | None = None
@@ -150,14 +145,11 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------------
     def start(self) -> Engine:
-        """Run the loop on a daemon thread until ``close``; returns once the loop has made
-        the linears' orientation choices (``surgery.warm_linears``), so no request waits
-        for them. The calling thread's OpenMP pool is released first
-        (``serve.mkl.release_openmp_pool``): with it and the loop's both alive, every
-        parallel region in the loop's forwards waits for sleeping workers."""
+        """Run the loop on a daemon thread until ``close``; with CPU tuning, returns once
+        the loop has made the linears' orientation choices, so no request waits for them,
+        and releases the calling thread's OpenMP pool first (``CpuTuner.before_start``)."""
         if self._thread is None:
-            if self.device.type == "cpu":
-                mkl.release_openmp_pool()
+            self.cpu.before_start()
             self._thread = threading.Thread(target=self._loop, name="loratree-engine",
                                             daemon=True)
             self._thread.start()
@@ -165,11 +157,14 @@ class Engine:
         return self
 
     def close(self) -> None:
+        """Stop the loop (if started) and take the CPU tuning off the model: after this
+        the model holds nothing of the engine's CPU tuning."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.cpu.close()
 
     def busy(self) -> bool:
         with self._lock:
@@ -187,8 +182,7 @@ class Engine:
 
     def _loop(self) -> None:
         try:
-            if self._tuned:  # in this thread: the choices are kept per thread kind
-                warm_linears(self.model)  # now, so the first requests do not wait for it
+            self.cpu.warm()  # in this thread, now: the first requests do not wait for it
         except Exception:
             logger.exception("warming the linears failed; they measure on first use")
         finally:
@@ -410,7 +404,7 @@ class Engine:
         mask = torch.cat([self._kv.mask, torch.ones(len(rows), 1, dtype=torch.long,
                                                     device=self.device)], dim=1)
         positions = torch.tensor([[r.next_pos] for r in rows], device=self.device)
-        with self.table.ctx.use(use), self._decode_threads(len(rows)):
+        with self.table.ctx.use(use), self.cpu.decode_step(len(rows)):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              use_cache=True, **{cache_kwarg(self.model): self._kv.cache()})
         self.consecutive_failures = 0
@@ -463,13 +457,6 @@ class Engine:
         self._rows = rows + joined_rows
         self.packed_joins += len(joining)
         self._sort_rows()
-
-    def _decode_threads(self, rows: int) -> contextlib.AbstractContextManager:
-        """A decode step off the main thread, on a CPU, runs MKL on one thread or on all,
-        whichever the first steps measured faster (``serve.thread_choice``)."""
-        if self.device.type != "cpu" or threading.current_thread() is threading.main_thread():
-            return contextlib.nullcontext()
-        return self.decode_threads.step(rows)
 
     def _retire(self) -> None:
         keep = []

@@ -30,7 +30,6 @@ from loratree.surgery.quantize import (
     nf4_layers,
     quantize,
 )
-from loratree.surgery.skinny import skinny_linears, warm_linears
 from loratree.surgery.targets import adaptable_modules, find_targets
 from loratree.surgery.tokens import (
     input_embedding_name,
@@ -72,7 +71,6 @@ __all__ = [
     "saved_modules",
     "set_prefix",
     "set_trainable",
-    "skinny_linears",
     "slot_count",
     "stack",
     "switch",
@@ -80,7 +78,6 @@ __all__ = [
     "token_modules",
     "unload",
     "unmerge",
-    "warm_linears",
     "wrap_copy",
     "wrap_tokens",
 ]

@@ -1,14 +1,13 @@
 """Whether the engine's decode steps run MKL on one thread or on all: chosen by timing.
 
-Which is faster depends on the machine, not on the code. On one 2-core host a 4-row
-SmolLM2 decode step in the engine's thread took 73 ms with MKL on 2 threads and 45 ms on
-one; on another (2 cores, same code) it took 96-108 ms on 2 threads and 165 ms on one. A
-fixed choice is therefore wrong somewhere, so the engine measures: its first decode steps
+Which is faster depends on the machine, not on the code: the same decode step has run
+markedly faster on one thread on one 2-core host and markedly slower on another. A fixed
+choice is therefore wrong somewhere, so the engine measures: its first decode steps
 alternate the two settings in pairs of steps with the same rows (one position apart, so
 the same cost up to one cache entry; the order inside a pair alternates too), and after
 ``pairs`` pairs it keeps one thread only where its median paired ratio is below
-``ONE_WINS`` (this machine's step times vary 10-15%: a near tie keeps MKL's default).
-"""
+``ONE_WINS`` (step times on a shared machine vary by 10-15%: a near tie keeps MKL's
+default)."""
 
 from __future__ import annotations
 
@@ -18,14 +17,24 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 
-from loratree.serve import mkl
+from loratree.serve.cpu import mkl
 
-__all__ = ["DecodeThreads"]
+__all__ = ["DecodeThreads", "Setting"]
 
 logger = logging.getLogger(__name__)
 
-ALL, ONE = "all", "one"
+
+
+class Setting(StrEnum):
+    """MKL's thread count for a decode step: its own (all) or one."""
+
+    ALL = "all"
+    ONE = "one"
+
+
+ALL, ONE = Setting.ALL, Setting.ONE
 ONE_WINS = 0.9
 """One thread is kept only when it takes under this share of all threads' time."""
 
@@ -35,16 +44,16 @@ class DecodeThreads:
 
     ``chosen`` is None while measuring, then ``"all"`` (MKL's own thread count) or
     ``"one"``. ``clock`` is injectable for tests; ``threads`` is the context manager that
-    sets MKL's thread count for the calling thread (``serve.mkl.threads``)."""
+    sets MKL's thread count for the calling thread (``serve.cpu.mkl.threads``)."""
 
     def __init__(self, pairs: int = 8, *, clock: Callable[[], float] = time.perf_counter,
                  threads: Callable[[int], contextlib.AbstractContextManager] = mkl.threads
                  ) -> None:
         self.pairs, self._clock, self._threads = pairs, clock, threads
-        self.chosen: str | None = None if mkl.available() else ALL
+        self.chosen: Setting | None = None if mkl.available() else ALL
         self._ratios: list[float] = []
         """Per finished pair: the one-thread step's time over the all-threads step's."""
-        self._open: tuple[object, str, float] | None = None
+        self._open: tuple[object, Setting, float] | None = None
         """The first step of a pair: its key, setting and seconds."""
 
     @contextmanager
@@ -62,15 +71,15 @@ class DecodeThreads:
             yield
         self._record(key, setting, self._clock() - started)
 
-    def _next_setting(self) -> str:
+    def _next_setting(self) -> Setting:
         if self._open is not None:
             return ONE if self._open[1] == ALL else ALL
         return ALL if len(self._ratios) % 2 == 0 else ONE
 
-    def _setting(self, setting: str) -> contextlib.AbstractContextManager:
+    def _setting(self, setting: Setting) -> contextlib.AbstractContextManager:
         return self._threads(1) if setting == ONE else contextlib.nullcontext()
 
-    def _record(self, key: object, setting: str, seconds: float) -> None:
+    def _record(self, key: object, setting: Setting, seconds: float) -> None:
         if self._open is None:
             self._open = (key, setting, seconds)
             return

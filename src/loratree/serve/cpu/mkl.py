@@ -1,20 +1,19 @@
 """MKL's thread count for the calling thread only, and the OpenMP pool of the thread
-that hands the model to the engine's thread.
+that hands the model to the engine's thread (two pieces of ``CpuTuning``).
 
 Each thread that runs OpenMP work owns a pool of worker threads. Once the process holds
 more OpenMP threads than CPUs (the main thread's pool, from loading or warming the model,
 plus the engine thread's), GNU OpenMP spins only briefly before its workers sleep, and
-every parallel region pays to wake them: here a 32-token prefill took 166 ms in the engine
-thread against 108 ms on the main thread, and 110 ms in the engine thread once the main
-thread's pool was released (``release_openmp_pool``, OpenMP 5's
-``omp_pause_resource_all``, which frees the calling thread's pool; it comes back if that
-thread runs OpenMP work again). ``Engine.start`` does that for the thread calling it.
+every parallel region pays to wake them, so a prefill in the engine thread can run well
+behind the same prefill on the main thread. ``release_openmp_pool`` (OpenMP 5's
+``omp_pause_resource_all``) frees the calling thread's pool; it comes back if that thread
+runs OpenMP work again. With ``CpuTuning.release_openmp_pool``, ``Engine.start`` does that
+for the thread calling it.
 
 MKL's per-thread count is how the engine picks its decode steps' threads: on some hosts
-MKL's threaded GEMMs on few rows run 1.5-2.5x slower in any thread but the first that used
+MKL's threaded GEMMs on few rows run much slower in any thread but the first that used
 MKL, and single-threaded they do not; on others one thread is the slower. The engine
-measures which (``serve.thread_choice``).
-"""
+measures which (``serve.cpu.thread_choice``)."""
 
 from __future__ import annotations
 

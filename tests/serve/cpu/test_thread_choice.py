@@ -4,7 +4,7 @@ import contextlib
 
 import pytest
 
-from loratree.serve.thread_choice import DecodeThreads
+from loratree.serve.cpu.thread_choice import DecodeThreads
 
 
 class FakeHost:

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from loratree.serve import mkl
+from loratree.serve.cpu import mkl
 
 HAS_GOMP = bool(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*")))
 

@@ -1,0 +1,86 @@
+"""``CpuTuning``: which of the engine's CPU tuning pieces are on.
+
+Each piece is a bet on the host's BLAS and OpenMP runtime, and which way the bet goes
+differs between hosts, so each can be switched on its own (``bench.cpu_ablation`` times
+every piece alone on and alone off against all off). The engine's default is no tuning
+at all (``Engine(cpu_tuning=None)``); that default follows the ablation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+__all__ = ["CpuTuning", "Piece"]
+
+
+class Piece(StrEnum):
+    """One CPU tuning piece, by the name the CLI and the bench use."""
+
+    ORIENTATION = "orientation"
+    """Each plain linear times its two GEMM orientations per shape and keeps the faster."""
+    MKL_THREADS = "mkl-threads"
+    """Decode steps off the main thread time MKL on one thread against all, keep the faster."""
+    OMP_RELEASE = "omp-release"
+    """``Engine.start`` releases the calling thread's OpenMP worker pool."""
+
+
+_FIELDS = {Piece.ORIENTATION: "gemm_orientation", Piece.MKL_THREADS: "mkl_decode_threads",
+           Piece.OMP_RELEASE: "release_openmp_pool"}
+NONE_WORDS = frozenset({"none", "off", ""})
+ALL_WORDS = frozenset({"all", "on"})
+
+
+@dataclass(frozen=True)
+class CpuTuning:
+    """The CPU tuning pieces an engine runs; ``CpuTuning()`` is all of them.
+
+    ``gemm_orientation``: decode steps' linears run whichever GEMM orientation measured
+    faster for their shape (``serve.cpu.orientation``), installed on the model by the engine
+    and taken off again by ``Engine.close``. ``mkl_decode_threads``: decode steps in the
+    engine's thread run MKL on one thread or on all, as measured (``serve.cpu.thread_choice``).
+    ``release_openmp_pool``: ``Engine.start`` releases the caller's OpenMP pool
+    (``serve.cpu.mkl``). None of them changes what the model computes beyond the order of
+    floating-point sums.
+    """
+
+    gemm_orientation: bool = True
+    mkl_decode_threads: bool = True
+    release_openmp_pool: bool = True
+
+    @classmethod
+    def of(cls, pieces: Iterable[Piece]) -> CpuTuning:
+        """The tuning with exactly ``pieces`` on."""
+        on = set(pieces)
+        return cls(**{field: piece in on for piece, field in _FIELDS.items()})
+
+    @property
+    def pieces(self) -> tuple[Piece, ...]:
+        """The pieces that are on, in ``Piece`` order."""
+        return tuple(p for p, field in _FIELDS.items() if getattr(self, field))
+
+    def on(self, piece: Piece) -> bool:
+        return bool(getattr(self, _FIELDS[piece]))
+
+    @property
+    def label(self) -> str:
+        """``all``, ``none`` or the pieces on, comma-separated (what ``parse`` reads)."""
+        if len(self.pieces) == len(Piece):
+            return "all"
+        return ",".join(self.pieces) or "none"
+
+    @classmethod
+    def parse(cls, text: str) -> CpuTuning | None:
+        """``none`` (or ``off``) -> None; ``all`` (or ``on``) -> every piece; else a
+        comma-separated list of ``Piece`` names. Raises ValueError naming the choices."""
+        words = [w.strip().lower() for w in text.split(",") if w.strip()]
+        if not words or set(words) <= NONE_WORDS:
+            return None
+        if set(words) <= ALL_WORDS:
+            return cls()
+        try:
+            return cls.of(Piece(w) for w in words)
+        except ValueError:
+            choices = ", ".join([*Piece, "all", "none"])
+            raise ValueError(f"unknown CPU tuning {text!r}; choose from {choices}") from None
