@@ -23,8 +23,8 @@ from transformers import DynamicCache
 from loratree.config import PrefixConfig
 from loratree.layers import LoraModule, SlotContext, SlotSpec
 from loratree.layers.prefix import PrefixBank, PrefixEncoder, PrefixGeometry
+from loratree.models.compat import cache_kwarg, output_cache, pop_cache
 from loratree.ops import prefix as ops
-from loratree.surgery.cache_api import cache_kwarg, pop_cache
 
 __all__ = [
     "BANK",
@@ -225,7 +225,7 @@ def _vocab_vectors(model: nn.Module, bank: PrefixBank, n: int) -> Tensor:
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab, (1, n), device=device)
     with bank.ctx.use(-1):
-        cache = model(input_ids=ids, use_cache=True).past_key_values  # an alias of .cache
+        cache = output_cache(model(input_ids=ids, use_cache=True))
     geo = bank.geometry
     parts = []
     for layer in cache.layers[: geo.n_layers]:
