@@ -298,6 +298,10 @@ def _inject(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tupl
     if positions is None:
         positions = ops.prompt_positions(mask, torch.zeros_like(starts), shift=False)[:, -seq:]
     kwargs["position_ids"] = positions + starts.unsqueeze(1)
+    if kwargs.get("cache_position") is not None:
+        # transformers < 5.4 passes cache columns from generate(), counted without the
+        # prefix; the prefix takes the first p columns of every row
+        kwargs["cache_position"] = kwargs["cache_position"] + p
     return args, kwargs
 
 
