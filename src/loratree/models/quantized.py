@@ -26,9 +26,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from loratree.layers import NF4Linear
 from loratree.models.save import atomic_dir
-from loratree.surgery import lora_layers
-from loratree.surgery.inject import replace_module
-from loratree.surgery.quantize import nf4_layers
 
 __all__ = ["QUANT_NAME", "has_nf4", "is_quantized_dir", "load_quantized", "save_quantized"]
 
@@ -47,6 +44,10 @@ def is_quantized_dir(path: str | Path) -> bool:
 
 def save_quantized(model: PreTrainedModel, tokenizer: object | None, out: str | Path) -> Path:
     """Save a model whose linear layers are NF4 (see the module docstring for the layout)."""
+    # surgery imports models.compat, so models takes surgery's names at call time
+    from loratree.surgery.inject import lora_layers
+    from loratree.surgery.quantize import nf4_layers
+
     if lora_layers(model):
         raise ValueError("save the quantized base without adapters: unload them first, and "
                          "save adapters with save_adapter")
@@ -92,6 +93,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> PreTra
     Raises:
         ValueError: ``quantization.json`` or the weights are malformed or do not fit.
     """
+    from loratree.surgery.inject import replace_module  # at call time: see save_quantized
+
     path = Path(path)
     spec = _read_spec(path / QUANT_NAME)
     dtype = dtype or getattr(torch, spec["dtype"])

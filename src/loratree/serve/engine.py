@@ -36,13 +36,13 @@ from loratree.adapters.routing import Router
 from loratree.adapters.slot_table import SlotTable
 from loratree.errors import AdapterInUseError, CacheFullError
 from loratree.models.attention import check_attention, layer_windows, sliding_window
+from loratree.models.compat import cache_kwargs, forward_takes, output_cache
 from loratree.serve.cpu import CpuTuner, CpuTuning
 from loratree.serve.grouping import prefill_groups
 from loratree.serve.kv import BatchKV
 from loratree.serve.packed import pack, supports_packing
 from loratree.serve.requests import AUTO, Completion, Handle, Request, prompt_ids
 from loratree.serve.rows import Row, finite_rows
-from loratree.surgery.cache_api import cache_kwarg, forward_takes
 from loratree.surgery.prefix import prefix_state
 
 __all__ = ["Engine"]
@@ -346,10 +346,10 @@ class Engine:
         with self.table.ctx.use(use):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                              use_cache=True, **self._last_logits_only,
-                             **{cache_kwarg(self.model): DynamicCache()})
+                             **cache_kwargs(self.model, DynamicCache()))
         took = time.perf_counter() - started
         self._prefill_s = took if self._prefill_s is None else 0.8 * self._prefill_s + 0.2 * took
-        cache = out.past_key_values
+        cache = output_cache(out)
         prefix_mask, starts = prefix_state(cache, n, self.device)
         kv = BatchKV.from_cache(cache, torch.cat([prefix_mask, mask], dim=1))
         rows = []
@@ -406,9 +406,9 @@ class Engine:
         positions = torch.tensor([[r.next_pos] for r in rows], device=self.device)
         with self.table.ctx.use(use), self.cpu.decode_step(len(rows)):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             use_cache=True, **{cache_kwarg(self.model): self._kv.cache()})
+                             use_cache=True, **cache_kwargs(self.model, self._kv.cache()))
         self.consecutive_failures = 0
-        self._kv = self._kv.append(out.past_key_values)
+        self._kv = self._kv.append(output_cache(out))
         self._advance(rows, out.logits[:, -1])
 
     def _advance(self, rows: list[Row], last: torch.Tensor) -> list[bool]:
@@ -436,8 +436,8 @@ class Engine:
             with self.table.ctx.use(use) as ctx:
                 ctx.kept = step.logits_to_keep  # a copied LM head sees these tokens only
                 out = self.model(**step.forward_kwargs(),
-                                 **{cache_kwarg(self.model): step.cache})
-            new, joined = step.new_entries(out.past_key_values)
+                                 **cache_kwargs(self.model, step.cache))
+            new, joined = step.new_entries(output_cache(out))
         except BaseException as e:  # the joiners fail here; the running rows by the caller
             self._fail_joining(e)
             raise

@@ -23,8 +23,8 @@ from transformers import DynamicCache
 from loratree.config import PrefixConfig
 from loratree.layers import LoraModule, SlotContext, SlotSpec
 from loratree.layers.prefix import PrefixBank, PrefixEncoder, PrefixGeometry
+from loratree.models.compat import cache_kwarg, output_cache, pop_cache
 from loratree.ops import prefix as ops
-from loratree.surgery.cache_api import cache_kwarg, pop_cache
 
 __all__ = [
     "BANK",
@@ -214,7 +214,7 @@ def _vocab_vectors(model: nn.Module, bank: PrefixBank, n: int) -> Tensor:
     device = next(model.parameters()).device
     ids = torch.randint(0, vocab, (1, n), device=device)
     with bank.ctx.use(-1):
-        cache = model(input_ids=ids, use_cache=True).past_key_values  # an alias of .cache
+        cache = output_cache(model(input_ids=ids, use_cache=True))
     geo = bank.geometry
     parts = []
     for layer in cache.layers[: geo.n_layers]:
@@ -287,6 +287,10 @@ def _inject(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tupl
     if positions is None:
         positions = ops.prompt_positions(mask, torch.zeros_like(starts), shift=False)[:, -seq:]
     kwargs["position_ids"] = positions + starts.unsqueeze(1)
+    if kwargs.get("cache_position") is not None:
+        # transformers < 5.4 passes cache columns from generate(), counted without the
+        # prefix; the prefix takes the first p columns of every row
+        kwargs["cache_position"] = kwargs["cache_position"] + p
     return args, kwargs
 
 

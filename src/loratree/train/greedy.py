@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from loratree import surgery
-from loratree.surgery.cache_api import cache_kwarg, forward_takes
+from loratree.models.compat import cache_kwarg, cache_kwargs, forward_takes
 
 __all__ = ["greedy_tokens", "left_padded", "stop_tokens", "supports_greedy"]
 
@@ -85,7 +85,7 @@ def greedy_tokens(
                else surgery.context(model).use(row_slots[alive]))
         with use:
             logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                           use_cache=True, **{cache_kwarg(model): cache}, **keep_last).logits
+                           use_cache=True, **cache_kwargs(model, cache), **keep_last).logits
         token = logits[:, -1].argmax(dim=-1)  # (B',)
         done = torch.isin(token, stop_ids)
         for row, t, d in zip(alive.tolist(), token.tolist(), done.tolist(), strict=True):

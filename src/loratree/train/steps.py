@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from loratree.errors import NonFiniteError
 from loratree.models.chat import IGNORE_INDEX, Example
-from loratree.surgery.cache_api import forward_takes
+from loratree.models.compat import forward_takes
 from loratree.train.data import collate
 
 __all__ = ["adamw", "autocast", "label_tokens", "loss_sum", "optimizer_step", "token_losses"]
