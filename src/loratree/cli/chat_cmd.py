@@ -13,7 +13,7 @@ import time
 from loratree.adapters.slot_table import BASE
 from loratree.cli.serve_common import add_engine_args, build_engine, parse_stop
 from loratree.models.chat import Message, encode_prompt
-from loratree.serve import Request
+from loratree.serve import FinishReason, Request
 
 __all__ = ["add_parser", "run"]
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                                        temperature=args.temperature, top_k=args.top_k,
                                        top_p=args.top_p, seed=args.seed,
                                        stop=parse_stop(args.stop)))
-        if done.finish_reason == "error":
+        if done.finish_reason == FinishReason.ERROR:
             print(f"(error: {done.error})")
             history.pop()
             continue

@@ -7,7 +7,7 @@ import sys
 
 from loratree.cli.serve_common import add_engine_args, build_engine, parse_stop
 from loratree.models.chat import Message, encode_prompt
-from loratree.serve import Request
+from loratree.serve import FinishReason, Request
 
 __all__ = ["add_parser", "run"]
 
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         done = handle.result()
     finally:
         engine.close()
-    if done.finish_reason == "error":
+    if done.finish_reason == FinishReason.ERROR:
         raise ValueError(done.error)
     print()
     print(f"[{done.adapter}: {len(done.tokens)} tokens, {done.finish_reason}, "

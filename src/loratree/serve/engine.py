@@ -41,7 +41,7 @@ from loratree.serve.cpu import CpuTuner, CpuTuning
 from loratree.serve.grouping import prefill_groups
 from loratree.serve.kv import BatchKV
 from loratree.serve.packed import pack, supports_packing
-from loratree.serve.requests import AUTO, Completion, Handle, Request, prompt_ids
+from loratree.serve.requests import AUTO, Completion, FinishReason, Handle, Request, prompt_ids
 from loratree.serve.rows import Row, finite_rows
 from loratree.surgery.prefix import prefix_state
 
@@ -215,7 +215,7 @@ class Engine:
                 self.table.release(row.slot)
             except Exception:
                 logger.exception("releasing slot %d failed", row.slot)
-            self._end(row.handle, "error", row.tokens, row.text, row.prompt_len,
+            self._end(row.handle, FinishReason.ERROR, row.tokens, row.text, row.prompt_len,
                       first=row.first_token_s, error=error, adapter=row.adapter)
 
     def _fail_joining(self, error: BaseException) -> None:
@@ -223,7 +223,7 @@ class Engine:
         joining, self._joining = self._joining, []
         for handle, _, adapter, slot in joining:
             self.table.release(slot)
-            self._end(handle, "error", [], "", 0, error=error, adapter=adapter)
+            self._end(handle, FinishReason.ERROR, [], "", 0, error=error, adapter=adapter)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -253,7 +253,7 @@ class Engine:
                     break
                 handle = self._waiting.popleft()
             if handle.cancelled:
-                self._end(handle, "cancelled", [], "", 0)
+                self._end(handle, FinishReason.CANCELLED, [], "", 0)
                 continue
             try:
                 ids, adapter = self._resolve(handle.request)
@@ -316,7 +316,7 @@ class Engine:
         logger.warning("request %d failed: %s", handle.id, error)
         if not isinstance(error, ValueError | KeyError | CacheFullError):  # not the request
             self._failed(error)
-        self._end(handle, "error", [], "", 0, error=error)
+        self._end(handle, FinishReason.ERROR, [], "", 0, error=error)
 
     def _resolve(self, req: Request) -> tuple[list[int], str]:
         ids = prompt_ids(self.tokenizer, req.prompt)
@@ -473,7 +473,7 @@ class Engine:
         self._rows = [self._rows[i] for i in keep]
         self._kv = self._kv.select(keep) if keep and self._kv is not None else None
 
-    def _end(self, handle: Handle, reason: str, tokens: list[int], text: str,
+    def _end(self, handle: Handle, reason: FinishReason, tokens: list[int], text: str,
              prompt_len: int, *, first: float = 0.0, error: BaseException | None = None,
              adapter: str | None = None) -> None:
         total = time.perf_counter() - handle.submitted

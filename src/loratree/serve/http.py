@@ -56,7 +56,7 @@ from loratree.serve.openai_api import (
     error_body,
     new_id,
 )
-from loratree.serve.requests import AUTO, Completion, Handle, Request
+from loratree.serve.requests import AUTO, Completion, FinishReason, Handle, Request
 
 __all__ = ["ServerConfig", "ServerState", "create_app"]
 
@@ -322,7 +322,7 @@ async def _events(run: _Run, first: list[str], chat: bool, rid: str, model: str,
                 yield event(chunk_body(chat=chat, rid=rid, model=model, text="".join(deltas),
                                        finish=None))
         done = run.handle.result()
-        if done.finish_reason == "error":
+        if done.finish_reason == FinishReason.ERROR:
             e = _error_of(run.state, done)
             yield event(error_body(str(e), e.kind, e.param, e.code))
             return
@@ -372,7 +372,7 @@ class _Run:
 
     def result(self) -> Completion:
         done = self.handle.result()
-        if done.finish_reason == "error":
+        if done.finish_reason == FinishReason.ERROR:
             raise _error_of(self.state, done)
         return done
 
@@ -394,7 +394,10 @@ class _Run:
 
 
 def _finish(done: Completion) -> str:
-    return "length" if done.finish_reason == "length" else "stop"
+    """The API's finish reason: "length", else "stop" (what ends a response early is
+    answered as an error, or nobody is left to read it)."""
+    return (FinishReason.LENGTH if done.finish_reason == FinishReason.LENGTH
+            else FinishReason.STOP).value
 
 
 def _error_of(state: ServerState, done: Completion) -> ApiError:
@@ -445,7 +448,8 @@ def _errors(app: FastAPI, state: ServerState) -> None:
 
     @app.exception_handler(Exception)
     async def crash(_: HttpRequest, e: Exception) -> JSONResponse:
-        mapped = _error_of(state, Completion("", (), "error", "", 0, str(e), exception=e))
+        failed = Completion("", (), FinishReason.ERROR, "", 0, str(e), exception=e)
+        mapped = _error_of(state, failed)
         if mapped.status >= 500:
             logger.exception("unhandled error", exc_info=e)
         return mapped.response()

@@ -8,12 +8,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 
 from loratree.adapters.slot_table import BASE
 
-__all__ = ["AUTO", "Completion", "Handle", "Request", "prompt_ids"]
+__all__ = ["AUTO", "Completion", "FinishReason", "Handle", "Request", "prompt_ids"]
 
 AUTO = "auto"
 """A request's adapter chosen by the router."""
@@ -56,12 +57,22 @@ class Request:
             raise ValueError("invalid Request: " + "; ".join(problems))
 
 
+class FinishReason(StrEnum):
+    """Why a request ended; the values are what the HTTP API answers."""
+
+    STOP = "stop"
+    """A stop string or the end-of-sequence token."""
+    LENGTH = "length"
+    """``max_new_tokens`` reached."""
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
     tokens: tuple[int, ...]
-    finish_reason: str
-    """"stop" (stop string or end of sequence), "length", "cancelled" or "error"."""
+    finish_reason: FinishReason
     adapter: str
     prompt_tokens: int
     error: str | None = None

@@ -14,7 +14,7 @@ import torch
 
 from loratree.errors import NonFiniteError
 from loratree.ops.sampling import sample
-from loratree.serve.requests import Handle
+from loratree.serve.requests import FinishReason, Handle
 
 __all__ = ["Row", "finite_rows"]
 
@@ -61,11 +61,11 @@ class Row:
             self.first_token_s = time.perf_counter() - self.handle.submitted
         self.tokens.append(token)
 
-    def status(self, tokenizer: object, eos: set[int]) -> tuple[str | None, str]:
+    def status(self, tokenizer: object, eos: set[int]) -> tuple[FinishReason | None, str]:
         """(finish reason or None, the text so far); streams the new text."""
         req = self.handle.request
         if self.error is not None:
-            return "error", self.text
+            return FinishReason.ERROR, self.text
         ended_by_eos = bool(self.tokens) and self.tokens[-1] in eos and not req.ignore_eos
         tokens = self.tokens[:-1] if ended_by_eos else self.tokens
         text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -73,12 +73,12 @@ class Row:
             cut = text.find(s)
             if cut >= 0:
                 self._stream(text[:cut], final=True)
-                return "stop", text[:cut]
+                return FinishReason.STOP, text[:cut]
         if self.handle.cancelled:
-            return "cancelled", text
+            return FinishReason.CANCELLED, text
         if ended_by_eos or len(self.tokens) >= req.max_new_tokens:
             self._stream(text, final=True)
-            return ("stop" if ended_by_eos else "length"), text
+            return (FinishReason.STOP if ended_by_eos else FinishReason.LENGTH), text
         self._stream(text, final=False, hold=max((len(s) for s in req.stop), default=1) - 1)
         return None, text
 
