@@ -167,7 +167,7 @@ def test_stop_strings_streaming_cancel_and_errors(store):
 def test_end_of_sequence_stops_a_request_unless_it_ignores_eos(store):
     tokens, _ = solo_reference(store, "qv-r2", PROMPTS[0], 8)
     engine = _engine(store)
-    engine.eos = {tokens[2]}
+    engine.scheduler.eos = {tokens[2]}
     stopped = engine.submit(Request(PROMPTS[0], adapter="qv-r2", max_new_tokens=8))
     kept = engine.submit(Request(PROMPTS[0], adapter="qv-r2", max_new_tokens=8, ignore_eos=True))
     while engine.busy():
@@ -322,10 +322,10 @@ def test_a_lone_joiner_waits_for_company_up_to_join_wait_prefills(store):
         engine.step()  # prefills the first request: the batch now runs
         second = engine.submit(Request(PROMPTS[1], adapter="all-r4", max_new_tokens=6))
         engine.step()
-        assert (len(engine._rows) == 2) is joined_alone
+        assert (len(engine.scheduler.rows) == 2) is joined_alone
         third = engine.submit(Request(PROMPTS[2], adapter=BASE, max_new_tokens=6))
         engine.step()  # two waiting fill the two free rows: they join together
-        assert len(engine._rows) == 3
+        assert len(engine.scheduler.rows) == 3
         while engine.busy():
             engine.step()
         for h, p, name in ((first, PROMPTS[0], "qv-r2"), (second, PROMPTS[1], "all-r4"),

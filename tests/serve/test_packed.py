@@ -53,7 +53,7 @@ def test_joiners_packed_into_decode_steps_equal_each_request_alone(store):  # no
 def test_packed_joins_on_one_merged_adapter_and_with_eager_attention(store):  # noqa: F811
     engine = _engine(store, merge_min_tokens=2)
     engine.model.config._attn_implementation = "eager"
-    engine._mask_dtype = torch.float32  # what an eager model gets at construction
+    engine.runner.mask_dtype = torch.float32  # what an eager model gets at construction
     plan = [("all-r4", PROMPTS[0], 8, 0), ("all-r4", PROMPTS[1], 5, 1),
             ("all-r4", PROMPTS[2], 4, 3)]
     handles = _run(engine, plan)
@@ -141,9 +141,9 @@ def test_models_without_what_packing_needs_are_not_packed():
 
 
 def test_prompts_past_the_packing_budget_prefill_on_their_own(store, monkeypatch):  # noqa: F811
-    import loratree.serve.engine as engine_module
+    import loratree.serve.scheduler as scheduler_module
 
-    monkeypatch.setattr(engine_module, "PACK_TOKENS", 6)
+    monkeypatch.setattr(scheduler_module, "PACK_TOKENS", 6)
     engine = _engine(store)
     plan = [("qv-r2", PROMPTS[0], 8, 0),
             ("all-r4", PROMPTS[0], 4, 1), (BASE, PROMPTS[2], 4, 1),  # 5 packed; 7 > 6 alone
