@@ -31,6 +31,7 @@ from loratree.adapters.cache import AdapterCache
 from loratree.adapters.slot_table import SlotTable
 from loratree.serve import Engine, Request
 from loratree.serve.cpu import CpuTuning, Piece
+from loratree.serve.scheduler import Batching
 
 __all__ = ["DEFAULT", "QUICK", "AblationSettings", "ablation_tables", "configurations", "main"]
 
@@ -125,7 +126,7 @@ def _one_round(configs: dict[str, CpuTuning | None], order: list[str],
                 s = _batch_seconds(work, tokenizer, tuning, adapters, settings.new_tokens)
                 got[(label, f"{work.spec.label} {kind}")] = [BATCH * settings.new_tokens / s]
         base, store, plan, prompts = arrivals
-        run = arrival_run(base, tokenizer, store, plan, prompts, "continuous", tuning)
+        run = arrival_run(base, tokenizer, store, plan, prompts, Batching.CONTINUOUS, tuning)
         lat = sorted(run["latencies"])
         got[(label, "p50")] = [statistics.median(lat)]
         got[(label, "p99")] = [lat[min(len(lat) - 1, int(0.99 * len(lat)))]]

@@ -33,6 +33,7 @@ from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.ops import slots as slot_ops
 from loratree.serve import Engine, Request
 from loratree.serve.cpu import CpuTuning
+from loratree.serve.scheduler import Batching
 
 __all__ = ["arrival_plan", "arrival_run", "generate_batch", "make_store", "serve_tables"]
 
@@ -346,8 +347,9 @@ def _arrivals(base, tokenizer, root, n_adapters=20, n_requests=160, new=(8, 24))
     plan, prompts, rate_per_s = arrival_plan(base, tokenizer, store, n_adapters, n_requests,
                                              new)
     capacity = rate_per_s / LOAD
-    runs: dict[str, list[dict]] = {"continuous": [], "static": []}
-    for mode in ("continuous", "static", "static", "continuous"):  # sandwiched
+    runs: dict[Batching, list[dict]] = {Batching.CONTINUOUS: [], Batching.STATIC: []}
+    for mode in (Batching.CONTINUOUS, Batching.STATIC, Batching.STATIC,
+                 Batching.CONTINUOUS):  # sandwiched
         runs[mode].append(arrival_run(base, tokenizer, store, plan, prompts, mode))
         log.info("arrivals %s: p99 %.2f s", mode, _percentile(runs[mode][-1]["latencies"], 0.99))
     results = {}
@@ -356,7 +358,7 @@ def _arrivals(base, tokenizer, root, n_adapters=20, n_requests=160, new=(8, 24))
         results[mode] = {"tps": sum(r["tokens"] for r in done) / sum(r["wall"] for r in done),
                          "p50": statistics.median(lat), "p99": _percentile(lat, 0.99),
                          "evictions": statistics.median(r["evictions"] for r in done)}
-    c, s = results["continuous"], results["static"]
+    c, s = results[Batching.CONTINUOUS], results[Batching.STATIC]
     rows = [Row("throughput, tokens/s", c["tps"], s["tps"], "count"),
             Row("latency p50", c["p50"], s["p50"], "ms"),
             Row("latency p99", c["p99"], s["p99"], "ms"),
@@ -386,18 +388,18 @@ def _capacity(base, tokenizer, store, plan, prompts, n: int = 16) -> float:
     all queued at once, untuned; the faster of two runs (the first pays one-time costs: page
     faults)."""
     queued = [(0.0, name, k) for _, name, k in plan[:n]]
-    return max(n / arrival_run(base, tokenizer, store, queued, prompts[:n], "static")["wall"]
+    return max(n / arrival_run(base, tokenizer, store, queued, prompts[:n], Batching.STATIC)["wall"]
                for _ in range(2))
 
 
-def arrival_run(base, tokenizer, store, plan, prompts, mode: str,
+def arrival_run(base, tokenizer, store, plan, prompts, mode: Batching,
                 cpu_tuning: CpuTuning | None = None) -> dict:
     """One arrival run of the engine in ``mode``: requests fed on the plan's schedule."""
     model = copy.deepcopy(base)
     cache = AdapterCache(store, 4 * store.info("a0").size + 1024)
     table = SlotTable(model, cache, n_slots=4, max_rank=16)
-    engine = Engine(model, tokenizer, table, max_batch=4, static=mode == "static",
-                    cpu_tuning=cpu_tuning).start()
+    make = Engine.static_baseline if mode is Batching.STATIC else Engine
+    engine = make(model, tokenizer, table, max_batch=4, cpu_tuning=cpu_tuning).start()
     handles = []
     started = time.perf_counter()
 

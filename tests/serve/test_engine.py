@@ -352,3 +352,22 @@ def test_a_mixed_decode_step_runs_the_grouped_plan(store, monkeypatch):
     chosen.clear()
     engine.step()
     assert chosen and all(isinstance(p, plans.Grouped) for p in chosen), chosen
+
+
+def test_the_static_baseline_admits_only_into_an_empty_batch(store):
+    """``Engine.static_baseline`` (the benchmarks' baseline): a request waits while the
+    batch runs, then gets its solo tokens; the public constructor has no such option."""
+    model = tiny_model()
+    table = SlotTable(model, AdapterCache(store, 10**7), n_slots=4, max_rank=8)
+    engine = Engine.static_baseline(model, tiny_tokenizer(VOCAB), table, max_batch=4)
+    first = engine.submit(Request(PROMPTS[0], adapter="qv-r2", max_new_tokens=5))
+    engine.step()
+    later = engine.submit(Request(PROMPTS[1], adapter="all-r4", max_new_tokens=2))
+    engine.step()
+    assert engine.load() == (1, 1)  # the batch has room, but it is running
+    while engine.busy():
+        engine.step()
+    for h, prompt, name, n in ((first, PROMPTS[0], "qv-r2", 5), (later, PROMPTS[1], "all-r4", 2)):
+        assert list(h.result().tokens) == solo_reference(store, name, prompt, n)[0]
+    with pytest.raises(TypeError):
+        Engine(model, tiny_tokenizer(VOCAB), table, static=True)

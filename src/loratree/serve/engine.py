@@ -23,6 +23,7 @@ succeeded (``Health``) at the point where nothing after it can fail the step.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -48,8 +49,7 @@ logger = logging.getLogger(__name__)
 class Engine:
     """Generation for requests that each name an adapter, batched together.
 
-    ``max_batch`` bounds the running rows; ``static`` admits new requests only when the
-    batch is empty (the baseline continuous batching is measured against).
+    ``max_batch`` bounds the running rows.
     ``pack_joins``: requests that join a running batch are prefilled inside its next
     decode step, as one packed sequence (``serve.packed``), where the model allows it.
     ``join_wait`` (only without packed joins): while rows are running, a request that
@@ -65,8 +65,8 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, tokenizer: object, table: SlotTable, *,
-                 max_batch: int = 8, static: bool = False, keep_logits: bool = False,
-                 merge_min_tokens: int = 16, router: Router | None = None,
+                 max_batch: int = 8, keep_logits: bool = False, merge_min_tokens: int = 16,
+                 router: Router | None = None,
                  cpu_tuning: CpuTuning | None = None, pack_joins: bool = True,
                  join_wait: float = 2.0) -> None:
         check_attention(model)  # an attention kind run wrong is refused, not served
@@ -82,8 +82,7 @@ class Engine:
         self.cpu = CpuTuner(model, cpu_tuning, self.device)
         """The CPU tuning asked for, installed on the model until ``close``."""
         policy = Policy(max_batch=max_batch, packs=self.packs, join_wait=join_wait,
-                        merge_min_tokens=merge_min_tokens,
-                        batching=Batching.STATIC if static else Batching.CONTINUOUS)
+                        merge_min_tokens=merge_min_tokens)
         self.scheduler = Scheduler(table, tokenizer, self._resolve, policy,
                                    windowed=self.windowed)
         self.runner = Runner(model, table, self.cpu, self.packs, keep_logits)
@@ -92,6 +91,16 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._ready = threading.Event()
+
+    @classmethod
+    def static_baseline(cls, model: nn.Module, tokenizer: object, table: SlotTable,
+                        **options: object) -> Engine:
+        """An engine that admits new requests only when its batch is empty: the static
+        batching baseline the benchmarks measure continuous batching against."""
+        engine = cls(model, tokenizer, table, **options)
+        engine.scheduler.policy = dataclasses.replace(engine.scheduler.policy,
+                                                      batching=Batching.STATIC)
+        return engine
 
     # -- what the server and the metrics read ----------------------------------------------
     @property

@@ -51,7 +51,7 @@ class Batching(StrEnum):
     """Whenever the batch has room."""
     STATIC = "static"
     """Only into an empty batch: the baseline continuous batching is measured against
-    (benchmarks only; ``Engine(static=True)``)."""
+    (benchmarks only; ``Engine.static_baseline``)."""
 
 
 class StepMode(StrEnum):
