@@ -35,3 +35,13 @@ def save_tiny_base(path, vocab: int = 64):
     tiny_llama(vocab=vocab).save_pretrained(path)
     tiny_tokenizer(vocab).save_pretrained(path)
     return path
+
+
+def keep_logits(engine) -> dict:
+    """Each request's logits, step by step, as the engine computed them (through the
+    runner's ``on_logits`` test hook), keyed by handle; set before the requests run."""
+    from collections import defaultdict
+
+    kept: dict = defaultdict(list)
+    engine.runner.on_logits = lambda handle, logits: kept[handle].append(logits.float().cpu())
+    return kept

@@ -31,6 +31,7 @@ from loratree.layers import TokenRows
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
 from tests.adapters.extras_common import LAYOUTS, VOCAB, loaded, mixed, peft_made, solo
+from tests.conftest import keep_logits
 
 IDS_A = [3, 5, 7, 11, 64]
 IDS_B = [5, 9, 100, 127]  # shares id 5 with IDS_A
@@ -199,7 +200,8 @@ def test_engine_mixed_requests_equal_peft_solo_greedy(made, tmp_path, pack):
     model = copy.deepcopy(base)
     table = SlotTable(model, AdapterCache(_store(tmp_path, paths), 10**7), n_slots=4,
                       max_rank=8)
-    engine = Engine(model, tiny_tokenizer(VOCAB), table, pack_joins=pack, keep_logits=True)
+    engine = Engine(model, tiny_tokenizer(VOCAB), table, pack_joins=pack)
+    kept = keep_logits(engine)
     prompts = [[3, 5, 40, 7], [9, 100, 5], [64, 11, 3, 127, 2], [5, 5, 9]]
     plan = [("a0", prompts[0], 6, 0), ("a2", prompts[1], 5, 0), (BASE, prompts[2], 4, 1),
             ("a1", prompts[3], 5, 1), ("a3", prompts[0], 4, 2), ("a2", prompts[2], 4, 2),
@@ -217,7 +219,7 @@ def test_engine_mixed_requests_equal_peft_solo_greedy(made, tmp_path, pack):
         path = None if name == BASE else paths[int(name[1:])]
         tokens, logits = _greedy(base, path, prompt, n)
         assert list(handles[i].result().tokens) == tokens, name
-        torch.testing.assert_close(torch.stack(handles[i].logits), logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.stack(kept[handles[i]]), logits, atol=1e-4, rtol=0)
 
 
 def test_slot_table_refuses_rows_over_its_budget(made, tmp_path):

@@ -20,7 +20,7 @@ from loratree.errors import AdapterInUseError, TreeError
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
 from loratree.tree import Tree, render
-from tests.conftest import randomize_slot
+from tests.conftest import keep_logits, randomize_slot
 from tests.serve.common import VOCAB, tiny_model
 
 # root -> child -> grandchild: different ranks, targets, alphas and scaling rules
@@ -104,7 +104,8 @@ def test_serving_a_node_equals_its_adapters_applied_one_by_one(store):
     want_model = _applied_one_by_one(store, PATH)
     model = tiny_model()
     table = SlotTable(model, AdapterCache(store, 10**7), n_slots=2, max_rank=8)
-    engine = Engine(model, tiny_tokenizer(VOCAB), table, keep_logits=True)
+    engine = Engine(model, tiny_tokenizer(VOCAB), table)
+    kept = keep_logits(engine)
     h = engine.submit(Request(PROMPT, adapter="support/fr/acme", max_new_tokens=6,
                                    ignore_eos=True))
     other = engine.submit(Request(PROMPT[:3], adapter="support", max_new_tokens=4,
@@ -118,7 +119,7 @@ def test_serving_a_node_equals_its_adapters_applied_one_by_one(store):
             logits.append(out)
             ids.append(int(out.argmax()))
     assert list(h.result().tokens) == ids[len(PROMPT):]
-    torch.testing.assert_close(torch.stack(h.logits), torch.stack(logits), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack(kept[h]), torch.stack(logits), atol=1e-5, rtol=0)
     assert other.result().finish_reason == "length"
 
 

@@ -17,7 +17,7 @@ from loratree.layers import LoraLinear, NF4Linear, SlotContext, SlotSpec
 from loratree.models.tiny import random_tokens, tiny_llama, tiny_tokenizer
 from loratree.ops import nf4
 from loratree.serve import Engine, Request
-from tests.conftest import randomize_slot
+from tests.conftest import keep_logits, randomize_slot
 from tests.serve.common import VOCAB, solo_reference, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -124,7 +124,8 @@ def store(tmp_path_factory):
 def test_engine_on_cuda_mixed_batch_equals_each_alone_on_cpu(store):
     model = tiny_model().to(CUDA)
     table = SlotTable(model, AdapterCache(store, 10**7), n_slots=4, max_rank=8)
-    engine = Engine(model, tiny_tokenizer(VOCAB), table, keep_logits=True)
+    engine = Engine(model, tiny_tokenizer(VOCAB), table)
+    kept = keep_logits(engine)
     plan = [("lora0", [5, 9, 13, 3, 40], 6), ("prefix", [7, 7, 8], 4), (BASE, [30, 31], 5),
             ("lora1", [11, 50], 6)]
     handles = [engine.submit(Request(p, adapter=a, max_new_tokens=n)) for a, p, n in plan[:2]]
@@ -136,7 +137,7 @@ def test_engine_on_cuda_mixed_batch_equals_each_alone_on_cpu(store):
         tokens, logits = solo_reference(store, name, prompt, n)
         result = handle.result()
         assert list(result.tokens) == tokens, name
-        _close(torch.stack(handle.logits), torch.stack(logits), 1e-4)
+        _close(torch.stack(kept[handle]), torch.stack(logits), 1e-4)
 
 
 def test_training_on_cuda_follows_the_cpu_run(tmp_path):

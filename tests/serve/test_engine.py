@@ -14,7 +14,7 @@ from loratree.errors import NonFiniteError
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
 from loratree.serve.cpu import CpuTuning
-from tests.conftest import randomize_slot
+from tests.conftest import keep_logits, randomize_slot
 from tests.serve.common import VOCAB, solo_reference, tiny_model
 
 LORAS = {
@@ -43,7 +43,7 @@ def store(tmp_path_factory):
 def _engine(store, **kw):
     model = tiny_model()
     table = SlotTable(model, AdapterCache(store, 10**7), n_slots=4, max_rank=8)
-    return Engine(model, tiny_tokenizer(VOCAB), table, keep_logits=True, **kw)
+    return Engine(model, tiny_tokenizer(VOCAB), table, **kw)
 
 
 PROMPTS = [[5, 9, 13, 2 + 1, 40], [7, 7, 8], [30, 31, 32, 33, 34, 35, 36], [11, 50]]
@@ -51,6 +51,7 @@ PROMPTS = [[5, 9, 13, 2 + 1, 40], [7, 7, 8], [30, 31, 32, 33, 34, 35, 36], [11, 
 
 def test_continuous_batch_of_mixed_adapters_equals_each_alone(store):
     engine = _engine(store)
+    kept = keep_logits(engine)
     plan = [("qv-r2", PROMPTS[0], 8), ("prefix", PROMPTS[1], 4), (BASE, PROMPTS[2], 9),
             ("all-r4", PROMPTS[3], 6), ("prefix", PROMPTS[3], 5), ("qv-r2", PROMPTS[1], 3)]
     handles = [engine.submit(Request(p, adapter=a, max_new_tokens=n)) for a, p, n in plan[:2]]
@@ -67,7 +68,7 @@ def test_continuous_batch_of_mixed_adapters_equals_each_alone(store):
         tokens, logits = solo_reference(store, name, prompt, n)
         assert list(done.tokens) == tokens, name
         assert done.finish_reason == "length"
-        torch.testing.assert_close(torch.stack(h.logits), torch.stack(logits), atol=1e-4,
+        torch.testing.assert_close(torch.stack(kept[h]), torch.stack(logits), atol=1e-4,
                                    rtol=0)
     assert engine.modes["unmerged"] > 0
     assert engine.table.cache.stats.misses == 3
@@ -82,7 +83,7 @@ def test_continuous_batch_of_mixed_adapters_equals_each_alone(store):
         logits = theirs(input_ids=ids, attention_mask=mask,
                         adapter_names=[a for a, _, _ in lora_rows]).logits
     for i, (_, p, h) in enumerate(lora_rows):
-        got = torch.stack(h.logits)
+        got = torch.stack(kept[h])
         torch.testing.assert_close(got, logits[i, len(p) - 1:len(p) - 1 + len(got)],
                                    atol=1e-4, rtol=0)
 
@@ -96,6 +97,7 @@ def _peft(store):
 
 def test_lora_rows_match_peft_mixed_batch_inference(store):
     engine = _engine(store)
+    kept = keep_logits(engine)
     names = ["qv-r2", "all-r4", "qv-r2"]
     handles = [engine.submit(Request(PROMPTS[i], adapter=n, max_new_tokens=4))
                for i, n in enumerate(names)]
@@ -111,7 +113,7 @@ def test_lora_rows_match_peft_mixed_batch_inference(store):
     for i, h in enumerate(handles):
         n = len(PROMPTS[i])
         want = logits[i, n - 1:n - 1 + 4]
-        torch.testing.assert_close(torch.stack(h.logits), want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.stack(kept[h]), want, atol=1e-4, rtol=0)
 
 
 def test_one_adapter_batch_runs_merged_with_the_same_tokens(store):
@@ -185,7 +187,9 @@ def test_threaded_engine_streams(store, tuning):
     logits it gets alone."""
     from loratree.serve.cpu import mkl
 
-    engine = _engine(store, cpu_tuning=tuning).start()
+    engine = _engine(store, cpu_tuning=tuning)
+    kept = keep_logits(engine)
+    engine.start()
     try:
         h = engine.submit(Request(PROMPTS[3], adapter="all-r4", max_new_tokens=5))
         text = "".join(h)
@@ -196,7 +200,7 @@ def test_threaded_engine_streams(store, tuning):
         for handle, prompt, name in zip(handles, PROMPTS, names, strict=True):
             tokens, logits = solo_reference(store, name, prompt, 6)
             assert list(handle.result(timeout=60).tokens) == tokens
-            torch.testing.assert_close(torch.stack(handle.logits), torch.stack(logits),
+            torch.testing.assert_close(torch.stack(kept[handle]), torch.stack(logits),
                                        atol=1e-4, rtol=0)
     finally:
         engine.close()

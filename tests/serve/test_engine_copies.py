@@ -12,6 +12,7 @@ from loratree.adapters.cache import AdapterCache
 from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
+from tests.conftest import keep_logits
 from tests.serve.common import VOCAB, tiny_model
 
 ADAPTERS = {  # name: PEFT LoraConfig fields
@@ -64,7 +65,8 @@ def test_copy_rows_joining_packed_steps_equal_peft_alone(made):
     store, theirs = made
     model = tiny_model()
     table = SlotTable(model, AdapterCache(store, 10**7), n_slots=4, max_rank=8)
-    engine = Engine(model, tiny_tokenizer(VOCAB), table, keep_logits=True)
+    engine = Engine(model, tiny_tokenizer(VOCAB), table)
+    kept = keep_logits(engine)
     assert engine.packs
     plan = [("lora-qv", PROMPTS[0], 8, 0), (BASE, PROMPTS[1], 7, 0),
             ("head", PROMPTS[2], 5, 2),  # the copy row joins a running batch
@@ -78,7 +80,7 @@ def test_copy_rows_joining_packed_steps_equal_peft_alone(made):
         seq = torch.tensor([prompt + list(done.tokens)])
         with torch.no_grad():
             want = theirs[name](input_ids=seq).logits[0, len(prompt) - 1:-1]
-        got = torch.stack(h.logits)
+        got = torch.stack(kept[h])
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=name)
         outputs.append(got)
     with torch.no_grad():  # the copied head makes a visible difference

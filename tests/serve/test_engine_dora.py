@@ -10,6 +10,7 @@ from loratree.adapters.cache import AdapterCache
 from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
+from tests.conftest import keep_logits
 from tests.serve.common import VOCAB, tiny_model
 
 ADAPTERS = {  # name: (targets, r, alpha, use_dora)
@@ -49,21 +50,22 @@ def _submit(engine, adapter, prompt, n):
     return engine.submit(Request(prompt, adapter=adapter, max_new_tokens=n, ignore_eos=True))
 
 
-def _check(handles, plan, theirs):
+def _check(handles, plan, theirs, kept):
     for (name, prompt, _), h in zip(plan, handles, strict=True):
         done = h.result()
         assert done.finish_reason == "length", (name, done.error)
         seq = torch.tensor([prompt + list(done.tokens)])
         with torch.no_grad():
             want = theirs[name](input_ids=seq).logits[0, len(prompt) - 1:-1]
-        torch.testing.assert_close(torch.stack(h.logits), want, atol=1e-4, rtol=0, msg=name)
+        torch.testing.assert_close(torch.stack(kept[h]), want, atol=1e-4, rtol=0, msg=name)
 
 
 def test_mixed_decode_of_dora_lora_and_base_equals_peft_alone(made):
     store, theirs = made
     model = tiny_model()
     table = SlotTable(model, AdapterCache(store, 10**7), n_slots=4, max_rank=8)
-    engine = Engine(model, tiny_tokenizer(VOCAB), table, keep_logits=True)
+    engine = Engine(model, tiny_tokenizer(VOCAB), table)
+    kept = keep_logits(engine)
     plan = [("dora-qv", PROMPTS[0], 6), ("lora-qv", PROMPTS[1], 5), (BASE, PROMPTS[2], 4),
             ("dora-mlp", PROMPTS[3], 7), ("lora-all", PROMPTS[4], 5), ("dora-qv", PROMPTS[1], 3)]
     handles = [_submit(engine, a, p, n) for a, p, n in plan[:3]]
@@ -71,7 +73,7 @@ def test_mixed_decode_of_dora_lora_and_base_equals_peft_alone(made):
     handles += [_submit(engine, a, p, n) for a, p, n in plan[3:]]
     while engine.busy():
         engine.step()
-    _check(handles, plan, theirs)
+    _check(handles, plan, theirs, kept)
     assert engine.modes["unmerged"] > 0
 
 
@@ -79,15 +81,16 @@ def test_one_dora_adapter_batch_runs_merged_with_peft_logits(made):
     store, theirs = made
     model = tiny_model()
     table = SlotTable(model, AdapterCache(store, 10**7), n_slots=2, max_rank=8)
-    engine = Engine(model, tiny_tokenizer(VOCAB), table, keep_logits=True, merge_min_tokens=4)
+    engine = Engine(model, tiny_tokenizer(VOCAB), table, merge_min_tokens=4)
+    kept = keep_logits(engine)
     plan = [("dora-mlp", p, 6) for p in PROMPTS[:3]]
     handles = [_submit(engine, a, p, n) for a, p, n in plan]
     while engine.busy():
         engine.step()
     assert engine.modes["merged"] > 0
-    _check(handles, plan, theirs)
+    _check(handles, plan, theirs, kept)
     plan = [("dora-qv", PROMPTS[0], 4), ("dora-mlp", PROMPTS[1], 4)]  # leaves merged mode
     handles = [_submit(engine, a, p, n) for a, p, n in plan]
     while engine.busy():
         engine.step()
-    _check(handles, plan, theirs)
+    _check(handles, plan, theirs, kept)

@@ -13,7 +13,7 @@ from loratree.models.tiny import tiny_gpt2, tiny_tokenizer
 from loratree.serve import Engine, Request
 from loratree.serve.kv import BatchKV
 from loratree.serve.packed import pack, supports_packing
-from tests.conftest import randomize_slot
+from tests.conftest import keep_logits, randomize_slot
 from tests.serve.common import VOCAB, solo_reference, tiny_model
 from tests.serve.test_engine import PROMPTS, _engine, store  # noqa: F401 (fixture)
 
@@ -33,6 +33,7 @@ def _run(engine, plan):
 
 def test_joiners_packed_into_decode_steps_equal_each_request_alone(store):  # noqa: F811
     engine = _engine(store)
+    kept = keep_logits(engine)
     assert engine.packs
     plan = [("qv-r2", PROMPTS[0], 9, 0), ("all-r4", PROMPTS[1], 6, 2),
             (BASE, PROMPTS[2], 5, 2),     # two join one step together
@@ -45,13 +46,14 @@ def test_joiners_packed_into_decode_steps_equal_each_request_alone(store):  # no
         assert done.finish_reason == "length", done.error
         tokens, logits = solo_reference(store, name, prompt, n)
         assert list(done.tokens) == tokens, name
-        torch.testing.assert_close(torch.stack(h.logits), torch.stack(logits), atol=1e-4,
+        torch.testing.assert_close(torch.stack(kept[h]), torch.stack(logits), atol=1e-4,
                                    rtol=0)
     assert all(s.users == 0 for s in engine.table._slots)
 
 
 def test_packed_joins_on_one_merged_adapter_and_with_eager_attention(store):  # noqa: F811
     engine = _engine(store, merge_min_tokens=2)
+    kept = keep_logits(engine)
     engine.model.config._attn_implementation = "eager"
     engine.runner.mask_dtype = torch.float32  # what an eager model gets at construction
     plan = [("all-r4", PROMPTS[0], 8, 0), ("all-r4", PROMPTS[1], 5, 1),
@@ -61,7 +63,7 @@ def test_packed_joins_on_one_merged_adapter_and_with_eager_attention(store):  # 
     for (name, prompt, n, _), h in zip(plan, handles, strict=True):
         tokens, logits = solo_reference(store, name, prompt, n)
         assert list(h.result().tokens) == tokens
-        torch.testing.assert_close(torch.stack(h.logits), torch.stack(logits), atol=1e-4,
+        torch.testing.assert_close(torch.stack(kept[h]), torch.stack(logits), atol=1e-4,
                                    rtol=0)
 
 
@@ -79,8 +81,8 @@ def test_packed_joins_on_gpt2_equal_each_request_alone(tmp_path):
     gpt_store.save("attn", lora, 0)
     m = model()
     assert supports_packing(m)
-    engine = Engine(m, tiny_tokenizer(VOCAB), SlotTable(m, AdapterCache(gpt_store, 10**7)),
-                    keep_logits=True)
+    engine = Engine(m, tiny_tokenizer(VOCAB), SlotTable(m, AdapterCache(gpt_store, 10**7)))
+    kept = keep_logits(engine)
     plan = [("attn", PROMPTS[0], 6, 0), (BASE, PROMPTS[1], 4, 1), ("attn", PROMPTS[2], 3, 2)]
     handles = _run(engine, plan)
     assert engine.packed_joins == 2
@@ -92,7 +94,7 @@ def test_packed_joins_on_gpt2_equal_each_request_alone(tmp_path):
         with torch.no_grad():
             for i in range(n):
                 want = ref(input_ids=torch.tensor([ids])).logits[0, -1]
-                torch.testing.assert_close(h.logits[i], want, atol=1e-4, rtol=0)
+                torch.testing.assert_close(kept[h][i], want, atol=1e-4, rtol=0)
                 ids.append(int(want.argmax()))
         assert list(h.result().tokens) == ids[len(prompt):]
 

@@ -13,6 +13,7 @@ from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.models.families import SLIDING, VOCAB, WINDOW
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
+from tests.conftest import keep_logits
 from tests.families.common import PeftReference, family_store, scaled
 
 NAMES = ["qv-r2", "all-r4", "prefix", BASE]
@@ -21,7 +22,7 @@ NAMES = ["qv-r2", "all-r4", "prefix", BASE]
 def _engine(family, store, pack_joins=True):
     model = scaled(family)
     table = SlotTable(model, AdapterCache(store, 10**7), n_slots=4, max_rank=8)
-    return Engine(model, tiny_tokenizer(VOCAB), table, max_batch=6, keep_logits=True,
+    return Engine(model, tiny_tokenizer(VOCAB), table, max_batch=6,
                   pack_joins=pack_joins)
 
 
@@ -30,6 +31,7 @@ def test_requests_joining_at_random_times_equal_peft_solo(family, tmp_path):
     store = family_store(family, tmp_path)
     reference = PeftReference(family, store)
     engine = _engine(family, store)
+    kept = keep_logits(engine)
     rng = random.Random(family)
     joined_running = 0
     for _ in range(5):  # rounds
@@ -49,7 +51,7 @@ def test_requests_joining_at_random_times_equal_peft_solo(family, tmp_path):
             tokens, logits = reference.greedy(name, prompt, n)
             assert done.error is None, (name, done.error)
             assert list(done.tokens) == tokens, (family, name, prompt)
-            torch.testing.assert_close(torch.stack(h.logits), torch.stack(logits),
+            torch.testing.assert_close(torch.stack(kept[h]), torch.stack(logits),
                                        atol=1e-4, rtol=0)
     assert joined_running >= 40  # most requests joined a running batch
     assert engine.packed_joins > 0

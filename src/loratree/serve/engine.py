@@ -65,8 +65,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, tokenizer: object, table: SlotTable, *,
-                 max_batch: int = 8, keep_logits: bool = False, merge_min_tokens: int = 16,
-                 router: Router | None = None,
+                 max_batch: int = 8, merge_min_tokens: int = 16, router: Router | None = None,
                  cpu_tuning: CpuTuning | None = None, pack_joins: bool = True,
                  join_wait: float = 2.0) -> None:
         check_attention(model)  # an attention kind run wrong is refused, not served
@@ -85,7 +84,7 @@ class Engine:
                         merge_min_tokens=merge_min_tokens)
         self.scheduler = Scheduler(table, tokenizer, self._resolve, policy,
                                    windowed=self.windowed)
-        self.runner = Runner(model, table, self.cpu, self.packs, keep_logits)
+        self.runner = Runner(model, table, self.cpu, self.packs)
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None

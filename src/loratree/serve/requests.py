@@ -10,8 +10,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-import torch
-
 from loratree.adapters.slot_table import BASE
 
 __all__ = ["AUTO", "Completion", "FinishReason", "Handle", "Request", "prompt_ids"]
@@ -99,8 +97,6 @@ class Handle:
         self._result: Completion | None = None
         self.cancelled = False
         self.submitted = time.perf_counter()
-        self.logits: list[torch.Tensor] = []
-        """Each step's logits for this request, when the engine keeps them (tests)."""
 
     def __iter__(self) -> Iterator[str]:
         while True:

@@ -41,12 +41,10 @@ class Row:
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         return cls(handle, adapter, slot, prompt_len, next_pos, generator)
 
-    def take(self, logits: torch.Tensor, finite: bool, keep_logits: bool = False) -> None:
+    def take(self, logits: torch.Tensor, finite: bool) -> None:
         """Sample the next token from ``logits`` (V,), or record why not (the row then
         fails alone)."""
         req = self.handle.request
-        if keep_logits:
-            self.handle.logits.append(logits.float().cpu())
         if not finite:
             self.error = NonFiniteError(
                 f"adapter {self.adapter!r} produced non-finite logits at token "

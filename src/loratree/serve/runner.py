@@ -17,7 +17,7 @@ at the point where the following work cannot undo it.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +30,16 @@ from loratree.models.compat import cache_kwargs, forward_takes, output_cache
 from loratree.serve.cpu import CpuTuner
 from loratree.serve.kv import BatchKV
 from loratree.serve.packed import pack
+from loratree.serve.requests import Handle
 from loratree.serve.rows import Row, finite_rows
 from loratree.serve.scheduler import Admitted
 from loratree.surgery.prefix import prefix_state
 
-__all__ = ["Decoded", "PackedOutput", "Prefilled", "Runner"]
+__all__ = ["Decoded", "LogitsHook", "PackedOutput", "Prefilled", "Runner"]
+
+LogitsHook = Callable[[Handle, torch.Tensor], None]
+"""Called with each row's logits (V,) before it samples from them (tests record them)."""
+
 
 @dataclass(frozen=True)
 class Prefilled:
@@ -65,8 +70,7 @@ class PackedOutput:
 class Runner:
     """Runs the model for the engine: a batch cache and the forwards that grow it."""
 
-    def __init__(self, model: nn.Module, table: SlotTable, cpu: CpuTuner, packs: bool,
-                 keep_logits: bool = False) -> None:
+    def __init__(self, model: nn.Module, table: SlotTable, cpu: CpuTuner, packs: bool) -> None:
         self.model, self.table, self.cpu = model, table, cpu
         self.device = next(model.parameters()).device
         self.mask_dtype = (None if getattr(model.config, "_attn_implementation", "") == "sdpa"
@@ -79,8 +83,8 @@ class Runner:
         """The running rows' cache, row for row."""
         self.prefill_s: float | None = None
         """Running mean (EMA) of a prefill's wall time, the unit of ``join_wait``."""
-        self.keep_logits = keep_logits
-        """Each row's logits go to its handle (tests)."""
+        self.on_logits: LogitsHook | None = None
+        """A test hook: sees every row's logits before the row samples."""
 
     # -- the batch cache -------------------------------------------------------------------
     def select(self, rows: list[int] | None) -> None:
@@ -198,4 +202,6 @@ class Runner:
         return finite
 
     def _take(self, row: Row, logits: torch.Tensor, finite: bool) -> None:
-        row.take(logits, finite, self.keep_logits)
+        if self.on_logits is not None:
+            self.on_logits(row.handle, logits)
+        row.take(logits, finite)

@@ -14,7 +14,7 @@ from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
 from loratree.serve.cpu import CpuTuning, Piece
 from loratree.serve.cpu.linears import oriented_linears
-from tests.conftest import randomize_slot
+from tests.conftest import keep_logits, randomize_slot
 from tests.serve.common import VOCAB, tiny_model
 
 PROMPTS = [[5, 9, 13, 3, 40], [7, 7, 8], [30, 31, 32, 33, 34], [11, 50]]
@@ -44,11 +44,13 @@ def _attributes(model: nn.Module) -> list:
 
 
 def _serve(store, tuning: CpuTuning | None, threaded: bool):
-    """Serve the mixed batch on a fresh model; (model before, model after, results)."""
+    """Serve the mixed batch on a fresh model; (model after, model before, handles, their
+    logits)."""
     model = tiny_model()
     table = SlotTable(model, AdapterCache(store, 10**7), n_slots=4, max_rank=8)
     before = _fingerprint(model)
-    engine = Engine(model, tiny_tokenizer(VOCAB), table, keep_logits=True, cpu_tuning=tuning)
+    engine = Engine(model, tiny_tokenizer(VOCAB), table, cpu_tuning=tuning)
+    kept = keep_logits(engine)
     if tuning is not None and tuning.gemm_orientation:
         assert oriented_linears(model)  # installed while the engine lives
     if threaded:
@@ -60,16 +62,16 @@ def _serve(store, tuning: CpuTuning | None, threaded: bool):
     for h in handles:
         h.result(timeout=60)
     engine.close()
-    return model, before, handles
+    return model, before, handles, kept
 
 
 @pytest.mark.parametrize("threaded", [False, True], ids=["stepped", "started"])
 def test_an_engine_lifecycle_leaves_the_model_as_it_found_it(store, threaded):
-    tuned, before, _ = _serve(store, CpuTuning(), threaded)
+    tuned, before, *_ = _serve(store, CpuTuning(), threaded)
     assert _fingerprint(tuned) == before
     assert oriented_linears(tuned) == []
     assert all("forward" not in vars(m) for m in tuned.modules())
-    untuned, _, _ = _serve(store, None, threaded)
+    untuned, *_ = _serve(store, None, threaded)
     assert _attributes(tuned) == _attributes(untuned)  # nothing but what serving leaves
 
 
@@ -77,12 +79,12 @@ def test_an_engine_lifecycle_leaves_the_model_as_it_found_it(store, threaded):
                                     CpuTuning.of([Piece.MKL_THREADS, Piece.OMP_RELEASE])],
                          ids=lambda t: t.label)
 def test_tuned_serving_gives_the_untuned_tokens_and_logits(store, tuning):
-    _, _, plain = _serve(store, None, threaded=True)
-    _, _, tuned = _serve(store, tuning, threaded=True)
+    _, _, plain, plain_logits = _serve(store, None, threaded=True)
+    _, _, tuned, tuned_logits = _serve(store, tuning, threaded=True)
     for a, b in zip(plain, tuned, strict=True):
         assert a.result().tokens == b.result().tokens
         assert a.result().finish_reason == b.result().finish_reason == "length"
-        got, want = torch.stack(b.logits), torch.stack(a.logits)
+        got, want = torch.stack(tuned_logits[b]), torch.stack(plain_logits[a])
         if tuning.gemm_orientation:  # the kernel a shape gets depends on the host, and
             # another GEMM orientation may sum in another order: equal up to rounding
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
