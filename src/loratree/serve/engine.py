@@ -43,6 +43,9 @@ from loratree.serve.scheduler import Admitted, Batching, Policy, Scheduler, Step
 
 __all__ = ["Engine"]
 
+DEFAULT_TUNING = CpuTuning()
+"""Every CPU tuning piece: each won the ablation (``bench.cpu_ablation``)."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -58,15 +61,14 @@ class Engine:
     ``merge_min_tokens``: a batch all on one LoRA adapter runs it merged into the weights
     when it will run at least this many more tokens (``SlotTable.plan_slots``).
     ``cpu_tuning`` (on a CPU; ``serve.cpu``): the measured GEMM orientation on the model's
-    plain linears, MKL threads per decode thread, the caller's OpenMP pool released on
-    ``start``, each piece switchable; ``close`` takes it off the model again. The default,
-    None, is no tuning: the default follows the ablation (``bench.cpu_ablation``), which
-    must show a piece beyond noise before it is turned on for everyone.
+    plain linears and the caller's OpenMP pool released on ``start``, each switchable;
+    ``close`` takes the orientation off the model again. Both are on by default because
+    both won the ablation (``bench.cpu_ablation``); None turns them off.
     """
 
     def __init__(self, model: nn.Module, tokenizer: object, table: SlotTable, *,
                  max_batch: int = 8, merge_min_tokens: int = 16, router: Router | None = None,
-                 cpu_tuning: CpuTuning | None = None, pack_joins: bool = True,
+                 cpu_tuning: CpuTuning | None = DEFAULT_TUNING, pack_joins: bool = True,
                  join_wait: float = 2.0) -> None:
         check_attention(model)  # an attention kind run wrong is refused, not served
         self.model, self.tokenizer, self.table = model, tokenizer, table
@@ -84,7 +86,7 @@ class Engine:
                         merge_min_tokens=merge_min_tokens)
         self.scheduler = Scheduler(table, tokenizer, self._resolve, policy,
                                    windowed=self.windowed)
-        self.runner = Runner(model, table, self.cpu, self.packs)
+        self.runner = Runner(model, table, self.packs)
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None

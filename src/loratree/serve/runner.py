@@ -27,7 +27,6 @@ from transformers import DynamicCache
 from loratree.adapters.slot_table import SlotTable
 from loratree.models.attention import layer_windows
 from loratree.models.compat import cache_kwargs, forward_takes, output_cache
-from loratree.serve.cpu import CpuTuner
 from loratree.serve.kv import BatchKV
 from loratree.serve.packed import pack
 from loratree.serve.requests import Handle
@@ -70,8 +69,8 @@ class PackedOutput:
 class Runner:
     """Runs the model for the engine: a batch cache and the forwards that grow it."""
 
-    def __init__(self, model: nn.Module, table: SlotTable, cpu: CpuTuner, packs: bool) -> None:
-        self.model, self.table, self.cpu = model, table, cpu
+    def __init__(self, model: nn.Module, table: SlotTable, packs: bool) -> None:
+        self.model, self.table = model, table
         self.device = next(model.parameters()).device
         self.mask_dtype = (None if getattr(model.config, "_attn_implementation", "") == "sdpa"
                            else next(model.parameters()).dtype) if packs else None
@@ -146,7 +145,7 @@ class Runner:
         mask = torch.cat([self.kv.mask, torch.ones(len(rows), 1, dtype=torch.long,
                                                    device=self.device)], dim=1)
         positions = torch.tensor([[r.next_pos] for r in rows], device=self.device)
-        with self.table.ctx.use(use), self.cpu.decode_step(len(rows)):
+        with self.table.ctx.use(use):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              use_cache=True, **cache_kwargs(self.model, self.kv.cache()))
         return Decoded(out.logits[:, -1], output_cache(out))
