@@ -45,7 +45,7 @@ from loratree.errors import (
     AdapterNameError,
     AdapterNotFoundError,
 )
-from loratree.fsio import fsync_dir, fsync_tree
+from loratree.fsio import atomic_dir, fsync_dir
 
 __all__ = ["MAX_NAME", "AdapterInfo", "AdapterStore", "DamagedEntry", "check_name"]
 
@@ -222,18 +222,10 @@ class AdapterStore:
 
         check_node(name, source, check_adapter_dir(source))
         version = self.objects / uuid.uuid4().hex
-        tmp = self.objects / f".tmp-{version.name}"
-        tmp.mkdir()
-        try:
+        with atomic_dir(version) as tmp:
             for f in FILES:
                 if (source / f).is_file():
                     shutil.copyfile(source / f, tmp / f)
-            fsync_tree(tmp)
-            os.rename(tmp, version)
-            fsync_dir(self.objects)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return self._point(name, version)
 
     def save(self, name: str, model: nn.Module, slot: int = 0, **kw: Any) -> AdapterInfo:
@@ -301,7 +293,7 @@ class AdapterStore:
             live.add(os.path.basename(os.path.normpath(os.readlink(link))))
         now, removed = time.time(), 0
         for version in self.objects.iterdir():
-            if version.name in live or version.name.startswith(".tmp-"):
+            if version.name in live or version.name.startswith("."):  # being written
                 continue
             if now - version.stat().st_mtime >= grace:
                 shutil.rmtree(version, ignore_errors=True)
