@@ -2,5 +2,17 @@
 
 from loratree.serve.engine import Engine
 from loratree.serve.requests import AUTO, Completion, Handle, Request
+from loratree.serve.router import Route, Router
+from loratree.serve.slot_table import BASE, SlotTable
 
-__all__ = ["AUTO", "Completion", "Engine", "Handle", "Request"]
+__all__ = [
+    "AUTO",
+    "BASE",
+    "Completion",
+    "Engine",
+    "Handle",
+    "Request",
+    "Route",
+    "Router",
+    "SlotTable",
+]

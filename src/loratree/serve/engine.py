@@ -32,8 +32,6 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from loratree.adapters.routing import Router
-from loratree.adapters.slot_table import SlotTable
 from loratree.errors import AdapterInUseError, CacheFullError
 from loratree.models.attention import check_attention, layer_windows, sliding_window
 from loratree.models.compat import cache_kwargs, forward_takes, output_cache
@@ -42,7 +40,9 @@ from loratree.serve.grouping import prefill_groups
 from loratree.serve.kv import BatchKV
 from loratree.serve.packed import pack, supports_packing
 from loratree.serve.requests import AUTO, Completion, Handle, Request, prompt_ids
+from loratree.serve.router import Router
 from loratree.serve.rows import Row, finite_rows
+from loratree.serve.slot_table import SlotTable
 from loratree.surgery.prefix import prefix_state
 
 __all__ = ["Engine"]
