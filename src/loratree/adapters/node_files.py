@@ -9,9 +9,9 @@ tree path (``support/fr/acme``) with this record beside its PEFT files::
 An adapter without ``tree.json`` is a root, whatever its name. The record is a file of
 the adapter directory like ``routing.json``, so reading and writing it lives here with
 the other files; what the records mean together (lineage, path hashes, staleness,
-composition) is ``loratree.tree``, which builds on the store. The one rule the store
-itself keeps is where a node may be stored: its parent is its name minus the last part
-(``check_node``), which it checks on every add.
+composition) is ``loratree.tree``, which builds on the store. The store keeps two rules
+of its own with it: a node is stored under its parent's name (``check_node``, on every
+add), and a parent is not removed before its children (``AdapterStore.children``).
 """
 
 from __future__ import annotations
