@@ -63,6 +63,17 @@ def _metrics(url):
     return total
 
 
+def _wait_in_flight(url, n, timeout=60.0):
+    """Wait until the server counts ``n`` requests in flight (admitted, not finished)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+            if line.startswith("loratree_requests_in_flight") and float(line.split()[-1]) >= n:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {n} requests in flight after {timeout} s")
+
+
 def test_metrics_count_every_request_and_sigterm_drains_under_load(tmp_path, many):
     proc, url, sent = _start(tmp_path, many)
     try:
@@ -105,7 +116,7 @@ def test_metrics_count_every_request_and_sigterm_drains_under_load(tmp_path, man
         flights = [threading.Thread(target=long_request, args=(i,)) for i in range(16)]
         for t in flights:
             t.start()
-        time.sleep(0.5)
+        _wait_in_flight(url, 16)  # every long request admitted, however loaded the host
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)

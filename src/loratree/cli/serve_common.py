@@ -26,8 +26,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-rank", type=int, default=64, help="largest LoRA rank a slot takes")
     p.add_argument("--max-batch", type=int, default=8,
                    help="requests decoded together at most (default 8)")
-    p.add_argument("--cpu-tuning", type=_cpu_tuning, default=None, metavar="PIECES",
-                   help="CPU serving tuning: all, none (default), or comma-separated pieces "
+    p.add_argument("--cpu-tuning", type=_cpu_tuning, default=CpuTuning(), metavar="PIECES",
+                   help="CPU serving tuning: all (default), none, or comma-separated pieces "
                         f"of {', '.join(Piece)}; see bench.cpu_ablation for what each "
                         "gains on a host")
 

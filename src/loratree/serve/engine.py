@@ -47,6 +47,9 @@ from loratree.surgery.prefix import prefix_state
 
 __all__ = ["Engine"]
 
+DEFAULT_TUNING = CpuTuning()
+"""Every CPU tuning piece: each won the ablation (``bench.cpu_ablation``)."""
+
 logger = logging.getLogger(__name__)
 
 PACK_TOKENS = 512
@@ -68,16 +71,15 @@ class Engine:
     would join alone (fewer waiting than free rows) waits up to this many prefill times (a
     running mean) for others, so one prefill stalls the batch for several; 0 joins at once.
     ``cpu_tuning`` (on a CPU; ``serve.cpu``): the measured GEMM orientation on the model's
-    plain linears, MKL threads per decode thread, the caller's OpenMP pool released on
-    ``start``, each piece switchable; ``close`` takes it off the model again. The default,
-    None, is no tuning: the default follows the ablation (``bench.cpu_ablation``), which
-    must show a piece beyond noise before it is turned on for everyone.
+    plain linears and the caller's OpenMP pool released on ``start``, each switchable;
+    ``close`` takes the orientation off the model again. Both are on by default because
+    both won the ablation (``bench.cpu_ablation``); None turns them off.
     """
 
     def __init__(self, model: nn.Module, tokenizer: object, table: SlotTable, *,
                  max_batch: int = 8, static: bool = False, keep_logits: bool = False,
                  merge_min_tokens: int = 16, router: Router | None = None,
-                 cpu_tuning: CpuTuning | None = None, pack_joins: bool = True,
+                 cpu_tuning: CpuTuning | None = DEFAULT_TUNING, pack_joins: bool = True,
                  join_wait: float = 2.0) -> None:
         check_attention(model)  # an attention kind run wrong is refused, not served
         self.model, self.tokenizer, self.table = model, tokenizer, table
@@ -404,7 +406,7 @@ class Engine:
         mask = torch.cat([self._kv.mask, torch.ones(len(rows), 1, dtype=torch.long,
                                                     device=self.device)], dim=1)
         positions = torch.tensor([[r.next_pos] for r in rows], device=self.device)
-        with self.table.ctx.use(use), self.cpu.decode_step(len(rows)):
+        with self.table.ctx.use(use):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                              use_cache=True, **cache_kwargs(self.model, self._kv.cache()))
         self.consecutive_failures = 0

@@ -74,7 +74,7 @@ def test_an_engine_lifecycle_leaves_the_model_as_it_found_it(store, threaded):
 
 
 @pytest.mark.parametrize("tuning", [CpuTuning(), CpuTuning.of([Piece.ORIENTATION]),
-                                    CpuTuning.of([Piece.MKL_THREADS, Piece.OMP_RELEASE])],
+                                    CpuTuning.of([Piece.OMP_RELEASE])],
                          ids=lambda t: t.label)
 def test_tuned_serving_gives_the_untuned_tokens_and_logits(store, tuning):
     _, _, plain = _serve(store, None, threaded=True)

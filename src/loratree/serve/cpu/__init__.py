@@ -1,9 +1,9 @@
-"""Opt-in CPU tuning for serving: GEMM orientation per shape, MKL threads per decode
-thread, and the release of the caller's OpenMP pool, each switchable (``CpuTuning``).
+"""CPU tuning for serving: the GEMM orientation per shape and the release of the caller's
+OpenMP pool, each switchable (``CpuTuning``).
 
-Everything here is a measured bet on the host; none of it is on unless
-``Engine(cpu_tuning=CpuTuning(...))`` or ``loratree serve --cpu-tuning`` asks for it, and
-``Engine.close`` takes it off the model again.
+Both are measured bets on the host that won the ablation (``bench.cpu_ablation``), so an
+engine on a CPU runs them unless ``Engine(cpu_tuning=None)`` or ``--cpu-tuning none``;
+``Engine.close`` takes the orientation off the model again.
 """
 
 from loratree.serve.cpu.config import CpuTuning, Piece

@@ -1,9 +1,12 @@
 """``CpuTuning``: which of the engine's CPU tuning pieces are on.
 
-Each piece is a bet on the host's BLAS and OpenMP runtime, and which way the bet goes
-differs between hosts, so each can be switched on its own (``bench.cpu_ablation`` times
-every piece alone on and alone off against all off). The engine's default is no tuning
-at all (``Engine(cpu_tuning=None)``); that default follows the ablation.
+Each piece is a bet on the host's BLAS and OpenMP runtime, so each can be switched on its
+own, and ``bench.cpu_ablation`` times every piece alone on and alone off against all off.
+A piece stays only while that ablation shows it winning (a third piece, choosing MKL's
+thread count per decode thread, was deleted when it added under 5% beside the other two),
+and the engine runs every piece by default on a CPU because each won there
+(``docs/cpu-ablation-2026-12-06.md``); ``Engine(cpu_tuning=None)`` or
+``--cpu-tuning none`` turns them off.
 """
 
 from __future__ import annotations
@@ -20,14 +23,11 @@ class Piece(StrEnum):
 
     ORIENTATION = "orientation"
     """Each plain linear times its two GEMM orientations per shape and keeps the faster."""
-    MKL_THREADS = "mkl-threads"
-    """Decode steps off the main thread time MKL on one thread against all, keep the faster."""
     OMP_RELEASE = "omp-release"
     """``Engine.start`` releases the calling thread's OpenMP worker pool."""
 
 
-_FIELDS = {Piece.ORIENTATION: "gemm_orientation", Piece.MKL_THREADS: "mkl_decode_threads",
-           Piece.OMP_RELEASE: "release_openmp_pool"}
+_FIELDS = {Piece.ORIENTATION: "gemm_orientation", Piece.OMP_RELEASE: "release_openmp_pool"}
 NONE_WORDS = frozenset({"none", "off", ""})
 ALL_WORDS = frozenset({"all", "on"})
 
@@ -38,15 +38,12 @@ class CpuTuning:
 
     ``gemm_orientation``: decode steps' linears run whichever GEMM orientation measured
     faster for their shape (``serve.cpu.orientation``), installed on the model by the engine
-    and taken off again by ``Engine.close``. ``mkl_decode_threads``: decode steps in the
-    engine's thread run MKL on one thread or on all, as measured (``serve.cpu.thread_choice``).
-    ``release_openmp_pool``: ``Engine.start`` releases the caller's OpenMP pool
-    (``serve.cpu.mkl``). None of them changes what the model computes beyond the order of
-    floating-point sums.
+    and taken off again by ``Engine.close``. ``release_openmp_pool``: ``Engine.start``
+    releases the caller's OpenMP pool (``serve.cpu.openmp``). Neither changes what the
+    model computes beyond the order of floating-point sums.
     """
 
     gemm_orientation: bool = True
-    mkl_decode_threads: bool = True
     release_openmp_pool: bool = True
 
     @classmethod

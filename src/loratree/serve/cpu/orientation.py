@@ -7,9 +7,9 @@ thread kind) on the first such call, by timing the kernels on that call's own op
 streams every weight from memory once, and the faster orientation with the weight in
 cache is not always the faster one from memory, so each timed call runs after a read of a
 buffer twice the last-level cache. The thread kind (main or other) is part of the key
-since the engine's own thread may decode with MKL on one thread
-(``serve.cpu.thread_choice``). ``OrientationTable.warm`` makes the choices ahead of use (a
-server, before its first request).
+since the engine's own thread and the main thread hold different OpenMP pools.
+``OrientationTable.warm`` makes the choices ahead of use (a server, before its first
+request).
 """
 
 from __future__ import annotations

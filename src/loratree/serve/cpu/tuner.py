@@ -8,20 +8,17 @@ one engine, so the measurements live in one ``HostMeasurements`` per process
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 from dataclasses import dataclass
 from functools import cache
 
 import torch
 from torch import nn
 
-from loratree.serve.cpu import mkl
+from loratree.serve.cpu import openmp
 from loratree.serve.cpu.config import CpuTuning
 from loratree.serve.cpu.linears import Uninstall, install_orientation, oriented_linears
 from loratree.serve.cpu.orientation import OrientationTable
-from loratree.serve.cpu.thread_choice import DecodeThreads
 
 __all__ = ["CpuTuner", "HostMeasurements", "host_measurements"]
 
@@ -30,21 +27,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HostMeasurements:
-    """The GEMM orientation per shape, and the MKL thread setting for decode steps."""
+    """The GEMM orientation per shape."""
 
     orientations: OrientationTable
-    decode_threads: DecodeThreads
 
 
 @cache
 def host_measurements() -> HostMeasurements:
     """This process's measurements (made on first use, kept for the process)."""
-    return HostMeasurements(OrientationTable(), DecodeThreads())
+    return HostMeasurements(OrientationTable())
 
 
 class CpuTuner:
     """Installs the tuning ``tuning`` asks for on ``model`` (when it runs on the CPU) and
-    gives the engine its hooks: ``before_start``, ``warm``, ``decode_step``, ``close``."""
+    gives the engine its hooks: ``before_start``, ``warm``, ``close``."""
 
     def __init__(self, model: nn.Module, tuning: CpuTuning | None, device: torch.device,
                  host: HostMeasurements | None = None) -> None:
@@ -63,18 +59,12 @@ class CpuTuner:
             self._host = host_measurements()
         return self._host
 
-    @property
-    def decode_threads(self) -> DecodeThreads | None:
-        """The MKL thread choice decode steps use, or None where that piece is off."""
-        on = self.tuning is not None and self.tuning.mkl_decode_threads
-        return self.host.decode_threads if on else None
-
     def before_start(self) -> None:
         """In the thread that starts the engine: release its OpenMP pool, if asked to
         (with it and the loop's both alive, every parallel region in the loop's forwards
         may wait for sleeping workers)."""
         if self.tuning is not None and self.tuning.release_openmp_pool:
-            if not mkl.release_openmp_pool():
+            if not openmp.release_openmp_pool():
                 logger.info("OpenMP pool not released: the runtime is not GNU OpenMP")
 
     def warm(self) -> int:
@@ -83,14 +73,6 @@ class CpuTuner:
         if self._uninstall is None:
             return 0
         return self.host.orientations.warm(oriented_linears(self._model))
-
-    def decode_step(self, rows: int) -> contextlib.AbstractContextManager:
-        """Around one decode step of ``rows`` rows: off the main thread, MKL on one thread
-        or on all, whichever the first such steps measured faster."""
-        threads = self.decode_threads
-        if threads is None or threading.current_thread() is threading.main_thread():
-            return contextlib.nullcontext()
-        return threads.step(rows)
 
     def close(self) -> int:
         """Take the installed orientation off the model; how many linears it restored."""

@@ -1,4 +1,4 @@
-"""The engine's thread settings: MKL's per-thread count and the caller's OpenMP pool."""
+"""The engine's thread setting: the caller's OpenMP pool released."""
 
 import glob
 import os
@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from loratree.serve.cpu import mkl
+from loratree.serve.cpu import openmp
 
 HAS_GOMP = bool(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*")))
 
@@ -23,7 +23,7 @@ def test_release_openmp_pool_ends_this_threads_workers_and_torch_still_computes(
     want = a.double() @ a.double()
     (a @ a).sum()  # a parallel region: this thread's pool has its workers now
     before = _threads()
-    assert mkl.release_openmp_pool()
+    assert openmp.release_openmp_pool()
     deadline = time.monotonic() + 2
     while _threads() >= before and time.monotonic() < deadline:
         time.sleep(0.01)
