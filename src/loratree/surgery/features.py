@@ -16,8 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from loratree.layers import SlotContext
-from loratree.surgery.inject import lora_layers
-from loratree.surgery.prefix import prefix_bank
+from loratree.surgery.inject import context
 
 __all__ = ["prompt_features"]
 
@@ -60,8 +59,8 @@ def _body(model: nn.Module) -> nn.Module | None:
 
 
 def _context(model: nn.Module) -> SlotContext | None:
-    layers = lora_layers(model)
-    if layers:
-        return next(iter(layers.values())).ctx
-    bank = prefix_bank(model)
-    return bank.ctx if bank is not None else None
+    """The shared slot context, or None on a model without adapters (nothing to switch off)."""
+    try:
+        return context(model)
+    except ValueError:
+        return None
