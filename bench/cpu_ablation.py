@@ -27,11 +27,11 @@ from torch import nn
 from bench.contenders import ALL_R16, QV_R8, AdapterSpec, random_ids
 from bench.report import Row, Table
 from bench.serve_rows import BATCH, N_ADAPTERS, PROMPT, arrival_plan, arrival_run, make_store
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import SlotTable
 from loratree.serve import Engine, Request
 from loratree.serve.cpu import CpuTuning, Piece
 from loratree.serve.scheduler import Batching
+from loratree.serve.slot_table import SlotTable
+from loratree.tree.cache import AdapterCache
 
 __all__ = ["DEFAULT", "QUICK", "AblationSettings", "ablation_tables", "configurations", "main"]
 

@@ -28,12 +28,12 @@ from bench.contenders import ALL_R16, QV_R8
 from bench.harness import interleaved, machine_info
 from bench.report import Check, Row, Table, render, write_atomic
 from bench.serve_rows import NEW, _peft, generate_batch, make_store
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine
+from loratree.serve.slot_table import BASE, SlotTable
 from loratree.train import TrainConfig, fit, setup
 from loratree.train.many import ManyConfig, fit_many, setup_many
+from loratree.tree.cache import AdapterCache
 
 log = logging.getLogger("bench.gpu")
 

@@ -17,11 +17,11 @@ from torch import nn
 from bench.contenders import QV_R8, random_ids
 from bench.report import Row, Table
 from bench.serve_rows import make_store
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import SlotTable
 from loratree.serve import Engine, Request
 from loratree.serve.http import ServerConfig, create_app
 from loratree.serve.server import serve_in_thread
+from loratree.serve.slot_table import SlotTable
+from loratree.tree.cache import AdapterCache
 
 __all__ = ["http_table"]
 

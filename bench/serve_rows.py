@@ -27,13 +27,15 @@ from bench.harness import Timing, interleaved
 from bench.report import Check, Row, Table
 from loratree import surgery
 from loratree.adapters import AdapterStore
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.routing import Router, prompt_features, write_centroid
-from loratree.adapters.slot_table import BASE, SlotTable
+from loratree.adapters.routing_files import write_centroid
 from loratree.ops import slots as slot_ops
 from loratree.serve import Engine, Request
 from loratree.serve.cpu import CpuTuning
+from loratree.serve.router import Router
 from loratree.serve.scheduler import Batching
+from loratree.serve.slot_table import BASE, SlotTable
+from loratree.surgery.features import prompt_features
+from loratree.tree.cache import AdapterCache
 
 __all__ = ["arrival_plan", "arrival_run", "generate_batch", "make_store", "serve_tables"]
 

@@ -19,14 +19,14 @@ import torch
 from bench.report import Check, Row, Table
 from loratree import surgery
 from loratree.adapters import AdapterStore
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.demo.tasks import write_tasks
 from loratree.models import load_base
+from loratree.serve.slot_table import BASE, SlotTable
 from loratree.train import TrainConfig, train
 from loratree.train.data import read_jsonl
 from loratree.train.evaluate import exact_match
 from loratree.tree import Tree
+from loratree.tree.cache import AdapterCache
 
 __all__ = ["tree_tables"]
 

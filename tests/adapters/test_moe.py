@@ -13,12 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from loratree import surgery
 from loratree.adapters import AdapterStore, load_adapter, read_adapter, save_adapter
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.config import LoraConfig
 from loratree.errors import MissingKeyError, ShapeMismatchError
 from loratree.layers import LoraParam
 from loratree.models.tiny import tiny_qwen3_moe
+from loratree.serve.slot_table import BASE, SlotTable
+from loratree.tree.cache import AdapterCache
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 PEFT_ADAPTERS = {  # name -> PEFT LoraConfig kwargs

@@ -11,11 +11,11 @@ import torch
 
 from loratree import surgery
 from loratree.adapters import AdapterStore, load_adapter, save_adapter
-from loratree.adapters.cache import AdapterCache
 from loratree.adapters.files import read_adapter
-from loratree.adapters.slot_table import SlotTable
 from loratree.errors import CopyTooLargeError, MissingKeyError, NonFiniteError, ShapeMismatchError
 from loratree.models.tiny import tiny_tokenizer
+from loratree.serve.slot_table import SlotTable
+from loratree.tree.cache import AdapterCache
 from tests.adapters.extras_common import (
     LAYOUTS,
     PLAIN,

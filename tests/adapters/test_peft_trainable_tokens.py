@@ -16,8 +16,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from loratree import surgery
 from loratree.adapters import AdapterStore, load_adapter, read_adapter, save_adapter
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.config import LoraConfig
 from loratree.errors import (
     AdapterConfigError,
@@ -30,6 +28,8 @@ from loratree.errors import (
 from loratree.layers import TokenRows
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
+from loratree.serve.slot_table import BASE, SlotTable
+from loratree.tree.cache import AdapterCache
 from tests.adapters.extras_common import LAYOUTS, VOCAB, loaded, mixed, peft_made, solo
 from tests.conftest import keep_logits
 

@@ -17,9 +17,9 @@ import torch
 
 from loratree import surgery
 from loratree.adapters import AdapterStore
-from loratree.adapters.slot_table import BASE
 from loratree.config import LoraConfig, PrefixConfig
 from loratree.models.families import tiny_family
+from loratree.serve.slot_table import BASE
 from tests.conftest import randomize_slot
 
 ADAPTERS = {

@@ -17,14 +17,14 @@ import torch
 
 from loratree import surgery
 from loratree.adapters import load_adapter, save_adapter
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.config import LoraConfig
 from loratree.models.chat import IGNORE_INDEX
 from loratree.models.families import FAMILIES, VOCAB
 from loratree.models.tiny import random_tokens, tiny_tokenizer
 from loratree.serve import Engine, Request
+from loratree.serve.slot_table import BASE, SlotTable
 from loratree.train.steps import loss_sum
+from loratree.tree.cache import AdapterCache
 from tests.conftest import randomize_slot
 from tests.families.common import PeftReference, family_store, scaled
 

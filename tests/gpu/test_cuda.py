@@ -10,13 +10,13 @@ from torch import nn
 
 from loratree import surgery
 from loratree.adapters import AdapterStore
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.config import LoraConfig, PrefixConfig
 from loratree.layers import LoraLinear, NF4Linear, SlotContext, SlotSpec
 from loratree.models.tiny import random_tokens, tiny_llama, tiny_tokenizer
 from loratree.ops import nf4
 from loratree.serve import Engine, Request
+from loratree.serve.slot_table import BASE, SlotTable
+from loratree.tree.cache import AdapterCache
 from tests.conftest import keep_logits, randomize_slot
 from tests.serve.common import VOCAB, solo_reference, tiny_model
 

@@ -17,13 +17,13 @@ from transformers import DynamicCache
 
 from loratree import surgery
 from loratree.adapters import AdapterStore
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import SlotTable
 from loratree.config import LoraConfig, PrefixConfig
 from loratree.models import compat
 from loratree.models.tiny import tiny_gpt2, tiny_llama, tiny_tokenizer
 from loratree.serve import Engine, Request
+from loratree.serve.slot_table import SlotTable
 from loratree.train.greedy import greedy_tokens
+from loratree.tree.cache import AdapterCache
 from tests.conftest import randomize_slot
 
 VOCAB = 64

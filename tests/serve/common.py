@@ -4,8 +4,8 @@ and the solo reference a served answer must equal."""
 import torch
 
 from loratree.adapters import load_adapter
-from loratree.adapters.slot_table import BASE
 from loratree.models.tiny import tiny_llama
+from loratree.serve.slot_table import BASE
 
 VOCAB = 64
 

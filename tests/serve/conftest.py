@@ -7,13 +7,13 @@ import torch
 
 from loratree import surgery
 from loratree.adapters import AdapterStore
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import SlotTable
 from loratree.config import LoraConfig, PrefixConfig
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine
 from loratree.serve.http import ServerConfig, create_app
 from loratree.serve.server import serve_in_thread
+from loratree.serve.slot_table import SlotTable
+from loratree.tree.cache import AdapterCache
 from tests.conftest import randomize_slot
 from tests.serve.common import VOCAB, tiny_model
 

@@ -7,13 +7,13 @@ import torch
 
 from loratree import surgery
 from loratree.adapters import AdapterStore, load_adapter
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.config import LoraConfig, PrefixConfig
 from loratree.errors import NonFiniteError
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
 from loratree.serve.cpu import CpuTuning
+from loratree.serve.slot_table import BASE, SlotTable
+from loratree.tree.cache import AdapterCache
 from tests.conftest import keep_logits, randomize_slot
 from tests.serve.common import VOCAB, solo_reference, tiny_model
 
@@ -206,7 +206,9 @@ def test_threaded_engine_streams(store, tuning):
 def test_auto_routes_to_the_adapter_whose_prompts_resemble_the_request(store, tmp_path):
     import random
 
-    from loratree.adapters.routing import Router, prompt_features, write_centroid
+    from loratree.adapters.routing_files import write_centroid
+    from loratree.serve.router import Router
+    from loratree.surgery.features import prompt_features
 
     rng = random.Random(0)
 

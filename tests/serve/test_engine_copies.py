@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from loratree.adapters import AdapterStore
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
+from loratree.serve.slot_table import BASE, SlotTable
+from loratree.tree.cache import AdapterCache
 from tests.conftest import keep_logits
 from tests.serve.common import VOCAB, tiny_model
 

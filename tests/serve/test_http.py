@@ -9,9 +9,9 @@ import openai
 import pytest
 import torch
 
-from loratree.adapters.slot_table import BASE
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Request
+from loratree.serve.slot_table import BASE
 from tests.serve.common import VOCAB, solo_reference
 from tests.serve.conftest import live, make_engine
 

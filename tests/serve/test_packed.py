@@ -6,13 +6,13 @@ import torch
 
 from loratree import surgery
 from loratree.adapters import AdapterStore, load_adapter
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.config import LoraConfig
 from loratree.models.tiny import tiny_gpt2, tiny_tokenizer
 from loratree.serve import Engine, Request
 from loratree.serve.kv import BatchKV
 from loratree.serve.packed import pack, supports_packing
+from loratree.serve.slot_table import BASE, SlotTable
+from loratree.tree.cache import AdapterCache
 from tests.conftest import keep_logits, randomize_slot
 from tests.serve.common import VOCAB, solo_reference, tiny_model
 from tests.serve.test_engine import PROMPTS, _engine, store  # noqa: F401 (fixture)

@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.models.families import SLIDING, VOCAB, WINDOW
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
+from loratree.serve.slot_table import BASE, SlotTable
+from loratree.tree.cache import AdapterCache
 from tests.conftest import keep_logits
 from tests.families.common import PeftReference, family_store, scaled
 

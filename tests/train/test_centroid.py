@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from loratree import surgery
-from loratree.adapters import routing
 from loratree.config import LoraConfig
 from loratree.models.chat import Example
 from loratree.models.tiny import tiny_gpt2, tiny_llama
+from loratree.surgery import features
 from loratree.train.centroid import routing_prompts, save_centroid
 from tests.conftest import randomize_slot
 
@@ -35,7 +35,7 @@ def test_prompt_features_are_the_base_models_mean_last_hidden_state(make):
     targets = ("q_proj", "v_proj") if make is tiny_llama else ("c_attn",)
     randomize_slot(model, surgery.inject(model, LoraConfig(rank=2, targets=targets)).slot)
     prompts = [[1, 5, 9], [7, 3, 3, 2, 8, 4], [11]]
-    got = routing.prompt_features(model, prompts, batch_size=2)  # padded batches
+    got = features.prompt_features(model, prompts, batch_size=2)  # padded batches
     torch.testing.assert_close(got, _naive(model, prompts), rtol=1e-5, atol=1e-5)
 
 
@@ -47,7 +47,7 @@ def _examples(prompts):
 def test_jobs_on_the_same_prompts_share_one_feature_pass(tmp_path, monkeypatch):
     model = tiny_llama(vocab=64)
     calls = []
-    real = routing.prompt_features
+    real = features.prompt_features
     monkeypatch.setattr("loratree.train.centroid.prompt_features",
                         lambda m, p, **k: calls.append(len(p)) or real(m, p, **k))
     known = {}

@@ -8,17 +8,18 @@ import pytest
 import torch
 
 from loratree.adapters import AdapterStore
-from loratree.adapters import tree as nodes
-from loratree.adapters.cache import AdapterCache
+from loratree.adapters.node_files import read_record
 from loratree.adapters.safetensors_io import read_safetensors
-from loratree.adapters.slot_table import SlotTable
 from loratree.cli.main import main
 from loratree.models.chat import encode
 from loratree.models.tiny import tiny_llama, tiny_tokenizer
+from loratree.serve.slot_table import SlotTable
 from loratree.train import TrainConfig, train
 from loratree.train.data import pad_token_id, read_jsonl
 from loratree.train.evaluate import eval_loss
 from loratree.train.loop import setup
+from loratree.tree import nodes
+from loratree.tree.cache import AdapterCache
 from tests.conftest import save_tiny_base
 from tests.train.driver import write_data
 
@@ -86,7 +87,7 @@ def test_a_child_learns_on_its_frozen_parent_and_beats_it(tmp_path, capsys):
 
     assert parent_file.read_bytes() == parent_bytes  # the parent is bit-identical
     assert store.path_of("support") / "adapter_model.safetensors" == parent_file
-    record = nodes.read_record(store.path_of("support/copy"))
+    record = read_record(store.path_of("support/copy"))
     assert record.parent == "support" and not nodes.stale(store, "support/copy")
     assert set(record.metrics) == {"eval_loss"}
     own = read_safetensors(store.path_of("support/copy") / "adapter_model.safetensors")

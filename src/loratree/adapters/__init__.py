@@ -1,4 +1,5 @@
-"""Adapter files (PEFT format, LoRA and prefix-tuning), the named store and the RAM cache."""
+"""Adapter files (PEFT format, LoRA and prefix-tuning, with the routing.json and tree.json
+beside them) and the named store."""
 
 from loratree.adapters.files import (
     AdapterFile,

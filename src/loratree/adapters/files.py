@@ -9,12 +9,10 @@ raises a typed error (``loratree.errors``) that names the key.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from loratree.adapters.extra_files import (
@@ -30,7 +28,6 @@ from loratree.adapters.param_files import (
     target_parameter_names,
 )
 from loratree.adapters.peft_format import (
-    CONFIG_NAME,
     WEIGHTS_NAME,
     config_from_peft,
     config_to_peft,
@@ -42,6 +39,7 @@ from loratree.adapters.peft_format import (
     parse_token_key,
     peft_key,
     read_config,
+    write_adapter_dir,
 )
 from loratree.adapters.prefix_files import PEFT_TYPE, load_prefix, read_prefix, save_prefix
 from loratree.adapters.safetensors_io import read_safetensors
@@ -61,7 +59,6 @@ from loratree.errors import (
     TargetError,
     UnexpectedKeyError,
 )
-from loratree.fsio import atomic_write
 from loratree.layers import LoraEmbedding, LoraParam, SlotContext
 from loratree.surgery import (
     adaptable_modules,
@@ -180,11 +177,7 @@ def save_adapter(
     )
     if params:
         raw["target_parameters"] = target_parameter_names(model, list(params))
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), {"format": "pt"}))
-    text = json.dumps(raw, indent=2, sort_keys=True) + "\n"
-    atomic_write(path / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
-    return path
+    return write_adapter_dir(path, tensors, raw)
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
@@ -293,11 +286,7 @@ def write_adapter_file(adapter: AdapterFile, path: str | Path) -> Path:
         tensors[peft_key(module, "b", emb)] = b.detach().contiguous().cpu()
     for module, m in adapter.magnitudes.items():
         tensors[magnitude_key(module)] = m.detach().contiguous().cpu()
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), {"format": "pt"}))
-    text = json.dumps(adapter.raw_config, indent=2, sort_keys=True) + "\n"
-    atomic_write(path / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
-    return path
+    return write_adapter_dir(path, tensors, adapter.raw_config)
 
 
 def check_adapter_dir(path: str | Path) -> str:

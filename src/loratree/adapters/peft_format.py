@@ -19,10 +19,12 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+from safetensors.torch import save_file
 from torch import Tensor
 
 from loratree.config import LoraConfig, token_problems
 from loratree.errors import AdapterConfigError, UnsafeFormatError
+from loratree.fsio import atomic_write
 
 __all__ = [
     "CONFIG_NAME",
@@ -41,6 +43,7 @@ __all__ = [
     "read_config",
     "token_key",
     "wrapper_path",
+    "write_adapter_dir",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -178,6 +181,24 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise AdapterConfigError(f"{path.name}: {CONFIG_NAME} must hold a JSON object")
     return raw
+
+
+def write_adapter_dir(path: str | Path, tensors: dict[str, Tensor],
+                      raw: dict[str, Any]) -> Path:
+    """Write ``tensors`` and the PEFT config ``raw`` into the adapter directory ``path``
+    (created if missing); returns the path.
+
+    Each file is replaced atomically on its own, not the directory as a whole: the
+    directory may also hold files written beside the adapter (``routing.json``,
+    ``tree.json``, a trainer's metrics), which a directory swap would drop. The weights go
+    first, so a config is never newer than the weights it describes.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), {"format": "pt"}))
+    text = json.dumps(raw, indent=2, sort_keys=True) + "\n"
+    atomic_write(path / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    return path
 
 
 def config_from_peft(raw: dict[str, Any]) -> LoraConfig:

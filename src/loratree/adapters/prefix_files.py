@@ -12,15 +12,13 @@ also records ``"loratree_positions": "keep"`` (PEFT ignores the key).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from loratree.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from loratree.adapters.peft_format import WEIGHTS_NAME, write_adapter_dir
 from loratree.adapters.safetensors_io import read_safetensors
 from loratree.config import PrefixConfig
 from loratree.errors import (
@@ -30,7 +28,6 @@ from loratree.errors import (
     ShapeMismatchError,
     UnexpectedKeyError,
 )
-from loratree.fsio import atomic_write
 from loratree.surgery import add_prefix, geometry, prefix_bank
 
 __all__ = ["PrefixFile", "load_prefix", "read_prefix", "save_prefix"]
@@ -84,12 +81,7 @@ def save_prefix(model: nn.Module, path: str | Path, slot: int = 0, *,
     if bank.modes.get(slot) == "keep":
         raw["loratree_positions"] = "keep"
     tensors = {KEY: encoder.fold().float().contiguous().cpu()}
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), {"format": "pt"}))
-    text = json.dumps(raw, indent=2, sort_keys=True) + "\n"
-    atomic_write(path / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
-    return path
+    return write_adapter_dir(path, tensors, raw)
 
 
 def read_prefix(path: str | Path, raw: dict[str, Any]) -> PrefixFile:

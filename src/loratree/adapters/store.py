@@ -36,8 +36,11 @@ from typing import Any
 
 from torch import nn
 
+from loratree.adapters.files import check_adapter_dir, save_adapter
+from loratree.adapters.node_files import TREE_NAME, check_node, version_record
 from loratree.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_config
 from loratree.adapters.prefix_files import PEFT_TYPE
+from loratree.adapters.routing_files import ROUTING_NAME
 from loratree.errors import (
     AdapterConfigError,
     AdapterFileError,
@@ -45,7 +48,7 @@ from loratree.errors import (
     AdapterNameError,
     AdapterNotFoundError,
 )
-from loratree.fsio import fsync_dir, fsync_tree
+from loratree.fsio import atomic_dir, fsync_dir
 
 __all__ = ["MAX_NAME", "AdapterInfo", "AdapterStore", "DamagedEntry", "check_name"]
 
@@ -53,7 +56,7 @@ log = logging.getLogger(__name__)
 
 MAX_NAME = 200
 OBJECTS = ".objects"
-FILES = (CONFIG_NAME, WEIGHTS_NAME, "routing.json", "tree.json")
+FILES = (CONFIG_NAME, WEIGHTS_NAME, ROUTING_NAME, TREE_NAME)
 """What a version holds: the PEFT files, and loratree's routing centroid and tree node
 record when present."""
 LINK = "@"
@@ -217,29 +220,16 @@ class AdapterStore:
         """
         check_name(name)
         source = Path(source)
-        from loratree.adapters.files import check_adapter_dir
-        from loratree.adapters.tree import check_node
-
         check_node(name, source, check_adapter_dir(source))
         version = self.objects / uuid.uuid4().hex
-        tmp = self.objects / f".tmp-{version.name}"
-        tmp.mkdir()
-        try:
+        with atomic_dir(version) as tmp:
             for f in FILES:
                 if (source / f).is_file():
                     shutil.copyfile(source / f, tmp / f)
-            fsync_tree(tmp)
-            os.rename(tmp, version)
-            fsync_dir(self.objects)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return self._point(name, version)
 
     def save(self, name: str, model: nn.Module, slot: int = 0, **kw: Any) -> AdapterInfo:
         """Save slot ``slot`` of ``model`` into the store as ``name``."""
-        from loratree.adapters.files import save_adapter
-
         check_name(name)
         staging = self.objects / f".tmp-{uuid.uuid4().hex}"
         try:
@@ -252,9 +242,7 @@ class AdapterStore:
         """Delete ``name`` (its version directory goes after the grace period). A tree node
         with children is refused: remove the children first."""
         self.path_of(name)
-        from loratree.adapters.tree import children
-
-        kids = children(self, name)
+        kids = self.children(name)
         if kids:
             raise AdapterInUseError(f"{name!r} is the parent of {', '.join(kids)}; remove "
                                     "those first")
@@ -270,6 +258,22 @@ class AdapterStore:
                 break
             d = d.parent
         self.collect()
+
+    def children(self, name: str) -> list[str]:
+        """The stored nodes whose tree record names ``name`` as their parent (a node's
+        directory holds its children's, so only ``name``'s own subdirectories can)."""
+        d = self.root / name
+        if not d.is_dir() or d.is_symlink():
+            return []
+        kids = []
+        for sub in sorted(d.iterdir()):
+            child = f"{name}/{sub.name}"
+            if sub.name.startswith(".") or not sub.is_dir() or child not in self:
+                continue
+            record = version_record(self.path_of(child))
+            if record is not None and record.parent == name:
+                kids.append(child)
+        return kids
 
     def _point(self, name: str, version: Path) -> AdapterInfo:
         d = self.root
@@ -301,7 +305,7 @@ class AdapterStore:
             live.add(os.path.basename(os.path.normpath(os.readlink(link))))
         now, removed = time.time(), 0
         for version in self.objects.iterdir():
-            if version.name in live or version.name.startswith(".tmp-"):
+            if version.name in live or version.name.startswith("."):  # being written
                 continue
             if now - version.stat().st_mtime >= grace:
                 shutil.rmtree(version, ignore_errors=True)

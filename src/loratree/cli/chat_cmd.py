@@ -10,10 +10,10 @@ import argparse
 import sys
 import time
 
-from loratree.adapters.slot_table import BASE
 from loratree.cli.serve_common import add_engine_args, build_engine, parse_stop
 from loratree.models.chat import Message, encode_prompt
 from loratree.serve import FinishReason, Request
+from loratree.serve.slot_table import BASE
 
 __all__ = ["add_parser", "run"]
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 from loratree.adapters import AdapterStore
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import SlotTable
 from loratree.models import load_base
 from loratree.serve import Engine
 from loratree.serve.cpu import CpuTuning, Piece
+from loratree.serve.slot_table import SlotTable
+from loratree.tree.cache import AdapterCache
 
 __all__ = ["add_engine_args", "add_model_args", "build_engine", "parse_stop"]
 

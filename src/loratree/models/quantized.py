@@ -24,10 +24,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from loratree.layers import NF4Linear
-from loratree.models.save import atomic_dir
+from loratree.fsio import atomic_dir
+from loratree.layers import LoraModule, NF4Linear
 
-__all__ = ["QUANT_NAME", "has_nf4", "is_quantized_dir", "load_quantized", "save_quantized"]
+__all__ = [
+    "QUANT_NAME",
+    "has_nf4",
+    "is_quantized_dir",
+    "load_quantized",
+    "nf4_layers",
+    "save_quantized",
+]
 
 QUANT_NAME = "quantization.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -35,7 +42,12 @@ FORMAT, VERSION = "loratree-nf4", 1
 
 
 def has_nf4(model: nn.Module) -> bool:
-    return any(isinstance(m, NF4Linear) for m in model.modules())
+    return bool(nf4_layers(model))
+
+
+def nf4_layers(model: nn.Module) -> dict[str, NF4Linear]:
+    """Every NF4Linear of the model by dotted name (inside LoRA wrappers too)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
 
 
 def is_quantized_dir(path: str | Path) -> bool:
@@ -44,11 +56,7 @@ def is_quantized_dir(path: str | Path) -> bool:
 
 def save_quantized(model: PreTrainedModel, tokenizer: object | None, out: str | Path) -> Path:
     """Save a model whose linear layers are NF4 (see the module docstring for the layout)."""
-    # surgery imports models.compat, so models takes surgery's names at call time
-    from loratree.surgery.inject import lora_layers
-    from loratree.surgery.quantize import nf4_layers
-
-    if lora_layers(model):
+    if any(isinstance(m, LoraModule) for m in model.modules()):
         raise ValueError("save the quantized base without adapters: unload them first, and "
                          "save adapters with save_adapter")
     layers = nf4_layers(model)
@@ -60,7 +68,8 @@ def save_quantized(model: PreTrainedModel, tokenizer: object | None, out: str | 
         "tied": tied,
     }
 
-    def write(tmp: Path) -> None:
+    out = Path(out).resolve()
+    with atomic_dir(out) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -68,8 +77,7 @@ def save_quantized(model: PreTrainedModel, tokenizer: object | None, out: str | 
         (tmp / QUANT_NAME).write_text(json.dumps(spec, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-
-    return atomic_dir(out, write)
+    return out
 
 
 def _dedup(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -93,8 +101,6 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> PreTra
     Raises:
         ValueError: ``quantization.json`` or the weights are malformed or do not fit.
     """
-    from loratree.surgery.inject import replace_module  # at call time: see save_quantized
-
     path = Path(path)
     spec = _read_spec(path / QUANT_NAME)
     dtype = dtype or getattr(torch, spec["dtype"])
@@ -109,7 +115,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> PreTra
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{path / QUANT_NAME}: {name!r} is a {type(linear).__name__}, "
                              "not a linear layer")
-        replace_module(model, name, NF4Linear(
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, NF4Linear(
             linear.in_features, linear.out_features, linear.bias is not None,
             block=m["block"], double=m["double"], dtype=dtype))
     try:

@@ -32,14 +32,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from loratree.adapters.routing import Router
-from loratree.adapters.slot_table import SlotTable
 from loratree.models.attention import check_attention, sliding_window
 from loratree.serve.cpu import CpuTuner, CpuTuning
 from loratree.serve.packed import supports_packing
 from loratree.serve.requests import AUTO, Completion, Handle, Request, prompt_ids
+from loratree.serve.router import Router
 from loratree.serve.runner import Runner
 from loratree.serve.scheduler import Admitted, Batching, Policy, Scheduler, StepMode, StepPlan
+from loratree.serve.slot_table import SlotTable
 
 __all__ = ["Engine"]
 

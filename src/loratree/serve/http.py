@@ -31,7 +31,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from loratree.adapters.slot_table import BASE
 from loratree.adapters.store import check_name
 from loratree.errors import (
     AdapterFileError,
@@ -57,6 +56,7 @@ from loratree.serve.openai_api import (
     new_id,
 )
 from loratree.serve.requests import AUTO, Completion, FinishReason, Handle, Request
+from loratree.serve.slot_table import BASE
 
 __all__ = ["ServerConfig", "ServerState", "create_app"]
 

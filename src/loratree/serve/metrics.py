@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from loratree.adapters.cache import AdapterCache
 from loratree.serve.engine import Engine
+from loratree.tree.cache import AdapterCache
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from loratree.adapters.slot_table import BASE
+from loratree.serve.slot_table import BASE
 
 __all__ = ["AUTO", "Completion", "FinishReason", "Handle", "Request", "prompt_ids"]
 
@@ -27,7 +27,7 @@ class Request:
     prompt: str | Sequence[int]
     adapter: str = BASE
     """A store name, ``__base__`` for the bare model, or ``auto``: the adapter whose
-    training prompts this prompt most resembles (``adapters.routing``)."""
+    training prompts this prompt most resembles (``serve.router``)."""
     max_new_tokens: int = 64
     temperature: float = 0.0
     """0: greedy."""

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from loratree.adapters.slot_table import SlotTable
 from loratree.models.attention import layer_windows
 from loratree.models.compat import cache_kwargs, forward_takes, output_cache
 from loratree.serve.kv import BatchKV
@@ -32,6 +31,7 @@ from loratree.serve.packed import pack
 from loratree.serve.requests import Handle
 from loratree.serve.rows import Row, finite_rows
 from loratree.serve.scheduler import Admitted
+from loratree.serve.slot_table import SlotTable
 from loratree.surgery.prefix import prefix_state
 
 __all__ = ["Decoded", "LogitsHook", "PackedOutput", "Prefilled", "Runner"]

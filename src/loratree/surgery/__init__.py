@@ -1,6 +1,7 @@
 """Model surgery: find targets, inject LoRA layers, freeze, grow, merge, switch, unload."""
 
 from loratree.surgery.copies import copy_layers, saved_modules, wrap_copy
+from loratree.surgery.features import prompt_features
 from loratree.surgery.grow import GrowReport, grow_slot
 from loratree.surgery.inject import (
     InjectionReport,
@@ -64,6 +65,7 @@ __all__ = [
     "merge_and_unload",
     "nf4_layers",
     "prefix_bank",
+    "prompt_features",
     "quantize",
     "rank_plane",
     "remove_prefixes",

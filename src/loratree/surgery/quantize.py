@@ -20,6 +20,7 @@ from torch import nn
 from loratree.config import QuantConfig
 from loratree.errors import TargetError
 from loratree.layers import LoraLinear, NF4Linear
+from loratree.models.quantized import nf4_layers
 from loratree.ops import nf4
 from loratree.surgery.inject import lora_layers, replace_module
 from loratree.surgery.targets import find_targets
@@ -56,11 +57,6 @@ class QuantizeReport:
             f"{self.float_bytes / 2**20:.1f} MiB -> {self.quant_bytes / 2**20:.1f} MiB "
             f"({self.bits_per_param:.3f} bits per parameter)"
         )
-
-
-def nf4_layers(model: nn.Module) -> dict[str, NF4Linear]:
-    """Every NF4Linear of the model by dotted name (inside LoRA wrappers too)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
 
 
 @torch.no_grad()

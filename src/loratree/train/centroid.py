@@ -1,5 +1,5 @@
 """The routing centroid a trained adapter gets beside it (``routing.json``): where serving
-sends ``adapter="auto"`` requests (``adapters.routing``).
+sends ``adapter="auto"`` requests (``serve.router``).
 
 The centroid is the mean of the base model's features over the adapter's first training
 prompts, every adapter off, so it depends on the base and the prompts alone: jobs of one
@@ -13,8 +13,9 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from loratree.adapters.routing import prompt_features, write_centroid
+from loratree.adapters.routing_files import write_centroid
 from loratree.models.chat import IGNORE_INDEX, Example
+from loratree.surgery.features import prompt_features
 
 __all__ = ["ROUTING_PROMPTS", "Features", "routing_prompts", "save_centroid"]
 

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ from torch import Tensor
 
 from loratree.adapters.safetensors_io import read_safetensors
 from loratree.errors import NonFiniteError
-from loratree.fsio import fsync_dir, fsync_tree
+from loratree.fsio import atomic_dir
 
 __all__ = ["Position", "latest_checkpoint", "load_checkpoint", "read_extra", "save_checkpoint"]
 
@@ -72,8 +70,7 @@ def save_checkpoint(
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise NonFiniteError(f"checkpoint at step {position.step}: {name} is not finite")
     final = root / f"{_PREFIX}{position.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-    try:
+    with atomic_dir(final) as tmp:
         save_file(_cpu(trainable), str(tmp / "trainable.safetensors"))
         save_file(_cpu(opt_tensors), str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
@@ -87,14 +84,6 @@ def save_checkpoint(
             "extra": dict(extra or {}),
         }
         (tmp / "trainer.json").write_text(json.dumps(trainer))
-        fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _prune(root, keep_last)
     logger.info("checkpoint %s", final)
     return final

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from loratree import surgery
-from loratree.adapters import AdapterStore, read_adapter, save_adapter, tree
+from loratree import surgery, tree
+from loratree.adapters import AdapterStore, read_adapter, save_adapter
 from loratree.adapters.files import load_adapter_file
+from loratree.adapters.node_files import write_record
 from loratree.models import load_base, save_model
 from loratree.models.chat import Encoded, encode
 from loratree.train import checkpoint as ckpt
@@ -360,7 +361,7 @@ def _save_node(run: Run) -> None:
             if run.metrics.path.exists() else []
         metrics = {k: float(evals[-1][k]) for k in ("eval_loss", "exact_match")
                    if evals and k in evals[-1]}
-        tree.write_record(run.out, tree.record_for(store, c.parent, base_model=c.model,
+        write_record(run.out, tree.record_for(store, c.parent, base_model=c.model,
                                                    metrics=metrics))
     if c.node is not None:
         info = store.add(c.node, run.out)

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loratree.adapters import AdapterFile, AdapterStore
-from loratree.adapters import tree as nodes
-from loratree.adapters.cache import AdapterCache
 from loratree.adapters.files import write_adapter_file
+from loratree.adapters.node_files import read_record
 from loratree.errors import TreeError
+from loratree.tree import nodes
+from loratree.tree.cache import AdapterCache
 
 __all__ = ["NodeView", "Tree", "render"]
 
@@ -82,7 +83,7 @@ class Tree:
         kids: dict[str, list[str]] = {}
         records = {}
         for info in infos:
-            records[info.name] = nodes.read_record(info.path)
+            records[info.name] = read_record(info.path)
             if records[info.name] is not None:
                 kids.setdefault(records[info.name].parent, []).append(info.name)
         for info in infos:

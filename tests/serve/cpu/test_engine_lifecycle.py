@@ -7,13 +7,13 @@ from torch import nn
 
 from loratree import surgery
 from loratree.adapters import AdapterStore
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.config import LoraConfig
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
 from loratree.serve.cpu import CpuTuning, Piece
 from loratree.serve.cpu.linears import oriented_linears
+from loratree.serve.slot_table import BASE, SlotTable
+from loratree.tree.cache import AdapterCache
 from tests.conftest import keep_logits, randomize_slot
 from tests.serve.common import VOCAB, tiny_model
 

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from loratree import surgery
-from loratree.adapters.cache import AdapterCache, LoadedAdapter
 from loratree.adapters.files import AdapterFile, check_against
 from loratree.adapters.token_files import token_bytes
 from loratree.errors import AdapterInUseError, CopyTooLargeError, RankTooLargeError, TargetError
 from loratree.layers import SlotSpec
 from loratree.surgery.targets import pattern_value
+from loratree.tree.cache import AdapterCache, LoadedAdapter
 
 __all__ = ["BASE", "Plan", "SlotTable"]
 

@@ -10,7 +10,7 @@ A cached entry remembers the store version it was read from: when the store's na
 to a newer version, the next ``get`` reloads it (a miss), so replacing an adapter in the
 store reaches the cache without a restart.
 
-A tree node (``adapters.tree``) is cached composed: its entry is the whole root-to-node
+A tree node (``tree.nodes``) is cached composed: its entry is the whole root-to-node
 path as one adapter, built from its parent's cached entry plus its own file, so serving
 a deep node does not recompose per request. Its version is every version on its path, so
 replacing any ancestor makes the next ``get`` recompose it.
@@ -28,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loratree.adapters.files import AdapterFile, read_adapter
+from loratree.adapters.node_files import version_record
 from loratree.adapters.peft_format import read_config
 from loratree.adapters.prefix_files import PEFT_TYPE, PrefixFile, read_prefix
 from loratree.adapters.store import AdapterStore
-from loratree.adapters.tree import compose_files, stale, version_key, version_record
 from loratree.errors import AdapterInUseError, CacheFullError, TreeError
+from loratree.tree.compose import compose_files
+from loratree.tree.nodes import stale, version_key
 
 __all__ = ["AdapterCache", "CacheStats", "LoadedAdapter"]
 

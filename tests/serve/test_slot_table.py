@@ -9,11 +9,11 @@ import torch
 
 from loratree import surgery
 from loratree.adapters import AdapterStore, load_adapter
-from loratree.adapters.cache import AdapterCache
-from loratree.adapters.slot_table import BASE, SlotTable
 from loratree.config import LoraConfig, PrefixConfig
 from loratree.errors import AdapterInUseError, RankTooLargeError
 from loratree.models.tiny import tiny_llama
+from loratree.serve.slot_table import BASE, SlotTable
+from loratree.tree.cache import AdapterCache
 from tests.conftest import randomize_slot
 
 ADAPTERS = {

@@ -7,10 +7,10 @@ import torch
 
 from loratree import surgery
 from loratree.adapters import AdapterStore, save_adapter
-from loratree.adapters.cache import AdapterCache
 from loratree.config import LoraConfig, PrefixConfig
 from loratree.errors import AdapterInUseError, AdapterNotFoundError, CacheFullError
 from loratree.models.tiny import tiny_llama
+from loratree.tree.cache import AdapterCache
 
 
 # tiny_llama: hidden 32, kv width 16 (2 kv heads x 8); q,v LoRA of rank r holds

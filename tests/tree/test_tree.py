@@ -11,15 +11,15 @@ import torch
 
 from loratree import surgery
 from loratree.adapters import AdapterStore, save_adapter
-from loratree.adapters import tree as nodes
-from loratree.adapters.cache import AdapterCache
 from loratree.adapters.files import read_adapter
-from loratree.adapters.slot_table import SlotTable
+from loratree.adapters.node_files import write_record
 from loratree.config import LoraConfig, PrefixConfig
 from loratree.errors import AdapterInUseError, TreeError
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Engine, Request
-from loratree.tree import Tree, render
+from loratree.serve.slot_table import SlotTable
+from loratree.tree import Tree, nodes, render
+from loratree.tree.cache import AdapterCache
 from tests.conftest import keep_logits, randomize_slot
 from tests.serve.common import VOCAB, tiny_model
 
@@ -38,7 +38,7 @@ def _node_dir(tmp, name, cfg, seed, store=None):
     d = save_adapter(model, tmp / f"src-{seed}")
     if "/" in name:
         parent = name.rsplit("/", 1)[0]
-        nodes.write_record(d, nodes.record_for(store, parent, metrics={"eval_loss": 1.5}))
+        write_record(d, nodes.record_for(store, parent, metrics={"eval_loss": 1.5}))
     return d
 
 
@@ -200,7 +200,7 @@ def test_inconsistent_trees_are_refused_with_the_reason(store, tmp_path):
     model = tiny_model()
     surgery.add_prefix(model, PrefixConfig(n_virtual=2))
     p = save_adapter(model, tmp_path / "prefix")
-    nodes.write_record(p, nodes.record_for(store, "support"))
+    write_record(p, nodes.record_for(store, "support"))
     with pytest.raises(TreeError, match="LoRA"):
         store.add("support/prefix", p)
     # a parent that vanished from under a node (removed behind the store's back)
