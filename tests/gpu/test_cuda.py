@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from loratree import surgery
-from loratree.adapters import AdapterStore
+from loratree.adapters import AdapterStore, save_adapter
 from loratree.config import LoraConfig, PrefixConfig
 from loratree.layers import LoraLinear, NF4Linear, SlotContext, SlotSpec
 from loratree.models.tiny import random_tokens, tiny_llama, tiny_tokenizer
@@ -44,7 +44,7 @@ def test_lora_model_on_cuda_matches_peft_on_cuda(tmp_path):
     model = tiny_llama()
     surgery.inject(model, LoraConfig(rank=4, alpha=8, targets=("all-linear",)))
     randomize_slot(model, 0, std=0.2)
-    surgery.save_adapter(model, tmp_path / "a", 0)
+    save_adapter(model, tmp_path / "a", 0)
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a").to(CUDA).eval()
     ours = model.to(CUDA).eval()
     ids = random_tokens(128, 3, 11).to(CUDA)
