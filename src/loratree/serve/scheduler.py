@@ -29,6 +29,7 @@ from loratree.serve.grouping import prefill_groups
 from loratree.serve.health import Health
 from loratree.serve.requests import Completion, FinishReason, Handle, Request
 from loratree.serve.rows import Row
+from loratree.serve.slot_table import StepMode
 
 __all__ = ["PACK_TOKENS", "Admitted", "Batching", "Policy", "Scheduler", "SlotTableLike",
            "StepMode", "StepPlan"]
@@ -52,15 +53,6 @@ class Batching(StrEnum):
     STATIC = "static"
     """Only into an empty batch: the baseline continuous batching is measured against
     (benchmarks only; ``Engine.static_baseline``)."""
-
-
-class StepMode(StrEnum):
-    """How a decode step runs the adapters (the slot table's plan)."""
-
-    MERGED = "merged"
-    """One LoRA adapter folded into the weights."""
-    UNMERGED = "unmerged"
-    """Each row (or token) through its own slot."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import itertools
 import logging
 import threading
 from dataclasses import dataclass
+from enum import StrEnum
 
 from torch import nn
 
@@ -46,11 +47,20 @@ BASE = "__base__"
 """The name of "no adapter": the base model, slot -1."""
 
 
+class StepMode(StrEnum):
+    """How a decode step runs the adapters (the slot table's plan)."""
+
+    MERGED = "merged"
+    """One LoRA adapter folded into the weights."""
+    UNMERGED = "unmerged"
+    """Each row (or token) through its own slot."""
+
+
 @dataclass(frozen=True)
 class Plan:
-    """How a batch runs: ``merged`` (one adapter folded in) or ``unmerged`` (per-row slots)."""
+    """How a batch runs: merged (one adapter folded in) or unmerged (per-row slots)."""
 
-    mode: str
+    mode: StepMode
     slots: tuple[int, ...]
 
 
@@ -246,8 +256,8 @@ class SlotTable:
             if only >= 0 and self._slot(only).kind == "lora" and (
                     self.merged_index == only or new_tokens >= merge_min_tokens):
                 self.merge_slot(only)
-                return Plan("merged", tuple(slots))
-            return Plan("unmerged", tuple(slots))
+                return Plan(StepMode.MERGED, tuple(slots))
+            return Plan(StepMode.UNMERGED, tuple(slots))
 
     # -- internals -------------------------------------------------------------------------
     def _slot(self, index: int) -> _Slot:
