@@ -27,11 +27,12 @@ from loratree.errors import (
 )
 from loratree.layers import TokenRows
 from loratree.models.tiny import tiny_tokenizer
-from loratree.serve import Engine, Request
+from loratree.serve import Engine
 from loratree.serve.slot_table import BASE, SlotTable
 from loratree.tree.cache import AdapterCache
 from tests.adapters.extras_common import LAYOUTS, VOCAB, loaded, mixed, peft_made, solo
 from tests.conftest import keep_logits
+from tests.serve.common import run_plan
 
 IDS_A = [3, 5, 7, 11, 64]
 IDS_B = [5, 9, 100, 127]  # shares id 5 with IDS_A
@@ -206,14 +207,7 @@ def test_engine_mixed_requests_equal_peft_solo_greedy(made, tmp_path, pack):
     plan = [("a0", prompts[0], 6, 0), ("a2", prompts[1], 5, 0), (BASE, prompts[2], 4, 1),
             ("a1", prompts[3], 5, 1), ("a3", prompts[0], 4, 2), ("a2", prompts[2], 4, 2),
             ("a0", prompts[1], 3, 3)]
-    handles, step = {}, 0
-    while len(handles) < len(plan) or engine.busy():
-        for i, (name, prompt, n, at) in enumerate(plan):
-            if at == step:
-                handles[i] = engine.submit(Request(prompt, adapter=name, max_new_tokens=n,
-                                                   ignore_eos=True))
-        engine.step()
-        step += 1
+    handles = run_plan(engine, plan)
     assert (engine.packed_joins > 0) == pack
     for i, (name, prompt, n, _) in enumerate(plan):
         path = None if name == BASE else paths[int(name[1:])]

@@ -5,6 +5,7 @@ import torch
 
 from loratree.adapters import load_adapter
 from loratree.models.tiny import tiny_llama
+from loratree.serve import Request
 from loratree.serve.slot_table import BASE
 
 VOCAB = 64
@@ -34,3 +35,16 @@ def solo_reference(store, name, prompt, n):
             logits.append(out)
             ids.append(int(out.argmax()))
     return ids[len(prompt):], logits
+
+
+def run_plan(engine, plan):
+    """Submit ``plan`` (adapter, prompt, new tokens, step to submit at) and run it out."""
+    handles, step = {}, 0
+    while len(handles) < len(plan) or engine.busy():
+        for i, (a, p, n, at) in enumerate(plan):
+            if at == step:
+                handles[i] = engine.submit(Request(p, adapter=a, max_new_tokens=n,
+                                                   ignore_eos=True))
+        engine.step()
+        step += 1
+    return [handles[i] for i in range(len(plan))]

@@ -9,11 +9,11 @@ import torch
 
 from loratree.adapters import AdapterStore
 from loratree.models.tiny import tiny_tokenizer
-from loratree.serve import Engine, Request
+from loratree.serve import Engine
 from loratree.serve.slot_table import BASE, SlotTable
 from loratree.tree.cache import AdapterCache
 from tests.conftest import keep_logits
-from tests.serve.common import VOCAB, tiny_model
+from tests.serve.common import VOCAB, run_plan, tiny_model
 
 ADAPTERS = {  # name: PEFT LoraConfig fields
     "head": {"target_modules": ["q_proj"], "r": 2, "lora_alpha": 4,
@@ -48,19 +48,6 @@ def made(tmp_path_factory):
     return store, theirs
 
 
-def _run(engine, plan):
-    """Submit ``plan`` (adapter, prompt, new tokens, step to submit at) and run it out."""
-    handles, step = {}, 0
-    while len(handles) < len(plan) or engine.busy():
-        for i, (a, p, n, at) in enumerate(plan):
-            if at == step:
-                handles[i] = engine.submit(Request(p, adapter=a, max_new_tokens=n,
-                                                   ignore_eos=True))
-        engine.step()
-        step += 1
-    return [handles[i] for i in range(len(plan))]
-
-
 def test_copy_rows_joining_packed_steps_equal_peft_alone(made):
     store, theirs = made
     model = tiny_model()
@@ -71,7 +58,7 @@ def test_copy_rows_joining_packed_steps_equal_peft_alone(made):
     plan = [("lora-qv", PROMPTS[0], 8, 0), (BASE, PROMPTS[1], 7, 0),
             ("head", PROMPTS[2], 5, 2),  # the copy row joins a running batch
             ("dora-mlp", PROMPTS[3], 5, 2), ("head", PROMPTS[4], 3, 4)]
-    handles = _run(engine, plan)
+    handles = run_plan(engine, plan)
     assert engine.packed_joins == 3  # all three joiners, both copy rows among them
     outputs = []
     for (name, prompt, _, _), h in zip(plan, handles, strict=True):

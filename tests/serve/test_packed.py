@@ -14,21 +14,8 @@ from loratree.serve.packed import pack, supports_packing
 from loratree.serve.slot_table import BASE, SlotTable
 from loratree.tree.cache import AdapterCache
 from tests.conftest import keep_logits, randomize_slot
-from tests.serve.common import VOCAB, solo_reference, tiny_model
+from tests.serve.common import VOCAB, run_plan, solo_reference, tiny_model
 from tests.serve.test_engine import PROMPTS, _engine, store  # noqa: F401 (fixture)
-
-
-def _run(engine, plan):
-    """Submit ``plan`` (adapter, prompt, new tokens, step to submit at) and run it out."""
-    handles, step = {}, 0
-    while len(handles) < len(plan) or engine.busy():
-        for i, (a, p, n, at) in enumerate(plan):
-            if at == step:
-                handles[i] = engine.submit(Request(p, adapter=a, max_new_tokens=n,
-                                                     ignore_eos=True))
-        engine.step()
-        step += 1
-    return [handles[i] for i in range(len(plan))]
 
 
 def test_joiners_packed_into_decode_steps_equal_each_request_alone(store):  # noqa: F811
@@ -39,7 +26,7 @@ def test_joiners_packed_into_decode_steps_equal_each_request_alone(store):  # no
             (BASE, PROMPTS[2], 5, 2),     # two join one step together
             ("qv-r2", PROMPTS[3], 4, 4), ("all-r4", PROMPTS[0], 3, 5),
             ("prefix", PROMPTS[1], 4, 5)]  # a prefix adapter joins through its own prefill
-    handles = _run(engine, plan)
+    handles = run_plan(engine, plan)
     assert engine.packed_joins == 4
     for (name, prompt, n, _), h in zip(plan, handles, strict=True):
         done = h.result()
@@ -58,7 +45,7 @@ def test_packed_joins_on_one_merged_adapter_and_with_eager_attention(store):  # 
     engine.runner.mask_dtype = torch.float32  # what an eager model gets at construction
     plan = [("all-r4", PROMPTS[0], 8, 0), ("all-r4", PROMPTS[1], 5, 1),
             ("all-r4", PROMPTS[2], 4, 3)]
-    handles = _run(engine, plan)
+    handles = run_plan(engine, plan)
     assert engine.packed_joins == 2 and engine.modes["merged"] > 0
     for (name, prompt, n, _), h in zip(plan, handles, strict=True):
         tokens, logits = solo_reference(store, name, prompt, n)
@@ -84,7 +71,7 @@ def test_packed_joins_on_gpt2_equal_each_request_alone(tmp_path):
     engine = Engine(m, tiny_tokenizer(VOCAB), SlotTable(m, AdapterCache(gpt_store, 10**7)))
     kept = keep_logits(engine)
     plan = [("attn", PROMPTS[0], 6, 0), (BASE, PROMPTS[1], 4, 1), ("attn", PROMPTS[2], 3, 2)]
-    handles = _run(engine, plan)
+    handles = run_plan(engine, plan)
     assert engine.packed_joins == 2
     for (name, prompt, n, _), h in zip(plan, handles, strict=True):
         ref = model()
@@ -150,7 +137,7 @@ def test_prompts_past_the_packing_budget_prefill_on_their_own(store, monkeypatch
     plan = [("qv-r2", PROMPTS[0], 8, 0),
             ("all-r4", PROMPTS[0], 4, 1), (BASE, PROMPTS[2], 4, 1),  # 5 packed; 7 > 6 alone
             ("qv-r2", PROMPTS[1], 3, 3), ("all-r4", PROMPTS[3], 3, 3)]  # 3 packed; 3+2 <= 6
-    handles = _run(engine, plan)
+    handles = run_plan(engine, plan)
     assert engine.packed_joins == 3
     for (name, prompt, n, _), h in zip(plan, handles, strict=True):
         assert list(h.result().tokens) == solo_reference(store, name, prompt, n)[0], name
