@@ -40,6 +40,7 @@ from loratree.errors import (
     CacheFullError,
     NonFiniteError,
     RankTooLargeError,
+    ResponseFormatError,
     TargetError,
 )
 from loratree.models.chat import Message, encode_prompt
@@ -56,6 +57,7 @@ from loratree.serve.openai_api import (
     new_id,
 )
 from loratree.serve.requests import AUTO, Completion, FinishReason, Handle, Request
+from loratree.serve.response_format import to_constraint
 from loratree.serve.slot_table import BASE
 
 __all__ = ["ServerConfig", "ServerState", "create_app"]
@@ -270,7 +272,10 @@ async def _generate(state: ServerState, http: HttpRequest, body: Any, ids: list[
                        param="max_tokens", code="context_length_exceeded")
     request = Request(ids, adapter=adapter, max_new_tokens=max_tokens,
                       temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                      seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos)
+                      seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos,
+                      constraint=to_constraint(body.response_format))
+    if request.constraint is not None:  # compiled off the event loop (then cached)
+        await asyncio.to_thread(state.engine.grammars.compile, request.constraint)
     state.admit()
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
@@ -407,6 +412,8 @@ def _error_of(state: ServerState, done: Completion) -> ApiError:
         return ApiError(404, message, param="model", code="model_not_found")
     if isinstance(e, AdapterNameError):
         return ApiError(400, message, param="model", code="invalid_model")
+    if isinstance(e, ResponseFormatError):
+        return ApiError(400, message, param="response_format", code="invalid_response_format")
     if isinstance(e, AdapterFileError | RankTooLargeError | TargetError | CacheFullError
                   | NonFiniteError):
         return ApiError(422, message, param="model", code="adapter_unusable")
