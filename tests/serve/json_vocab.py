@@ -1,14 +1,17 @@
 """What the structured-output tests share: a 64-token byte-level tokenizer in which JSON is
 expressible (the word-level ``tiny_tokenizer`` cannot spell ``{``, and llguidance cannot
 read it), a validator for the JSON-schema features the tests use (``jsonschema`` is not a
-dependency), and the schemas."""
+dependency), the schemas, and an engine that speaks JSON."""
 
 from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from tests.serve.common import VOCAB
+from loratree.serve import Engine
+from loratree.serve.slot_table import SlotTable
+from loratree.tree.cache import AdapterCache
+from tests.serve.common import VOCAB, tiny_model
 
 SPECIALS = ("<unk>", "<s>", "</s>")
 EOS = 2
@@ -31,6 +34,15 @@ def json_tokenizer() -> PreTrainedTokenizerFast:
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
                                    bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def json_engine(store, max_batch=8) -> Engine:
+    """An engine over ``tiny_model`` with ``json_tokenizer`` and room for JSON."""
+    model = tiny_model()
+    model.config.max_position_embeddings = 512  # RoPE has no table to outgrow
+    size = max(i.size for i in store.list())
+    table = SlotTable(model, AdapterCache(store, 6 * size), n_slots=4, max_rank=8)
+    return Engine(model, json_tokenizer(), table, max_batch=max_batch, cpu_tuning=None)
 
 
 POINT = {

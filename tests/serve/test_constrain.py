@@ -7,20 +7,11 @@ import pytest
 
 from loratree.errors import ResponseFormatError
 from loratree.models.tiny import tiny_tokenizer
-from loratree.serve import Engine, FinishReason, Request
+from loratree.serve import FinishReason, Request
 from loratree.serve.constrain import Grammars, JsonFormat, JsonMode
-from loratree.serve.slot_table import BASE, SlotTable
-from loratree.tree.cache import AdapterCache
-from tests.serve.common import VOCAB, tiny_model
-from tests.serve.json_vocab import EOS, ORDER, POINT, json_tokenizer, violations
-
-
-def json_engine(store, max_batch=8):
-    model = tiny_model()
-    model.config.max_position_embeddings = 512  # room for JSON (RoPE has no table to outgrow)
-    size = max(i.size for i in store.list())
-    table = SlotTable(model, AdapterCache(store, 6 * size), n_slots=4, max_rank=8)
-    return Engine(model, json_tokenizer(), table, max_batch=max_batch, cpu_tuning=None)
+from loratree.serve.slot_table import BASE
+from tests.serve.common import VOCAB
+from tests.serve.json_vocab import EOS, ORDER, POINT, json_engine, json_tokenizer, violations
 
 
 @pytest.fixture(scope="module")

@@ -270,12 +270,20 @@ async def _generate(state: ServerState, http: HttpRequest, body: Any, ids: list[
         raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) "
                        f"exceeds the model's context of {state.context} tokens",
                        param="max_tokens", code="context_length_exceeded")
+    constraint = to_constraint(body.response_format)
+    if constraint is not None and body.ignore_eos:
+        raise ApiError(400, "ignore_eos cannot be combined with a JSON response_format (the "
+                       "response ends when its JSON is complete)", param="ignore_eos")
     request = Request(ids, adapter=adapter, max_new_tokens=max_tokens,
                       temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                       seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos,
-                      constraint=to_constraint(body.response_format))
+                      constraint=constraint)
     if request.constraint is not None:  # compiled off the event loop (then cached)
-        await asyncio.to_thread(state.engine.grammars.compile, request.constraint)
+        try:
+            await asyncio.to_thread(state.engine.grammars.compile, request.constraint)
+        except ResponseFormatError as e:
+            raise ApiError(400, state.clean(str(e)), param="response_format",
+                           code="invalid_response_format") from None
     state.admit()
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
@@ -412,8 +420,6 @@ def _error_of(state: ServerState, done: Completion) -> ApiError:
         return ApiError(404, message, param="model", code="model_not_found")
     if isinstance(e, AdapterNameError):
         return ApiError(400, message, param="model", code="invalid_model")
-    if isinstance(e, ResponseFormatError):
-        return ApiError(400, message, param="response_format", code="invalid_response_format")
     if isinstance(e, AdapterFileError | RankTooLargeError | TargetError | CacheFullError
                   | NonFiniteError):
         return ApiError(422, message, param="model", code="adapter_unusable")
