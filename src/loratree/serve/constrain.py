@@ -142,23 +142,36 @@ class Grammars:
         self._ll_tokenizer: Any = None
         self._compiled: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+        """Guards the cache."""
+        self._compiling = threading.Lock()
+        """Held while compiling (and while building the tokenizer)."""
 
     def compile(self, fmt: JsonFormat) -> Any:
         """The pristine matcher of ``fmt``'s grammar (cached); a schema llguidance refuses
-        is a ``ResponseFormatError`` naming the problem."""
+        is a ``ResponseFormatError`` naming the problem. Compiles run one at a time, so
+        requests arriving together with a new schema compile it once; a cache hit never
+        waits for a compile."""
         key = fmt.key
+        matcher = self._cached(key)
+        if matcher is not None:
+            return matcher
+        with self._compiling:
+            matcher = self._cached(key)  # compiled while this thread waited
+            if matcher is None:
+                matcher = _compile(key, self._llg_tokenizer())
+                with self._lock:
+                    self.compiles += 1
+                    self._compiled[key] = matcher
+                    while len(self._compiled) > self.capacity:
+                        self._compiled.popitem(last=False)
+        return matcher
+
+    def _cached(self, key: str) -> Any:
         with self._lock:
             if key in self._compiled:
                 self._compiled.move_to_end(key)
                 return self._compiled[key]
-            tokenizer = self._llg_tokenizer()
-        matcher = _compile(key, tokenizer)
-        with self._lock:
-            self.compiles += 1
-            self._compiled[key] = matcher
-            while len(self._compiled) > self.capacity:
-                self._compiled.popitem(last=False)
-        return matcher
+        return None
 
     def start(self, fmt: JsonFormat) -> Constraint:
         """A new row's constraint: a fresh copy of the compiled matcher."""
@@ -166,7 +179,7 @@ class Grammars:
         return Constraint(matcher, self.vocab, self._ll_tokenizer.vocab_size)
 
     def _llg_tokenizer(self) -> Any:
-        """llguidance's view of the tokenizer, built once (under the lock)."""
+        """llguidance's view of the tokenizer, built once (under ``_compiling``)."""
         if self._ll_tokenizer is None:
             import llguidance.hf
 
