@@ -145,3 +145,20 @@ def test_the_cli_lists_checks_adds_and_removes(store, dirs, capsys):
     assert main([*root, "list"]) == 0
     out = capsys.readouterr().out
     assert "d-truncated " in out and "d-planted" not in out
+
+
+def test_an_unreadable_version_is_one_problem_not_a_crash(store, monkeypatch):
+    import loratree.adapters.store_check as sc
+
+    version, real = str(store.path_of("good/b")), sc.os.scandir
+
+    def scandir(path):
+        if str(path) == version:
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(sc.os, "scandir", scandir)
+    assert [(p.name, p.kind) for p in store.check("good/b")] == [("good/b", K.UNREADABLE)]
+    assert "good/b" in {d.name for d in store.scan()[1]}
+    with pytest.raises(DamagedAdapterError, match="Permission denied"):
+        store.checked_path("good/b")

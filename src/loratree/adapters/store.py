@@ -169,8 +169,7 @@ class AdapterStore:
             DamagedAdapterError: naming every problem found, and the fix.
         """
         path = self.path_of(name)
-        problems = [p for p in check_version(name, path, hashes=True, parse=False)
-                    if p.damaged]
+        problems = [p for p in _checked(name, path, deep=True, parse=False) if p.damaged]
         if problems:
             raise _damaged(name, problems)
         return path
@@ -258,7 +257,7 @@ class AdapterStore:
         version, problems = check_link(name, link, self.objects)
         if version is None:
             return problems
-        return check_version(name, version, hashes=deep, parse=deep)
+        return _checked(name, version, deep=deep, parse=deep)
 
     def list(self) -> list[AdapterInfo]:
         """Every adapter that reads, sorted by name; a damaged entry is logged (with the
@@ -375,6 +374,16 @@ class AdapterStore:
                 shutil.rmtree(version, ignore_errors=True)
                 removed += 1
         return removed
+
+
+def _checked(name: str, version: Path, *, deep: bool, parse: bool) -> list[Problem]:
+    """``check_version``; a version that cannot be read at all (no permission, or changed
+    while it was read) is one problem, not an error that stops a listing."""
+    try:
+        return check_version(name, version, hashes=deep, parse=parse)
+    except OSError as e:
+        return [Problem(name, ".", ProblemKind.UNREADABLE,
+                        f"cannot read its version: {e.strerror or type(e).__name__}")]
 
 
 def _damaged(name: str, problems: list[Problem]) -> DamagedAdapterError:

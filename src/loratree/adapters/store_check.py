@@ -73,6 +73,8 @@ class ProblemKind(StrEnum):
     """A symlink sits in the version (in place of a file, or as the version directory)."""
     NOT_A_FILE = "not_a_file"
     """A directory, fifo or device where a file should be."""
+    UNREADABLE = "unreadable"
+    """The version or one of its files cannot be read (no permission, an I/O error)."""
     MISSING_FILE = "missing_file"
     UNEXPECTED_FILE = "unexpected_file"
     """A file the manifest does not list (or, with no manifest, not an adapter file)."""
