@@ -162,3 +162,19 @@ def test_an_unreadable_version_is_one_problem_not_a_crash(store, monkeypatch):
     assert "good/b" in {d.name for d in store.scan()[1]}
     with pytest.raises(DamagedAdapterError, match="Permission denied"):
         store.checked_path("good/b")
+
+
+def test_a_damaged_entry_below_a_name_holds_its_removal_until_it_goes(tmp_path, dirs):
+    """Whether a damaged sub-entry was a tree child cannot be read, so it counts as one."""
+    import shutil
+
+    from loratree.errors import AdapterInUseError
+
+    store = AdapterStore(tmp_path / "store")
+    store.add("p", dirs[0])
+    shutil.rmtree(store.add("p/c", dirs[0]).path)
+    with pytest.raises(AdapterInUseError, match=r"p/c \(damaged\)"):
+        store.remove("p")
+    store.remove("p/c")
+    store.remove("p")
+    assert store.names() == []
