@@ -7,9 +7,10 @@ engine's ``Completion`` (or its stream of text) into OpenAI's JSON or server-sen
 
 Status codes: 400 bad parameter (named in ``error.param``), 401 missing or wrong API key,
 404 unknown adapter or route, 413 body over the limit, 422 an adapter that cannot be used
-(malformed file, rank above the slots', non-finite output), 429 queue full (with
-``Retry-After``), 503 draining, 504 past the request deadline, 500 anything else. Error
-messages never carry a stack trace or a filesystem path.
+(malformed file, rank above the slots', non-finite output; code ``adapter_damaged``: its
+files in the store changed after it was added, and the message names the entry and the
+fix), 429 queue full (with ``Retry-After``), 503 draining, 504 past the request deadline,
+500 anything else. Error messages never carry a stack trace or a filesystem path.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from loratree.errors import (
     AdapterNameError,
     AdapterNotFoundError,
     CacheFullError,
+    DamagedAdapterError,
     NonFiniteError,
     RankTooLargeError,
     TargetError,
@@ -407,6 +409,8 @@ def _error_of(state: ServerState, done: Completion) -> ApiError:
         return ApiError(404, message, param="model", code="model_not_found")
     if isinstance(e, AdapterNameError):
         return ApiError(400, message, param="model", code="invalid_model")
+    if isinstance(e, DamagedAdapterError):
+        return ApiError(422, message, param="model", code="adapter_damaged")
     if isinstance(e, AdapterFileError | RankTooLargeError | TargetError | CacheFullError
                   | NonFiniteError):
         return ApiError(422, message, param="model", code="adapter_unusable")
