@@ -46,7 +46,8 @@ def pooled_features(model: nn.Module, prompts: Sequence[Sequence[int]],
     Semantics: f_i = normalize(mean_t h_L(prompt_i; slot_i)[t]), slot -1 (or ``slots``
     None) the base model alone. Prompts run in batches of at most ``batch_size`` prompts
     and ``max_tokens`` padded tokens (a longer prompt alone), right-padded (the padding is
-    masked and never attended to), sorted by length so a batch pads little.
+    masked and never attended to), sorted by length so a batch pads little, and within a
+    batch by slot (rows of one adapter adjacent).
     Shape: N prompts of token ids, N slots -> (N, hidden) fp32 on the CPU.
     """
     slots = [-1] * len(prompts) if slots is None else list(slots)
@@ -60,6 +61,7 @@ def pooled_features(model: nn.Module, prompts: Sequence[Sequence[int]],
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Tensor | None] = [None] * len(prompts)
     for part in _batches([len(prompts[i]) for i in order], order, batch_size, max_tokens):
+        part.sort(key=lambda i: slots[i])  # rows of one slot adjacent: grouped LoRA plans
         pooled = _batch(model, ctx, [list(prompts[i]) for i in part], [slots[i] for i in part])
         for i, row in zip(part, pooled, strict=True):
             out[i] = row
