@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from loratree.layers import SlotContext
+from loratree.models.compat import forward_takes
 from loratree.ops.pooling import unit_mean_pool
 from loratree.surgery.inject import context
 from loratree.surgery.prefix import prefix_bank
@@ -99,8 +100,9 @@ def _batch(model: nn.Module, ctx: SlotContext | None, prompts: list[list[int]],
         if body is not None:  # the last hidden state without the LM head's product
             hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
         else:  # the whole model: a prefix adapter enters through its forward hook
-            hidden = model(input_ids=ids, attention_mask=mask,
-                           output_hidden_states=True).hidden_states[-1]
+            head = {"logits_to_keep": 1} if forward_takes(model, "logits_to_keep") else {}
+            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                           **head).hidden_states[-1]
     return unit_mean_pool(hidden, mask)
 
 
