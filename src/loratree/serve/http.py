@@ -45,15 +45,18 @@ from loratree.errors import (
     TargetError,
 )
 from loratree.models.chat import Message, encode_prompt
+from loratree.serve.embeddings import EmbeddingInputError
 from loratree.serve.engine import Engine
 from loratree.serve.metrics import CONTENT_TYPE, Metrics
 from loratree.serve.middleware import ApiKey, BodyLimit, CountRequests
 from loratree.serve.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
     Unsupported,
     chunk_body,
     completion_body,
+    embedding_body,
     error_body,
     new_id,
 )
@@ -67,7 +70,7 @@ logger = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/ready")
 """Routes that need no API key."""
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready",
-           "/metrics")
+           "/metrics", "/v1/embeddings")
 _PATH = re.compile(r"(?<![\w.])/(?:[\w.\-]+/)*[\w.\-]+")
 
 
@@ -152,6 +155,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     app.state.loratree = state
     _errors(app, state)
     _routes(app, state)
+    _embedding_routes(app, state)
     if state.config.admin:
         _admin_routes(app, state)
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
@@ -229,6 +233,32 @@ def _admin_routes(app: FastAPI, state: ServerState) -> None:
         was_cached = adapter in cache
         cache.evict(adapter)
         return {"unloaded": adapter, "was_active": was_active, "was_cached": was_cached}
+
+
+def _embedding_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> JSONResponse:
+        body.check_supported()
+        adapter = _adapter(state, body.model)
+        if adapter == AUTO:
+            raise ApiError(400, f"embeddings need a named model, not {AUTO!r}", param="model",
+                           code="invalid_model")
+        state.admit()
+        try:
+            future = state.engine.embed(body.input, adapter)
+            done = await asyncio.wait_for(asyncio.wrap_future(future),
+                                          state.config.request_timeout_s)
+        except EmbeddingInputError as e:
+            raise ApiError(400, state.clean(str(e)), param="input", code=e.code) from None
+        except TimeoutError:
+            raise ApiError(504, f"no answer within {state.config.request_timeout_s:g} s",
+                           "timeout_error", code="deadline_exceeded") from None
+        finally:
+            state.leave()
+        state.metrics.adapter_requests.labels(body.model).inc()
+        state.metrics.tokens.labels("prompt").inc(done.prompt_tokens)
+        return JSONResponse(embedding_body(done.vectors.numpy(), body.model,
+                                           done.prompt_tokens, body.encoding_format))
 
 
 # -- one generation -------------------------------------------------------------------------
