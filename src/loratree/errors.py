@@ -15,6 +15,7 @@ __all__ = [
     "CacheFullError",
     "CopyTooLargeError",
     "CorruptFileError",
+    "DamagedAdapterError",
     "EmptyRowError",
     "MergeError",
     "MissingKeyError",
@@ -41,6 +42,13 @@ class UnsafeFormatError(AdapterFileError):
 
 class CorruptFileError(AdapterFileError):
     """The file is truncated or its header is not valid safetensors."""
+
+
+class DamagedAdapterError(AdapterFileError):
+    """A store entry's files changed or broke after it was added (damage at rest): a file
+    missing, truncated, replaced or not matching the hash recorded at add, or a link that
+    leads nowhere or out of the store. The message names the entry, every problem and the
+    command that fixes it; the other entries of the store are unaffected."""
 
 
 class AdapterConfigError(AdapterFileError):

@@ -11,7 +11,12 @@ import torch
 from loratree import surgery
 from loratree.adapters import AdapterStore, load_adapter, save_adapter
 from loratree.config import LoraConfig, PrefixConfig
-from loratree.errors import AdapterFileError, AdapterNameError, AdapterNotFoundError
+from loratree.errors import (
+    AdapterFileError,
+    AdapterNameError,
+    AdapterNotFoundError,
+    DamagedAdapterError,
+)
 from loratree.models.tiny import tiny_llama
 
 
@@ -64,7 +69,7 @@ def test_an_escaping_symlink_is_refused(tmp_path, lora_dir):
     os.symlink(outside, store.root / "linkdir")            # a directory leading out
     with pytest.raises(AdapterNameError, match="link"):
         store.path_of("planted")
-    with pytest.raises(AdapterNameError, match="outside"):
+    with pytest.raises(DamagedAdapterError, match=r"'fake'.*outside"):  # an entry, refused
         store.path_of("fake")
     with pytest.raises(AdapterNameError, match="linkdir"):
         store.add("linkdir/x", lora_dir)
@@ -112,7 +117,8 @@ def test_replacing_never_exposes_a_partial_adapter(tmp_path, lora_dir, prefix_di
             try:
                 path = store.path_of("x")
                 files = sorted(p.name for p in path.iterdir())
-                if files not in (["adapter_config.json", "adapter_model.safetensors"],):
+                if files != ["adapter_config.json", "adapter_model.safetensors",
+                             "loratree_manifest.json"]:
                     errors.append(files)
                 seen.add(store.info("x").kind)
             except (AdapterNotFoundError, FileNotFoundError) as e:
@@ -165,7 +171,7 @@ def test_a_damaged_entry_is_named_and_breaks_nothing_else(tmp_path, lora_dir, pr
     infos, damaged = store.scan()
     assert [i.name for i in infos] == ["good"]
     assert [d.name for d in damaged] == ["bad"]
-    assert "'eight'" in damaged[0].problem and "bad" in damaged[0].problem
+    assert "'eight'" in damaged[0].problem and "adapter_config.json" in damaged[0].problem
     assert damaged[0].fix.startswith("replace it with `loratree store add bad DIR`")
     assert isinstance(damaged[0], DamagedEntry)
     assert [i.name for i in store.list()] == ["good"]

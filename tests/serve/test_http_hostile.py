@@ -272,10 +272,11 @@ def test_fuzzed_requests_never_get_a_5xx(many, mode):
 
             fuzz()
         assert state.in_flight == 0
-    # operations that take a body get >= 100 distinct cases each; the bodiless GETs (health,
-    # ready, metrics, models) have nothing to vary and run once per mode
+    # operations that take a body (completions, chat, embeddings) get >= 100 distinct cases
+    # each; the bodiless GETs (health, ready, metrics, models) have nothing to vary and run
+    # once per mode
     with_body = {k: n for k, n in checked.items() if k.startswith("POST")}
-    assert len(with_body) == 2 and (mode == GenerationMode.NEGATIVE or len(checked) >= 6), checked
+    assert len(with_body) == 3 and (mode == GenerationMode.NEGATIVE or len(checked) >= 6), checked
     assert all(n >= 100 for n in with_body.values()), checked
     if mode == GenerationMode.POSITIVE:
         assert statuses.get(200, 0) >= 20, statuses  # fuzzed settings did reach the engine

@@ -30,7 +30,7 @@ from loratree.errors import (
 )
 from loratree.surgery import add_prefix, geometry, prefix_bank
 
-__all__ = ["PrefixFile", "load_prefix", "read_prefix", "save_prefix"]
+__all__ = ["PrefixFile", "check_prefix_config", "load_prefix", "read_prefix", "save_prefix"]
 
 PEFT_TYPE = "PREFIX_TUNING"
 KEY = "prompt_embeddings"
@@ -84,25 +84,34 @@ def save_prefix(model: nn.Module, path: str | Path, slot: int = 0, *,
     return write_adapter_dir(path, tensors, raw)
 
 
-def read_prefix(path: str | Path, raw: dict[str, Any]) -> PrefixFile:
-    """Check a prefix adapter directory whose config ``raw`` is already read."""
-    path = Path(path)
+def check_prefix_config(label: str, raw: dict[str, Any]) -> str:
+    """Check a prefix adapter's config ``raw`` (no file is read); its positions mode.
+
+    Raises:
+        AdapterConfigError: naming the field that is missing or wrong.
+    """
     if raw.get("peft_type") != PEFT_TYPE:
-        raise AdapterConfigError(f"{path.name}: peft_type must be {PEFT_TYPE!r}")
+        raise AdapterConfigError(f"{label}: peft_type must be {PEFT_TYPE!r}")
     for field in _INT_FIELDS:
         value = raw.get(field)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise AdapterConfigError(f"{path.name}: {field} must be a positive int, got "
-                                     f"{value!r}")
+            raise AdapterConfigError(f"{label}: {field} must be a positive int, got {value!r}")
     if raw.get("num_transformer_submodules", 1) != 1:
-        raise AdapterConfigError(f"{path.name}: num_transformer_submodules must be 1 (a "
+        raise AdapterConfigError(f"{label}: num_transformer_submodules must be 1 (a "
                                  "decoder-only model)")
     if raw["token_dim"] % raw["num_attention_heads"]:
-        raise AdapterConfigError(f"{path.name}: token_dim {raw['token_dim']} is not a multiple "
+        raise AdapterConfigError(f"{label}: token_dim {raw['token_dim']} is not a multiple "
                                  f"of num_attention_heads {raw['num_attention_heads']}")
     positions = raw.get("loratree_positions", "shift")
     if positions not in ("shift", "keep"):
-        raise AdapterConfigError(f"{path.name}: loratree_positions must be 'shift' or 'keep'")
+        raise AdapterConfigError(f"{label}: loratree_positions must be 'shift' or 'keep'")
+    return positions
+
+
+def read_prefix(path: str | Path, raw: dict[str, Any]) -> PrefixFile:
+    """Check a prefix adapter directory whose config ``raw`` is already read."""
+    path = Path(path)
+    positions = check_prefix_config(path.name, raw)
     if not (path / WEIGHTS_NAME).exists():
         raise AdapterFileError(f"{path.name}: {WEIGHTS_NAME} is missing")
     tensors = read_safetensors(path / WEIGHTS_NAME)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from loratree.errors import CorruptFileError, NonFiniteError
 
-__all__ = ["read_safetensors"]
+__all__ = ["read_header", "read_safetensors"]
 
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -31,7 +31,21 @@ def read_safetensors(path: str | Path, *, require_finite: bool = True) -> dict[s
                                ) from e
 
 
-def _read(path: Path, require_finite: bool) -> dict[str, torch.Tensor]:
+def read_header(path: str | Path) -> dict[str, dict]:
+    """The header of a safetensors file (key -> dtype, shape, data_offsets), checked against
+    the file's size without reading its data: what a cheap check of a stored file needs.
+
+    Raises ``CorruptFileError`` as ``read_safetensors`` does for the header's problems.
+    """
+    path = Path(path)
+    try:
+        return _header(path)
+    except OSError as e:
+        raise CorruptFileError(f"{path.name}: cannot read: {e.strerror or type(e).__name__}"
+                               ) from e
+
+
+def _header(path: Path) -> dict[str, dict]:
     if not path.is_file():
         raise CorruptFileError(f"{path.name}: not a regular file")
     size = path.stat().st_size
@@ -52,6 +66,11 @@ def _read(path: Path, require_finite: bool) -> dict[str, torch.Tensor]:
     if not isinstance(header, dict):
         raise CorruptFileError(f"{path.name}: the safetensors header is not a JSON object")
     _check_offsets(path.name, header, size - 8 - header_len)
+    return header
+
+
+def _read(path: Path, require_finite: bool) -> dict[str, torch.Tensor]:
+    _header(path)
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError

@@ -3,6 +3,7 @@
 Layout under the store root::
 
     .objects/<id>/adapter_config.json, adapter_model.safetensors   one immutable version
+    .objects/<id>/loratree_manifest.json     each file's sha256 and size, written at add
     <name>/@  -> ../.objects/<id>                                   a relative symlink
 
 A name may hold ``/`` (tree paths: ``support/fr/acme``), and every part of it is a plain
@@ -19,6 +20,12 @@ Names are checked before any path is built from them (letters, digits, ``-``, ``
 ``.``, ``/`` between parts; no empty, ``.`` or ``..`` part, no leading dot, at most
 ``MAX_NAME`` characters), and every resolved path must stay inside ``.objects``: a
 symlink planted in the store that leads elsewhere is refused, not followed.
+
+Damage at rest (a file changed, truncated, removed or swapped for a symlink after the add;
+a version directory deleted) is contained to its entry: ``scan`` names it with cheap checks,
+``check`` reports every problem against the hashes recorded at add (``store_check``), a
+load through ``checked_path`` raises ``DamagedAdapterError``, and listing, adding and
+removing other names, and re-adding or removing the damaged one, keep working.
 """
 
 from __future__ import annotations
@@ -37,30 +44,35 @@ from typing import Any
 from torch import nn
 
 from loratree.adapters.files import check_adapter_dir, save_adapter
-from loratree.adapters.node_files import TREE_NAME, check_node, version_record
-from loratree.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_config
+from loratree.adapters.node_files import check_node, version_record
+from loratree.adapters.peft_format import CONFIG_NAME, read_config
 from loratree.adapters.prefix_files import PEFT_TYPE
-from loratree.adapters.routing_files import ROUTING_NAME
+from loratree.adapters.store_check import (
+    FILES,
+    LINK,
+    Problem,
+    ProblemKind,
+    check_link,
+    check_version,
+    write_manifest,
+)
 from loratree.errors import (
     AdapterConfigError,
     AdapterFileError,
     AdapterInUseError,
     AdapterNameError,
     AdapterNotFoundError,
+    DamagedAdapterError,
 )
 from loratree.fsio import atomic_dir, fsync_dir
 
-__all__ = ["MAX_NAME", "AdapterInfo", "AdapterStore", "DamagedEntry", "check_name"]
+__all__ = ["FILES", "MAX_NAME", "AdapterInfo", "AdapterStore", "DamagedEntry", "Problem",
+           "ProblemKind", "check_name"]
 
 log = logging.getLogger(__name__)
 
 MAX_NAME = 200
 OBJECTS = ".objects"
-FILES = (CONFIG_NAME, WEIGHTS_NAME, ROUTING_NAME, TREE_NAME)
-"""What a version holds: the PEFT files, and loratree's routing centroid and tree node
-record when present."""
-LINK = "@"
-"""The link inside a name's directory that points at its current version."""
 GRACE_S = 60.0
 """How long a replaced version stays readable for readers that resolved it before."""
 _PART = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
@@ -113,9 +125,13 @@ class DamagedEntry:
 
     name: str
     problem: str
+    problems: tuple[Problem, ...] = ()
+    """What the cheap checks found (empty when the entry failed to read otherwise)."""
 
     @property
     def fix(self) -> str:
+        if self.problems:
+            return self.problems[0].fix
         return (f"replace it with `loratree store add {self.name} DIR` (a good copy), or "
                 f"delete it with `loratree store remove {self.name}`")
 
@@ -132,23 +148,31 @@ class AdapterStore:
         """The version directory ``name`` points to now.
 
         Raises:
-            AdapterNameError: the name is malformed or resolves outside the store.
+            AdapterNameError: the name is malformed, or a part of its path is a link.
             AdapterNotFoundError: no adapter of that name.
+            DamagedAdapterError: the name's link leads outside the store, or to nothing.
         """
         link = self._link(name)
         if link is None:
             raise AdapterNotFoundError(f"no adapter named {name!r} in {self.root}")
         # the parts on the way are real directories: only the link is followed
-        target = Path(os.path.normpath(os.path.join(os.path.dirname(link), os.readlink(link))))
-        if target.parent != self.objects or os.path.islink(self.objects):
-            raise AdapterNameError(f"adapter {name!r} leads outside the store; refused")
-        try:
-            mode = os.lstat(target).st_mode
-        except FileNotFoundError:
-            mode = 0
-        if not stat.S_ISDIR(mode):
-            raise AdapterNotFoundError(f"adapter {name!r} points at a missing version")
+        target, problems = check_link(name, link, self.objects)
+        if target is None:
+            raise _damaged(name, problems)
         return target
+
+    def checked_path(self, name: str) -> Path:
+        """``path_of``, after checking the version's files against the hashes recorded at
+        add (reads them in full: for a load, which reads them next anyway).
+
+        Raises:
+            DamagedAdapterError: naming every problem found, and the fix.
+        """
+        path = self.path_of(name)
+        problems = [p for p in _checked(name, path, deep=True, parse=False) if p.damaged]
+        if problems:
+            raise _damaged(name, problems)
+        return path
 
     def _link(self, name: str) -> str | None:
         """The link that names ``name``'s version, or None. Never follows a link on the
@@ -171,11 +195,12 @@ class AdapterStore:
         return link if os.path.islink(link) else None
 
     def __contains__(self, name: object) -> bool:
+        """Whether the store has an entry ``name``, readable or damaged (a damaged entry
+        stays until it is replaced or removed)."""
         try:
-            self.path_of(name)  # type: ignore[arg-type]
-        except (AdapterNameError, AdapterNotFoundError):
+            return self._link(name) is not None  # type: ignore[arg-type]
+        except AdapterNameError:
             return False
-        return True
 
     def info(self, name: str) -> AdapterInfo:
         path = self.path_of(name)
@@ -194,14 +219,45 @@ class AdapterStore:
 
     def scan(self) -> tuple[list[AdapterInfo], list[DamagedEntry]]:
         """Every adapter that reads, and every entry that does not (with what is wrong):
-        one damaged entry never hides the others."""
+        one damaged entry never hides the others. Cheap: the checks that read a few
+        hundred bytes per entry, no hashing (``check`` does that)."""
         good, bad = [], []
         for name in self.names():
+            damage = [p for p in self._problems(name, deep=False) if p.damaged]
+            if damage:
+                bad.append(DamagedEntry(name, "; ".join(f"{p.file}: {p.detail}"
+                                                        for p in damage), tuple(damage)))
+                continue
             try:
                 good.append(self.info(name))
             except (AdapterNameError, AdapterNotFoundError, AdapterFileError) as e:
                 bad.append(DamagedEntry(name, str(e)))
         return good, bad
+
+    def check(self, name: str | None = None) -> list[Problem]:
+        """Every problem of ``name`` (or of every entry), cheap checks first, then each
+        file's sha256 against the manifest recorded at add and a full read of the adapter.
+        Warnings (``Problem.damaged`` false) are included.
+
+        Raises:
+            AdapterNotFoundError: ``name`` is given and the store has no such entry.
+        """
+        if name is not None and name not in self:
+            raise AdapterNotFoundError(f"no adapter named {name!r} in {self.root}")
+        names = self.names() if name is None else [name]
+        return [p for n in names for p in self._problems(n, deep=True)]
+
+    def _problems(self, name: str, *, deep: bool) -> list[Problem]:
+        try:
+            link = self._link(name)
+        except AdapterNameError as e:
+            return [Problem(name, LINK, ProblemKind.NAME_INVALID, str(e))]
+        if link is None:
+            return []
+        version, problems = check_link(name, link, self.objects)
+        if version is None:
+            return problems
+        return _checked(name, version, deep=deep, parse=deep)
 
     def list(self) -> list[AdapterInfo]:
         """Every adapter that reads, sorted by name; a damaged entry is logged (with the
@@ -226,6 +282,7 @@ class AdapterStore:
             for f in FILES:
                 if (source / f).is_file():
                     shutil.copyfile(source / f, tmp / f)
+            write_manifest(tmp)
         return self._point(name, version)
 
     def save(self, name: str, model: nn.Module, slot: int = 0, **kw: Any) -> AdapterInfo:
@@ -240,14 +297,15 @@ class AdapterStore:
 
     def remove(self, name: str) -> None:
         """Delete ``name`` (its version directory goes after the grace period). A tree node
-        with children is refused: remove the children first."""
-        self.path_of(name)
+        with children is refused: remove the children first. A damaged entry is removed
+        like any other."""
+        link = self._link(name)
+        if link is None:
+            raise AdapterNotFoundError(f"no adapter named {name!r} in {self.root}")
         kids = self.children(name)
         if kids:
             raise AdapterInUseError(f"{name!r} is the parent of {', '.join(kids)}; remove "
                                     "those first")
-        link = self._link(name)
-        assert link is not None
         os.unlink(link)
         fsync_dir(os.path.dirname(link))
         d = self.root / name
@@ -261,7 +319,8 @@ class AdapterStore:
 
     def children(self, name: str) -> list[str]:
         """The stored nodes whose tree record names ``name`` as their parent (a node's
-        directory holds its children's, so only ``name``'s own subdirectories can)."""
+        directory holds its children's, so only ``name``'s own subdirectories can). A
+        damaged entry there whose record cannot be read counts: it may be a child."""
         d = self.root / name
         if not d.is_dir() or d.is_symlink():
             return []
@@ -270,7 +329,11 @@ class AdapterStore:
             child = f"{name}/{sub.name}"
             if sub.name.startswith(".") or not sub.is_dir() or child not in self:
                 continue
-            record = version_record(self.path_of(child))
+            try:
+                record = version_record(self.path_of(child))
+            except (AdapterFileError, ValueError):
+                kids.append(f"{child} (damaged)")
+                continue
             if record is not None and record.parent == name:
                 kids.append(child)
         return kids
@@ -307,10 +370,26 @@ class AdapterStore:
         for version in self.objects.iterdir():
             if version.name in live or version.name.startswith("."):  # being written
                 continue
-            if now - version.stat().st_mtime >= grace:
+            if now - version.lstat().st_mtime >= grace:
                 shutil.rmtree(version, ignore_errors=True)
                 removed += 1
         return removed
+
+
+def _checked(name: str, version: Path, *, deep: bool, parse: bool) -> list[Problem]:
+    """``check_version``; a version that cannot be read at all (no permission, or changed
+    while it was read) is one problem, not an error that stops a listing."""
+    try:
+        return check_version(name, version, hashes=deep, parse=parse)
+    except OSError as e:
+        return [Problem(name, ".", ProblemKind.UNREADABLE,
+                        f"cannot read its version: {e.strerror or type(e).__name__}")]
+
+
+def _damaged(name: str, problems: list[Problem]) -> DamagedAdapterError:
+    what = "; ".join(f"{p.file}: {p.detail}" for p in problems)
+    return DamagedAdapterError(f"adapter {name!r} is damaged in the store ({what}); fix: "
+                               f"{problems[0].fix}")
 
 
 def _info(name: str, path: Path, raw: dict[str, Any]) -> AdapterInfo:

@@ -1,4 +1,4 @@
-"""``loratree store``: put adapters into a store, list, inspect and remove them.
+"""``loratree store``: put adapters into a store, list, inspect, check and remove them.
 
 A store is what ``generate``, ``chat`` and ``serve`` read (``--store DIR``): named
 adapters, each an immutable version behind an atomically swapped link.
@@ -15,7 +15,8 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("store", help="add, list, show and remove the adapters of a store")
+    p = sub.add_parser("store", help="add, list, show, check and remove the adapters of a "
+                                     "store")
     p.add_argument("--store", default="adapters", help="store directory (default: ./adapters)")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = actions.add_parser("add", help="copy a PEFT adapter directory in as NAME "
@@ -25,6 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     actions.add_parser("list", help="every adapter with its kind, rank, size and base")
     show = actions.add_parser("show", help="one adapter's metadata as JSON")
     show.add_argument("name")
+    check = actions.add_parser("check", help="verify files against the hashes recorded at "
+                                             "add; print every problem with its fix (exit 1 "
+                                             "if any entry is damaged)")
+    check.add_argument("name", nargs="?", help="one adapter (default: every entry)")
+    check.add_argument("--json", action="store_true", help="the problems as a JSON list")
     remove = actions.add_parser("remove", help="delete an adapter (readers of its current "
                                                "version keep it for a grace period)")
     remove.add_argument("name")
@@ -47,7 +53,29 @@ def run(args: argparse.Namespace) -> int:
               + (f"; {len(damaged)} damaged" if damaged else ""))
     elif args.action == "show":
         print(json.dumps(store.info(args.name).to_dict(), indent=2))
+    elif args.action == "check":
+        return _check(store, args.name, as_json=args.json)
     else:
         store.remove(args.name)
         print(f"removed {args.name}")
     return 0
+
+
+def _check(store: AdapterStore, name: str | None, *, as_json: bool) -> int:
+    """Print every problem (one line each, then its fix); 1 if any is damage, else 0."""
+    problems = store.check(name)
+    damaged = sorted({p.name for p in problems if p.damaged})
+    if as_json:
+        print(json.dumps([p.to_dict() for p in problems], indent=2))
+        return 1 if damaged else 0
+    for i, p in enumerate(problems):
+        print(f"{'DAMAGED' if p.damaged else 'warning'} {p}")
+        after = problems[i + 1] if i + 1 < len(problems) else None
+        if after is None or (after.name, after.fix) != (p.name, p.fix):
+            print(f"    fix: {p.fix}")
+    checked = 1 if name is not None else len(store.names())
+    print(f"checked {checked} adapter(s) in {store.root}: "
+          + (f"{len(damaged)} damaged ({', '.join(damaged)})" if damaged else "no damage")
+          + (f", {sum(not p.damaged for p in problems)} warning(s)"
+             if any(not p.damaged for p in problems) else ""))
+    return 1 if damaged else 0

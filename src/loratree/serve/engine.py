@@ -28,6 +28,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 from torch import nn
@@ -35,12 +36,22 @@ from torch import nn
 from loratree.models.attention import check_attention, sliding_window
 from loratree.serve.constrain import Grammars
 from loratree.serve.cpu import CpuTuner, CpuTuning
+from loratree.serve.embeddings import (
+    EmbeddingInput,
+    EmbeddingJob,
+    EmbeddingQueue,
+    Embeddings,
+    check_adapter,
+    embedding_ids,
+    model_limits,
+    run_jobs,
+)
 from loratree.serve.packed import supports_packing
 from loratree.serve.requests import AUTO, Completion, Handle, Request, prompt_ids
 from loratree.serve.router import Router
 from loratree.serve.runner import Runner
 from loratree.serve.scheduler import Admitted, Batching, Policy, Scheduler, StepMode, StepPlan
-from loratree.serve.slot_table import SlotTable
+from loratree.serve.slot_table import BASE, SlotTable
 
 __all__ = ["Engine"]
 
@@ -90,6 +101,8 @@ class Engine:
         self.grammars = Grammars(tokenizer, int(model.config.vocab_size), self.scheduler.eos)
         """Structured outputs: the grammars of requests with a ``constraint``."""
         self.runner = Runner(model, table, self.packs, self.grammars)
+        self.embeddings = EmbeddingQueue()
+        """Embedding jobs waiting for the loop (``serve.embeddings``)."""
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -152,6 +165,23 @@ class Engine:
                 self.step()
         return handle.result()
 
+    def embed(self, inputs: EmbeddingInput, adapter: str = BASE) -> Future[Embeddings]:
+        """Queue the embeddings of ``inputs`` (a text, texts, token ids, or token-id lists)
+        through ``adapter`` (a store name, a tree path, or ``__base__``); the loop computes
+        them between decode steps, batched with other jobs (``serve.embeddings``); runs
+        the loop here until they are done if no thread runs it. Bad inputs raise
+        ``EmbeddingInputError`` at once; an unknown adapter fails the future
+        (``AdapterNotFoundError``)."""
+        check_adapter(adapter)
+        ids = embedding_ids(self.tokenizer, inputs, *model_limits(self.model))
+        future: Future[Embeddings] = Future()
+        self.embeddings.put(EmbeddingJob(tuple(map(tuple, ids)), adapter, future))
+        self._wake.set()
+        if self._thread is None:
+            while not future.done():
+                self.step()
+        return future
+
     # -- the loop --------------------------------------------------------------------------
     def start(self) -> Engine:
         """Run the loop on a daemon thread until ``close``; with CPU tuning, returns once
@@ -173,10 +203,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.embeddings.fail_all(RuntimeError("the engine was closed"))
         self.cpu.close()
 
     def busy(self) -> bool:
-        return self.scheduler.busy()
+        return self.scheduler.busy() or self.embeddings.pending()
 
     def load(self) -> tuple[int, int]:
         """(requests waiting to be admitted, requests running)."""
@@ -214,7 +245,10 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit, decode one token for every running row, retire finished rows."""
+        """Embed the queued inputs, admit, decode one token for every running row, retire
+        finished rows."""
+        if self.embeddings.pending():
+            self._embed()
         self._prefill_or_reject(self.scheduler.admit(self.runner.prefill_s))
         self._retire()
         orphans = self.scheduler.orphans()  # the batch they were to join has ended
@@ -224,6 +258,19 @@ class Engine:
         if self.scheduler.rows:
             self._decode()
             self._retire()
+
+    def _embed(self) -> None:
+        """Run the queued embedding jobs (up to ``STEP_ROWS`` inputs) in shared forwards;
+        those whose adapter found no free slot go back to the queue. A failed forward
+        fails its jobs only, never the running requests."""
+        jobs = self.embeddings.take()
+        waiting, error = run_jobs(self.model, self.table, jobs,
+                                  can_wait=bool(self.scheduler.rows))
+        if error is not None:
+            self.scheduler.health.failed(error)
+        elif len(waiting) < len(jobs):
+            self.scheduler.health.ok()
+        self.embeddings.put_back(waiting)
 
     def _resolve(self, req: Request) -> tuple[list[int], str]:
         """A request's prompt ids and adapter (``auto``: the router's choice)."""

@@ -7,9 +7,10 @@ engine's ``Completion`` (or its stream of text) into OpenAI's JSON or server-sen
 
 Status codes: 400 bad parameter (named in ``error.param``), 401 missing or wrong API key,
 404 unknown adapter or route, 413 body over the limit, 422 an adapter that cannot be used
-(malformed file, rank above the slots', non-finite output), 429 queue full (with
-``Retry-After``), 503 draining, 504 past the request deadline, 500 anything else. Error
-messages never carry a stack trace or a filesystem path.
+(malformed file, rank above the slots', non-finite output; code ``adapter_damaged``: its
+files in the store changed after it was added, and the message names the entry and the
+fix), 429 queue full (with ``Retry-After``), 503 draining, 504 past the request deadline,
+500 anything else. Error messages never carry a stack trace or a filesystem path.
 """
 
 from __future__ import annotations
@@ -38,21 +39,25 @@ from loratree.errors import (
     AdapterNameError,
     AdapterNotFoundError,
     CacheFullError,
+    DamagedAdapterError,
     NonFiniteError,
     RankTooLargeError,
     ResponseFormatError,
     TargetError,
 )
 from loratree.models.chat import Message, encode_prompt
+from loratree.serve.embeddings import EmbeddingInputError
 from loratree.serve.engine import Engine
 from loratree.serve.metrics import CONTENT_TYPE, Metrics
 from loratree.serve.middleware import ApiKey, BodyLimit, CountRequests
 from loratree.serve.openai_api import (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
     Unsupported,
     chunk_body,
     completion_body,
+    embedding_body,
     error_body,
     new_id,
 )
@@ -67,7 +72,7 @@ logger = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/ready")
 """Routes that need no API key."""
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready",
-           "/metrics")
+           "/metrics", "/v1/embeddings")
 _PATH = re.compile(r"(?<![\w.])/(?:[\w.\-]+/)*[\w.\-]+")
 
 
@@ -152,6 +157,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     app.state.loratree = state
     _errors(app, state)
     _routes(app, state)
+    _embedding_routes(app, state)
     if state.config.admin:
         _admin_routes(app, state)
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
@@ -229,6 +235,32 @@ def _admin_routes(app: FastAPI, state: ServerState) -> None:
         was_cached = adapter in cache
         cache.evict(adapter)
         return {"unloaded": adapter, "was_active": was_active, "was_cached": was_cached}
+
+
+def _embedding_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> JSONResponse:
+        body.check_supported()
+        adapter = _adapter(state, body.model)
+        if adapter == AUTO:
+            raise ApiError(400, f"embeddings need a named model, not {AUTO!r}", param="model",
+                           code="invalid_model")
+        state.admit()
+        try:
+            future = state.engine.embed(body.input, adapter)
+            done = await asyncio.wait_for(asyncio.wrap_future(future),
+                                          state.config.request_timeout_s)
+        except EmbeddingInputError as e:
+            raise ApiError(400, state.clean(str(e)), param="input", code=e.code) from None
+        except TimeoutError:
+            raise ApiError(504, f"no answer within {state.config.request_timeout_s:g} s",
+                           "timeout_error", code="deadline_exceeded") from None
+        finally:
+            state.leave()
+        state.metrics.adapter_requests.labels(body.model).inc()
+        state.metrics.tokens.labels("prompt").inc(done.prompt_tokens)
+        return JSONResponse(embedding_body(done.vectors.numpy(), body.model,
+                                           done.prompt_tokens, body.encoding_format))
 
 
 # -- one generation -------------------------------------------------------------------------
@@ -420,6 +452,8 @@ def _error_of(state: ServerState, done: Completion) -> ApiError:
         return ApiError(404, message, param="model", code="model_not_found")
     if isinstance(e, AdapterNameError):
         return ApiError(400, message, param="model", code="invalid_model")
+    if isinstance(e, DamagedAdapterError):
+        return ApiError(422, message, param="model", code="adapter_damaged")
     if isinstance(e, AdapterFileError | RankTooLargeError | TargetError | CacheFullError
                   | NonFiniteError):
         return ApiError(422, message, param="model", code="adapter_unusable")

@@ -10,10 +10,12 @@ implement (``n`` > 1, ``logprobs``, ``echo``, non-zero penalties, tools) is refu
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from loratree.serve.response_format import ResponseFormat
@@ -22,10 +24,12 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "EmbeddingRequest",
     "TextPart",
     "Unsupported",
     "chunk_body",
     "completion_body",
+    "embedding_body",
     "error_body",
     "new_id",
 ]
@@ -209,3 +213,45 @@ def chunk_body(*, chat: bool, rid: str, model: str, text: str | None, finish: st
     if usage is not None:
         body["usage"] = _usage(*usage)
     return body
+
+
+MAX_EMBEDDING_INPUTS = 2048
+
+
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings``. ``dimensions`` is refused (the vectors have the model's
+    hidden size); emptiness, token ids and lengths are checked against the model by the
+    engine (``serve.embeddings``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(min_length=1, max_length=512)]
+    input: (Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+            | Annotated[list[Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]],
+                        Field(max_length=32_768)]
+            | Annotated[list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]],
+                        Field(max_length=MAX_EMBEDDING_INPUTS)]
+            | Annotated[list[Annotated[list[Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]],
+                                       Field(max_length=32_768)]],
+                        Field(max_length=MAX_EMBEDDING_INPUTS)])
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+
+    def check_supported(self) -> None:
+        if self.dimensions is not None:
+            raise Unsupported("dimensions", "dimensions is not supported: an embedding has "
+                              "the model's hidden size; leave dimensions out")
+
+
+def embedding_body(vectors: np.ndarray, model: str, prompt_tokens: int,
+                   encoding_format: Literal["float", "base64"]) -> dict:
+    """OpenAI's embeddings response for ``vectors`` (inputs, hidden); base64 is the
+    little-endian float32 bytes of each vector."""
+    rows = np.asarray(vectors, dtype="<f4")
+    data = [{"object": "embedding", "index": i,
+             "embedding": (base64.b64encode(row.tobytes()).decode("ascii")
+                           if encoding_format == "base64" else row.tolist())}
+            for i, row in enumerate(rows)]
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

@@ -1,7 +1,7 @@
 """Model surgery: find targets, inject LoRA layers, freeze, grow, merge, switch, unload."""
 
 from loratree.surgery.copies import copy_layers, saved_modules, wrap_copy
-from loratree.surgery.features import prompt_features
+from loratree.surgery.features import pooled_features, prompt_features
 from loratree.surgery.grow import GrowReport, grow_slot
 from loratree.surgery.inject import (
     InjectionReport,
@@ -64,6 +64,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "nf4_layers",
+    "pooled_features",
     "prefix_bank",
     "prompt_features",
     "quantize",

@@ -224,7 +224,7 @@ class AdapterCache:
 
 
     def _load(self, name: str, version: str) -> LoadedAdapter:
-        path = self.store.path_of(name)
+        path = self.store.checked_path(name)  # damage at rest: DamagedAdapterError
         record = version_record(path)
         if record is None:
             return _read(name, path, version)
