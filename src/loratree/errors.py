@@ -22,6 +22,7 @@ __all__ = [
     "NonFiniteError",
     "QuantizedBaseError",
     "RankTooLargeError",
+    "ResponseFormatError",
     "ShapeMismatchError",
     "TargetError",
     "TreeError",
@@ -126,3 +127,8 @@ class UnsupportedModelError(ValueError):
 
 class EmptyRowError(ValueError):
     """A training row encodes to nothing a model can learn; the message names the row."""
+
+
+class ResponseFormatError(ValueError):
+    """A structured-output format cannot be enforced: its schema is not a JSON schema, or
+    uses a feature the grammar engine refuses (the message names which)."""

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from loratree.models.attention import check_attention, sliding_window
+from loratree.serve.constrain import Grammars
 from loratree.serve.cpu import CpuTuner, CpuTuning
 from loratree.serve.embeddings import (
     EmbeddingInput,
@@ -97,7 +98,9 @@ class Engine:
                         merge_min_tokens=merge_min_tokens)
         self.scheduler = Scheduler(table, tokenizer, self._resolve, policy,
                                    windowed=self.windowed)
-        self.runner = Runner(model, table, self.packs)
+        self.grammars = Grammars(tokenizer, int(model.config.vocab_size), self.scheduler.eos)
+        """Structured outputs: the grammars of requests with a ``constraint``."""
+        self.runner = Runner(model, table, self.packs, self.grammars)
         self.embeddings = EmbeddingQueue()
         """Embedding jobs waiting for the loop (``serve.embeddings``)."""
         self._ids = itertools.count()
@@ -145,7 +148,10 @@ class Engine:
     def submit(self, request: Request,
                on_event: Callable[[], None] | None = None) -> Handle:
         """Queue ``request``; ``on_event`` (if given) is called from the engine's thread
-        whenever the handle has new text or has ended."""
+        whenever the handle has new text or has ended. A ``constraint`` whose schema cannot
+        be enforced is a ``ResponseFormatError`` here (compiled once, then cached)."""
+        if request.constraint is not None:
+            self.grammars.compile(request.constraint)
         handle = Handle(next(self._ids), request, on_event)
         self.scheduler.submit(handle)
         self._wake.set()

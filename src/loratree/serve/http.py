@@ -42,6 +42,7 @@ from loratree.errors import (
     DamagedAdapterError,
     NonFiniteError,
     RankTooLargeError,
+    ResponseFormatError,
     TargetError,
 )
 from loratree.models.chat import Message, encode_prompt
@@ -61,6 +62,7 @@ from loratree.serve.openai_api import (
     new_id,
 )
 from loratree.serve.requests import AUTO, Completion, FinishReason, Handle, Request
+from loratree.serve.response_format import to_constraint
 from loratree.serve.slot_table import BASE
 
 __all__ = ["ServerConfig", "ServerState", "create_app"]
@@ -300,9 +302,20 @@ async def _generate(state: ServerState, http: HttpRequest, body: Any, ids: list[
         raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) "
                        f"exceeds the model's context of {state.context} tokens",
                        param="max_tokens", code="context_length_exceeded")
+    constraint = to_constraint(body.response_format)
+    if constraint is not None and body.ignore_eos:
+        raise ApiError(400, "ignore_eos cannot be combined with a JSON response_format (the "
+                       "response ends when its JSON is complete)", param="ignore_eos")
     request = Request(ids, adapter=adapter, max_new_tokens=max_tokens,
                       temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                      seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos)
+                      seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos,
+                      constraint=constraint)
+    if request.constraint is not None:  # compiled off the event loop (then cached)
+        try:
+            await asyncio.to_thread(state.engine.grammars.compile, request.constraint)
+        except ResponseFormatError as e:
+            raise ApiError(400, state.clean(str(e)), param="response_format",
+                           code="invalid_response_format") from None
     state.admit()
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()

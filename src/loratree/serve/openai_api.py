@@ -5,6 +5,7 @@ in [0, 2], ``top_p`` in (0, 1], at most 4 stop strings), plus two extensions eve
 open-source server has: ``top_k`` and ``ignore_eos``. A parameter loratree does not
 implement (``n`` > 1, ``logprobs``, ``echo``, non-zero penalties, tools) is refused with a
 400 that names it rather than silently ignored; unknown fields are refused the same way.
+``response_format`` (structured outputs) is read in ``serve.response_format``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from loratree.serve.response_format import ResponseFormat
 
 __all__ = [
     "ChatCompletionRequest",
@@ -66,6 +69,8 @@ class _Sampling(BaseModel):
     user: Annotated[str, Field(max_length=256)] | None = None
     ignore_eos: bool = False
     """Generate exactly ``max_tokens`` tokens (extension, as vLLM's)."""
+    response_format: ResponseFormat | None = None
+    """Structured output (``serve.response_format``); on completions too, as vLLM's."""
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -141,6 +146,15 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise Unsupported("tools", "tools (function calling) are not supported; for "
+                              "structured output use response_format json_schema")
 
     @model_validator(mode="after")
     def _last_turn(self) -> ChatCompletionRequest:

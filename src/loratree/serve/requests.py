@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from loratree.serve.constrain import JsonFormat
 from loratree.serve.slot_table import BASE
 
 __all__ = ["AUTO", "Completion", "FinishReason", "Handle", "Request", "prompt_ids"]
@@ -38,6 +39,9 @@ class Request:
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token, up to ``max_new_tokens`` (as vLLM's
     option of that name; for benchmarks and fixed-length outputs)."""
+    constraint: JsonFormat | None = None
+    """Structured output: the tokens are constrained to JSON (any object, or valid against
+    a schema; ``serve.constrain``), and the request ends when the JSON is complete."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -49,6 +53,11 @@ class Request:
             problems.append(f"top_k must be an int >= 0, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.constraint is not None and not isinstance(self.constraint, JsonFormat):
+            problems.append(f"constraint must be a JsonFormat, got {self.constraint!r}")
+        if self.constraint is not None and self.ignore_eos:
+            problems.append("ignore_eos cannot be combined with a constraint (a constrained "
+                            "request ends when its JSON is complete)")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if problems:

@@ -14,6 +14,7 @@ import torch
 
 from loratree.errors import NonFiniteError
 from loratree.ops.sampling import sample
+from loratree.serve.constrain import Constraint
 from loratree.serve.requests import FinishReason, Handle
 
 __all__ = ["Row", "finite_rows"]
@@ -32,14 +33,17 @@ class Row:
     text: str = ""
     first_token_s: float = 0.0
     error: BaseException | None = None
+    constraint: Constraint | None = None
+    """The grammar state of a request with a ``constraint`` (``serve.constrain``)."""
 
     @classmethod
     def start(cls, handle: Handle, adapter: str, slot: int, prompt_len: int,
-              next_pos: int) -> Row:
+              next_pos: int, constraint: Constraint | None = None) -> Row:
         """The row of a request whose prompt was just prefilled."""
         seed = handle.request.seed
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        return cls(handle, adapter, slot, prompt_len, next_pos, generator)
+        return cls(handle, adapter, slot, prompt_len, next_pos, generator,
+                   constraint=constraint)
 
     def take(self, logits: torch.Tensor, finite: bool) -> None:
         """Sample the next token from ``logits`` (V,), or record why not (the row then
@@ -51,6 +55,8 @@ class Row:
                 f"{len(self.tokens)}")
             return
         try:
+            if self.constraint is not None:  # only the tokens its grammar allows
+                logits = self.constraint.mask(logits)
             token = sample(logits, req.temperature, req.top_k, req.top_p, self.generator)
         except (RuntimeError, ValueError) as e:  # this request's settings: it fails alone
             self.error = ValueError(f"sampling failed: {e}")
@@ -58,6 +64,11 @@ class Row:
         if not self.tokens:
             self.first_token_s = time.perf_counter() - self.handle.submitted
         self.tokens.append(token)
+        if self.constraint is not None:
+            try:
+                self.constraint.advance(token)
+            except RuntimeError as e:
+                self.error = e
 
     def status(self, tokenizer: object, eos: set[int]) -> tuple[FinishReason | None, str]:
         """(finish reason or None, the text so far); streams the new text."""
@@ -66,6 +77,8 @@ class Row:
             return FinishReason.ERROR, self.text
         ended_by_eos = bool(self.tokens) and self.tokens[-1] in eos and not req.ignore_eos
         tokens = self.tokens[:-1] if ended_by_eos else self.tokens
+        # a constrained row also ends when its JSON is complete, as at the end of sequence
+        ended_by_eos |= self.constraint is not None and self.constraint.finished
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         for s in req.stop:
             cut = text.find(s)

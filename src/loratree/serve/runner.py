@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from loratree.models.attention import layer_windows
 from loratree.models.compat import cache_kwargs, forward_takes, output_cache
+from loratree.serve.constrain import Grammars
 from loratree.serve.kv import BatchKV
 from loratree.serve.packed import pack
 from loratree.serve.requests import Handle
@@ -69,8 +70,11 @@ class PackedOutput:
 class Runner:
     """Runs the model for the engine: a batch cache and the forwards that grow it."""
 
-    def __init__(self, model: nn.Module, table: SlotTable, packs: bool) -> None:
+    def __init__(self, model: nn.Module, table: SlotTable, packs: bool,
+                 grammars: Grammars | None = None) -> None:
         self.model, self.table = model, table
+        self.grammars = grammars
+        """Where a request with a ``constraint`` gets its row's matcher."""
         self.device = next(model.parameters()).device
         self.mask_dtype = (None if getattr(model.config, "_attn_implementation", "") == "sdpa"
                            else next(model.parameters()).dtype) if packs else None
@@ -129,7 +133,7 @@ class Runner:
         finite = finite_rows(last)
         rows = []
         for i, a in enumerate(group):
-            row = Row.start(a.handle, a.adapter, a.slot, len(a.ids), int(starts[i]) + len(a.ids))
+            row = self._start(a, int(starts[i]) + len(a.ids))
             self._take(row, last[i], finite[i])
             rows.append(row)
         return Prefilled(rows, kv)
@@ -184,12 +188,21 @@ class Runner:
         finite = self._advance(rows, out.logits)
         joined_rows = []
         for j, a in enumerate(joining, start=len(rows)):
-            row = Row.start(a.handle, a.adapter, a.slot, len(a.ids), len(a.ids))
+            row = self._start(a, len(a.ids))
             self._take(row, out.logits[j], finite[j])
             joined_rows.append(row)
         return joined_rows
 
     # -- sampling --------------------------------------------------------------------------
+    def _start(self, a: Admitted, next_pos: int) -> Row:
+        """The row of a prefilled request, with its grammar's matcher if it has a format."""
+        fmt = a.handle.request.constraint
+        if fmt is None:
+            return Row.start(a.handle, a.adapter, a.slot, len(a.ids), next_pos)
+        assert self.grammars is not None, "a constrained request needs the engine's grammars"
+        return Row.start(a.handle, a.adapter, a.slot, len(a.ids), next_pos,
+                         self.grammars.start(fmt))
+
     def _advance(self, rows: list[Row], last: torch.Tensor) -> list[bool]:
         """Each running row moves one position on and takes its next token from its row of
         ``last`` (logits, rows first, then any joiners'); the finite flag of every row of
