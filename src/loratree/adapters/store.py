@@ -36,6 +36,7 @@ from typing import Any
 
 from torch import nn
 
+from loratree.adapters.card_files import CARD_NAME, check_card
 from loratree.adapters.files import check_adapter_dir, save_adapter
 from loratree.adapters.node_files import TREE_NAME, check_node, version_record
 from loratree.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_config
@@ -56,9 +57,9 @@ log = logging.getLogger(__name__)
 
 MAX_NAME = 200
 OBJECTS = ".objects"
-FILES = (CONFIG_NAME, WEIGHTS_NAME, ROUTING_NAME, TREE_NAME)
-"""What a version holds: the PEFT files, and loratree's routing centroid and tree node
-record when present."""
+FILES = (CONFIG_NAME, WEIGHTS_NAME, ROUTING_NAME, TREE_NAME, CARD_NAME)
+"""What a version holds: the PEFT files, and loratree's routing centroid, tree node
+record and chat-app card when present."""
 LINK = "@"
 """The link inside a name's directory that points at its current version."""
 GRACE_S = 60.0
@@ -221,6 +222,7 @@ class AdapterStore:
         check_name(name)
         source = Path(source)
         check_node(name, source, check_adapter_dir(source))
+        check_card(source, name)
         version = self.objects / uuid.uuid4().hex
         with atomic_dir(version) as tmp:
             for f in FILES:
