@@ -76,7 +76,7 @@ def browser():
 @pytest.fixture
 def page(browser, server, tmp_path, request):
     """A fresh page on the app (temperature 0, 12 tokens); fails on console errors."""
-    url, state, throttle = server
+    url, _state, throttle = server
     p = Page(browser, url, tmp_path, viewport={"width": 1100, "height": 760})
     throttle.delay = 0.0
     yield p

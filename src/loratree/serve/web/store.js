@@ -26,8 +26,9 @@ export class Store {
     const kids = new Map();
     // the base model is the trunk: every root adapter hangs from it
     const trunk = characters.find((c) => c.kind === "base");
-    for (const c of characters) {
-      const key = c.kind === "base" ? "" : (c.parent || trunk.model);
+    const known = new Set(characters.map((c) => c.model));
+    for (const c of characters) {  // a node whose parent is damaged hangs from the trunk
+      const key = c.kind === "base" ? "" : (known.has(c.parent) ? c.parent : trunk.model);
       if (!kids.has(key)) kids.set(key, []);
       kids.get(key).push(c);
     }
