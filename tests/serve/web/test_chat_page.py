@@ -128,7 +128,7 @@ def test_stop_ends_a_reply_mid_stream_and_frees_its_row(page, server):
     page.screenshot("stopped")
 
 
-def test_errors_show_as_messages(page, server, store, request):
+def test_errors_show_as_messages(page, server, store, direct, request):
     _, state, _ = server
     request.node.allowed_network = ("404", "429", "503")
     p = page.page
@@ -140,6 +140,7 @@ def test_errors_show_as_messages(page, server, store, request):
     assert reply.get_attribute("data-state") == "error"
     assert "Unknown adapter" in reply.locator(".error-text").inner_text()
     assert "ghost" in reply.locator(".error-text").inner_text()
+    p.locator('#characters [data-model="ghost"]').wait_for(state="detached")  # reloaded
 
     p.click('#characters [data-model="pirate"]')
     config = state.config
@@ -153,7 +154,10 @@ def test_errors_show_as_messages(page, server, store, request):
         assert "shutting down" in draining.locator(".error-text").inner_text()
     finally:
         state.config, state.draining = config, False
-    assert send(p, "w8").get_attribute("data-state") == "done"  # and the page goes on
+    last = send(p, "w8")  # the page goes on, and the unanswered turns were left out
+    assert last.get_attribute("data-state") == "done"
+    assert last.locator(".bubble").inner_text() == direct("pirate", [("user", "w8")])
+    assert p.locator("#messages article.user.unsent").count() == 3
     page.screenshot("errors")
 
 

@@ -52,9 +52,11 @@ export class Chat {
     this.input.value = "";
     document.getElementById("empty-chat")?.remove();
     this.turns.push({ role: "user", content: text });
-    this.box.append(el("article", { class: "msg user", "data-role": "user" },
-                       el("div", { class: "bubble", text })));
+    const asked = el("article", { class: "msg user", "data-role": "user" },
+                     el("div", { class: "bubble", text }));
+    this.box.append(asked);
     const view = this.bubble(character);
+    view.asked = asked;
     follow(this.box, true);
     await this.reply(character, view);
   }
@@ -94,8 +96,12 @@ export class Chat {
         view.node.classList.add("error");
         view.body.textContent = text;
         view.body.append(el("p", { class: "error-text", role: "alert", text: e.message }));
-        this.finish(view, "error", e.status ? `error ${e.status}` : "error");
+        this.finish(view, "error", (e.status ? `error ${e.status}` : "error") +
+          " · your message was not sent");
+        this.turns.pop();  // a turn nobody answered leaves the conversation
+        view.asked.classList.add("unsent");
         if (e.status === 401) this.app.askKey();
+        if (e.code === "model_not_found") this.app.load();  // the store changed
       }
     } finally {
       this.controller = null;
