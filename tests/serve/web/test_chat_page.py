@@ -234,3 +234,31 @@ def test_hostile_card_text_is_shown_as_text(page, store, tmp_path):
         assert p.locator("#characters img, #characters script").count() == 0
     finally:
         store.remove("x-s-s")
+
+
+def test_store_view_shows_the_tree_and_the_live_state(page, store, tmp_path):
+    from loratree.adapters import save_adapter
+    from loratree.adapters.node_files import write_record
+    from loratree.tree import nodes
+
+    store.save("mentor", lora_adapter(20), 0)
+    d = save_adapter(lora_adapter(21), tmp_path / "strict")
+    write_record(d, nodes.record_for(store, "mentor", metrics={"eval_loss": 0.5}))
+    store.add("mentor/strict", d)
+    try:
+        p = page.page
+        page.open()
+        p.click("#tab-store")
+        child = p.locator('#tree li[data-model="mentor"] li[data-model="mentor/strict"]')
+        assert "path rank 4" in child.inner_text() and "eval_loss 0.500" in child.inner_text()
+        assert child.locator(".badge.stale").count() == 0
+        p.wait_for_selector("#live dt")
+        assert "Requests in flight" in p.inner_text("#live")
+        store.save("mentor", lora_adapter(22), 0)  # the parent changes: the child is stale
+        page.open()
+        p.click("#tab-store")
+        child.locator(".badge.stale").wait_for(timeout=5_000)
+        page.screenshot("store")
+    finally:
+        store.remove("mentor/strict")
+        store.remove("mentor")
