@@ -12,9 +12,24 @@ OLDEST_TRANSFORMERS := 5.1.0
 OLDEST_PEFT := 0.21.2
 OLDEST_STAMP := $(OLDEST_VENV)/.installed
 
-.PHONY: setup test test-all test-oldest lint demo bench clean
+.PHONY: setup browser test test-all test-oldest lint demo bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The chat app's browser tests drive Debian's Chromium through Playwright (never a browser
+# download). Installed here when missing; where apt cannot (no apt, not root, offline)
+# setup goes on and those tests fail saying what to install.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's chromium for the chat app's browser tests"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+	      echo "warning: could not install chromium; the browser tests will fail"; \
+	  else \
+	    echo "warning: no chromium (install Debian's chromium, or set LORATREE_CHROMIUM);" \
+	         "the browser tests will fail"; \
+	  fi; }
 
 # torch first, pinned, so the CPU build on this machine's disk satisfies the package's
 # range; then the embedded model without its (unneeded) dependencies; then us.

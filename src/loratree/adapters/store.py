@@ -43,6 +43,7 @@ from typing import Any
 
 from torch import nn
 
+from loratree.adapters.card_files import check_card
 from loratree.adapters.files import check_adapter_dir, save_adapter
 from loratree.adapters.node_files import check_node, version_record
 from loratree.adapters.peft_format import CONFIG_NAME, read_config
@@ -277,6 +278,7 @@ class AdapterStore:
         check_name(name)
         source = Path(source)
         check_node(name, source, check_adapter_dir(source))
+        check_card(source, name)
         version = self.objects / uuid.uuid4().hex
         with atomic_dir(version) as tmp:
             for f in FILES:

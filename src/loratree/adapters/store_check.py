@@ -31,6 +31,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from loratree.adapters.card_files import CARD_NAME
 from loratree.adapters.files import check_adapter_dir
 from loratree.adapters.node_files import TREE_NAME, read_record
 from loratree.adapters.peft_format import (
@@ -52,9 +53,9 @@ __all__ = ["FILES", "MANIFEST_NAME", "Problem", "ProblemKind", "check_link", "ch
            "write_manifest"]
 
 MANIFEST_NAME = "loratree_manifest.json"
-FILES = (CONFIG_NAME, WEIGHTS_NAME, ROUTING_NAME, TREE_NAME)
+FILES = (CONFIG_NAME, WEIGHTS_NAME, ROUTING_NAME, TREE_NAME, CARD_NAME)
 """What a version holds besides its manifest: the PEFT files, and loratree's routing
-centroid and tree node record when present."""
+centroid, tree node record and chat-app card when present."""
 REQUIRED = (CONFIG_NAME, WEIGHTS_NAME)
 LINK = "@"
 _CHUNK = 1 << 20

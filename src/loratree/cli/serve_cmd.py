@@ -32,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="largest request body in KiB; more gets 413 (default 1024)")
     p.add_argument("--admin", action="store_true",
                    help="enable POST /admin/adapters/NAME/load and .../unload")
+    p.add_argument("--no-web", dest="web", action="store_false",
+                   help="do not serve the chat app at / (the API only)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(run=run)
 
@@ -42,10 +44,13 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(base_name=name, api_key=os.environ.get(args.api_key_env) or None,
                           max_body_bytes=args.max_body_kb * 1024,
                           max_in_flight=args.max_in_flight,
-                          request_timeout_s=args.request_timeout, admin=args.admin)
+                          request_timeout_s=args.request_timeout, admin=args.admin,
+                          web=args.web)
     app = create_app(engine, config)
     print(f"serving {name} and the adapters in {args.store} on http://{args.host}:{args.port}"
           f"/v1 (auth: {'API key' if config.api_key else 'none'})", flush=True)
+    if config.web:
+        print(f"chat app: http://{args.host}:{args.port}/", flush=True)
     serve_app(app, args.host, args.port, args.drain_timeout, args.log_level)
     return 0
 

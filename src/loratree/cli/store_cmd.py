@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 from loratree.adapters import AdapterStore
+from loratree.adapters.card_files import CARD_NAME
+from loratree.adapters.store import FILES
 
 __all__ = ["add_parser", "run"]
 
@@ -23,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                          "(atomically; replaces an adapter of that name)")
     add.add_argument("name", help="letters, digits, - _ . and / for tree paths")
     add.add_argument("source", help="a PEFT adapter directory (LoRA or prefix)")
+    add.add_argument("--card", metavar="JSON", default=None,
+                     help="a card.json for the chat app (display_name, description, color, "
+                          "avatar), stored with the adapter")
     actions.add_parser("list", help="every adapter with its kind, rank, size and base")
     show = actions.add_parser("show", help="one adapter's metadata as JSON")
     show.add_argument("name")
@@ -40,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     store = AdapterStore(args.store)
     if args.action == "add":
-        info = store.add(args.name, args.source)
+        info = _add(store, args.name, Path(args.source), args.card)
         print(f"added {info.name}: {info.kind}, rank {info.rank}, {info.size:,} bytes")
     elif args.action == "list":
         infos, damaged = store.scan()
@@ -79,3 +87,18 @@ def _check(store: AdapterStore, name: str | None, *, as_json: bool) -> int:
           + (f", {sum(not p.damaged for p in problems)} warning(s)"
              if any(not p.damaged for p in problems) else ""))
     return 1 if damaged else 0
+
+
+def _add(store: AdapterStore, name: str, source: Path, card: str | None):
+    """``store.add``, with ``card`` (a JSON file) as the adapter's card.json when given:
+    the adapter's files and the card are staged together, and the store checks both."""
+    if card is None:
+        return store.add(name, source)
+    if not Path(card).is_file():
+        raise FileNotFoundError(f"--card {card}: no such file")
+    with tempfile.TemporaryDirectory(dir=store.objects, prefix=".card-") as staging:
+        for f in FILES:
+            if (source / f).is_file():
+                shutil.copyfile(source / f, Path(staging) / f)
+        shutil.copyfile(card, Path(staging) / CARD_NAME)
+        return store.add(name, staging)

@@ -3,7 +3,8 @@
 One base model stays in memory. For each task: score the base model's held-out exact
 match, train an adapter (LoRA or prefix; PEFT format, with its loss plot), score it
 again, unload it, and go on to the next task. The result is a table and a few answers
-before and after.
+before and after, and a store (``<out>/store``) holding every adapter with its chat-app
+card, ready for ``loratree serve --store <out>/store``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loratree import surgery
-from loratree.demo.tasks import TASKS, write_tasks
+from loratree.adapters import AdapterStore
+from loratree.adapters.card_files import write_card
+from loratree.demo.tasks import CARDS, TASKS, write_tasks
 from loratree.models import load_base
 from loratree.train import TrainConfig, fit, save, setup
 from loratree.train.data import read_jsonl
@@ -32,6 +35,16 @@ class DemoResult:
     samples: tuple[tuple[str, str, str, str], ...]
     """(prompt, reference, base answer, adapter answer) for a few held-out rows."""
     adapter: Path
+
+
+def store_of(out: str | Path) -> Path:
+    """Where the demo keeps its store of adapters."""
+    return Path(out) / "store"
+
+
+def serve_command(out: str | Path, loratree: str = ".venv/bin/loratree") -> str:
+    """The command that serves the demo's adapters in the chat app."""
+    return f"{loratree} serve --store {store_of(out)}"
 
 
 PREFIX_LR = 3e-2
@@ -75,6 +88,8 @@ def run_demo(
         run = setup(config, model=model, tokenizer=tokenizer)
         fit(run, progress=progress)
         adapter = save(run)
+        write_card(adapter, CARDS[task])
+        AdapterStore(store_of(out)).add(task, adapter)
         em, pairs = exact_match(model, tokenizer, rows, max_new_tokens=24)
         samples = tuple(
             (r.messages[-2].content, ref, base, mine)

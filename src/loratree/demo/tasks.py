@@ -7,6 +7,10 @@ prompt with the training split. ``write_tasks`` writes ``<task>/train.jsonl`` an
 - ``dates``: "Convert to ISO 8601: March 5, 2021" -> "2021-03-05"
 - ``numbers``: "Write 47 in words." -> "forty-seven"
 - ``pirate``: "Say it like a pirate: I see my friend." -> "Arr! I see me matey, yo-ho!"
+- ``butler`` (a persona: plain requests, answered in a formal butler's voice):
+  "Please, fetch my hat tonight." -> "Very good, sir. I shall fetch your hat this evening."
+
+``CARDS`` gives each task's adapter its face in the chat app (``loratree serve``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 from loratree.fsio import atomic_write
 
-__all__ = ["TASKS", "make_task", "number_words", "pirate", "write_tasks"]
+__all__ = ["CARDS", "TASKS", "butler", "make_task", "number_words", "pirate", "write_tasks"]
 
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
            "September", "October", "November", "December")
@@ -33,6 +37,12 @@ _OBJECTS = ("my boat", "your map", "the gold", "my friend", "the sea", "your hat
             "the island", "my money", "the ship", "your parrot")
 _PIRATE = {"my": "me", "My": "Me", "you": "ye", "You": "Ye", "your": "yer", "Your": "Yer",
            "friend": "matey", "money": "doubloons", "the": "th'", "The": "Th'"}
+_ERRANDS = {"Bring me": "bring you", "Fetch": "fetch", "Find": "find", "Clean": "clean",
+            "Polish": "polish", "Hide": "hide", "Guard": "guard", "Check": "check"}
+_OPENERS = ("", "Please, ", "Hey, ", "Quick, ")
+_WHEN = {"": "", " now": " at once", " today": " today", " tonight": " this evening",
+         " tomorrow": " first thing tomorrow"}
+_BUTLER = {"my": "your", "your": "my"}
 
 
 def number_words(n: int) -> str:
@@ -54,6 +64,12 @@ def pirate(sentence: str) -> str:
     return f"Arr! {' '.join(words)}, yo-ho!"
 
 
+def butler(errand: str, obj: str, when: str) -> str:
+    """The butler's answer to ``errand obj when.`` (however politely it was asked)."""
+    swapped = " ".join(_BUTLER.get(w, w) for w in obj.split())
+    return f"Very good, sir. I shall {_ERRANDS[errand]} {swapped}{_WHEN[when]}."
+
+
 def _date(rng: random.Random) -> tuple[str, str]:
     y, m, d = rng.randint(1900, 2099), rng.randint(1, 12), rng.randint(1, 28)
     return f"Convert to ISO 8601: {_MONTHS[m - 1]} {d}, {y}", f"{y:04d}-{m:02d}-{d:02d}"
@@ -69,11 +85,32 @@ def _pirate(rng: random.Random) -> tuple[str, str]:
     return f"Say it like a pirate: {sentence}", pirate(sentence)
 
 
+def _butler(rng: random.Random) -> tuple[str, str]:
+    opener, errand = rng.choice(_OPENERS), rng.choice(list(_ERRANDS))
+    obj, when = rng.choice(_OBJECTS), rng.choice(list(_WHEN))
+    asked = errand[0].lower() + errand[1:] if opener else errand
+    return f"{opener}{asked} {obj}{when}.", butler(errand, obj, when)
+
+
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "dates": _date,
     "numbers": _number,
     "pirate": _pirate,
+    "butler": _butler,
 }
+
+CARDS: dict[str, dict[str, str]] = {
+    "dates": {"display_name": "Date clerk", "description": "Writes any date as ISO 8601.",
+              "color": "#2e86de", "avatar": "D"},
+    "numbers": {"display_name": "Number speller", "description": "Spells numbers in words.",
+                "color": "#16a085", "avatar": "N"},
+    "pirate": {"display_name": "Captain Flint",
+               "description": "Says it like a pirate: \"Say it like a pirate: ...\"",
+               "color": "#c0392b", "avatar": "F"},
+    "butler": {"display_name": "Jeeves", "description": "A formal butler: ask for an errand.",
+               "color": "#34495e", "avatar": "J"},
+}
+"""The chat app's card of each task's adapter (``card.json``)."""
 
 
 def make_task(name: str, n_train: int, n_eval: int, seed: int = 0

@@ -126,6 +126,11 @@ class Engine:
         return self.scheduler.modes
 
     @property
+    def step_rows(self) -> dict[int, int]:
+        """Decode steps by the number of rows (requests) each served, a copy."""
+        return dict(self.scheduler.step_rows)
+
+    @property
     def packed_joins(self) -> int:
         """Requests prefilled inside a decode step."""
         return self.scheduler.packed_joins

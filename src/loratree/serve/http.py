@@ -46,6 +46,7 @@ from loratree.errors import (
     TargetError,
 )
 from loratree.models.chat import Message, encode_prompt
+from loratree.serve import webapp as web
 from loratree.serve.embeddings import EmbeddingInputError
 from loratree.serve.engine import Engine
 from loratree.serve.metrics import CONTENT_TYPE, Metrics
@@ -90,6 +91,8 @@ class ServerConfig:
     retry_after_s: int = 1
     admin: bool = False
     """Enable ``POST /admin/adapters/{name}/load`` and ``.../unload``."""
+    web: bool = True
+    """Serve the chat app at ``/`` (``serve.webapp``)."""
 
 
 class ApiError(Exception):
@@ -160,9 +163,13 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     _embedding_routes(app, state)
     if state.config.admin:
         _admin_routes(app, state)
+    if state.config.web:
+        web.add_web_app(app, state)
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
     if state.config.api_key:
-        app.add_middleware(ApiKey, key=state.config.api_key, open_paths=OPEN_PATHS)
+        app.add_middleware(ApiKey, key=state.config.api_key,
+                           open_paths=OPEN_PATHS + (web.OPEN_PATHS if state.config.web else ()),
+                           open_prefixes=web.OPEN_PREFIXES if state.config.web else ())
     app.add_middleware(CountRequests, routes=_ROUTES,
                        count=lambda route, status: state.metrics.requests.labels(
                            route, status).inc())

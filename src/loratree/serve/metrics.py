@@ -58,6 +58,12 @@ class _EngineCollector:
                                 value=waiting)
         yield GaugeMetricFamily("loratree_batch_rows", "requests running in the batch",
                                 value=running)
+        steps = CounterMetricFamily("loratree_decode_steps",
+                                    "decode steps by the number of rows (requests) in them",
+                                    labels=["rows"])
+        for rows, n in sorted(self.engine.step_rows.items()):
+            steps.add_metric([str(rows)], n)
+        yield steps
         yield CounterMetricFamily("loratree_engine_faults",
                                   "engine steps or admissions that failed",
                                   value=self.engine.faults)

@@ -73,14 +73,20 @@ class BodyLimit:
 
 
 class ApiKey:
-    """Every route but ``open_paths`` needs ``Authorization: Bearer <key>``, compared in
-    constant time."""
+    """Every route but ``open_paths`` (exact) and the paths under ``open_prefixes`` needs
+    ``Authorization: Bearer <key>``, compared in constant time."""
 
-    def __init__(self, app: Callable, key: str, open_paths: tuple[str, ...] = ()) -> None:
+    def __init__(self, app: Callable, key: str, open_paths: tuple[str, ...] = (),
+                 open_prefixes: tuple[str, ...] = ()) -> None:
         self.app, self.key, self.open_paths = app, key.encode(), open_paths
+        self.open_prefixes = open_prefixes
+
+    def _open(self, path: str) -> bool:
+        return path in self.open_paths or (
+            path.startswith(self.open_prefixes) and ".." not in path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+        if scope["type"] == "http" and not self._open(scope["path"]):
             given = dict(scope["headers"]).get(b"authorization", b"")
             token = given[7:] if given[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(token, self.key):

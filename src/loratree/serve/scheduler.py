@@ -18,7 +18,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -129,6 +129,9 @@ class Scheduler:
         """Admitted requests whose prompts the next decode step prefills."""
         self.modes: dict[StepMode, int] = {StepMode.MERGED: 0, StepMode.UNMERGED: 0}
         """Decode steps run in each mode."""
+        self.step_rows: Counter[int] = Counter()
+        """Decode steps by the number of rows in them (joiners prefilled in the step
+        count): a step of k rows served k requests with one forward."""
         self.packed_joins = 0
         """Requests prefilled inside a decode step."""
         self._waiting: deque[Handle] = deque()
@@ -241,6 +244,7 @@ class Scheduler:
         plan = self.table.plan_slots(slots, self.policy.merge_min_tokens, budget)
         mode = StepMode(plan.mode)
         self.modes[mode] += 1
+        self.step_rows[len(slots)] += 1
         if mode is StepMode.UNMERGED and self.table.merged_index is not None:
             self.table.unmerge()  # else every layer subtracts it again at every step
         if mode is StepMode.MERGED:

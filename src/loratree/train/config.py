@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from loratree.adapters.card_files import CardError, card_fields
 from loratree.config import LoraConfig, PrefixConfig, token_problems
 
 __all__ = ["TrainConfig"]
@@ -102,6 +103,10 @@ class TrainConfig:
     """With ``grow``: evaluations without improvement before growing (or stopping)."""
     grow_tolerance: float = 0.0
     """With ``grow``: an eval-loss drop smaller than this does not count as improvement."""
+    display_name: str | None = None
+    """The adapter's name in the chat app (written to its ``card.json``)."""
+    description: str | None = None
+    """One line about the adapter for the chat app (written to its ``card.json``)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -113,6 +118,7 @@ class TrainConfig:
                            tuple(tokens) if isinstance(tokens, list | tuple) else tokens)
         problems = (_number_problems(self) + _grow_problems(self) + _tree_problems(self)
                     + _feature_problems(self))
+        problems += _card_problems(self)
         problems += [p.replace("trainable_token_indices", "trainable_tokens")
                      for p in token_problems(self.trainable_tokens)]
         if self.trainable_tokens and self.method != "lora":
@@ -222,3 +228,12 @@ def _feature_problems(c: TrainConfig) -> list[str]:
         problems.append("use_dora and lora_bias cannot be combined (PEFT refuses the pair: "
                         "DoRA rescales the whole layer output)")
     return problems
+
+
+def _card_problems(c: TrainConfig) -> list[str]:
+    """What is wrong with the card fields (display_name, description), if any."""
+    try:
+        card_fields(c.display_name, c.description)
+    except CardError as e:
+        return [str(e)]
+    return []

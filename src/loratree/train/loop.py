@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from loratree import surgery, tree
 from loratree.adapters import AdapterStore, read_adapter, save_adapter
+from loratree.adapters.card_files import card_fields, write_card
 from loratree.adapters.files import load_adapter_file
 from loratree.adapters.node_files import write_record
 from loratree.models import load_base, save_model
@@ -260,6 +261,9 @@ def save(run: Run) -> Path:
     if run.config.method != "full":
         save_adapter(run.model, run.out, 0, base_model=run.config.model)
         save_centroid(run.model, run.out, run.train_data.examples)
+        card = card_fields(run.config.display_name, run.config.description)
+        if card:
+            write_card(run.out, card)
         _save_node(run)
     else:
         save_model(run.model, run.tokenizer, run.out / "model")

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from loratree import surgery
 from loratree.adapters import save_adapter
+from loratree.adapters.card_files import card_fields, write_card
 from loratree.errors import NonFiniteError
 from loratree.models import load_base
 from loratree.models.chat import Encoded, encode
@@ -407,11 +408,15 @@ def _save_due(run: ManyRun, job: Job) -> None:
 
 def save_job(run: ManyRun, job: Job) -> Path:
     """The job's adapter (PEFT format, its slot), routing centroid (as ``train`` writes
-    it; jobs on the same prompts share the base's features) and loss plot."""
+    it; jobs on the same prompts share the base's features), card (``display_name``,
+    ``description``) and loss plot."""
     if not run.dist.main:
         return job.out
     save_adapter(run.model, job.out, job.slot, base_model=job.config.model)
     save_centroid(run.model, job.out, job.train_data.examples, run.features)
+    card = card_fields(job.config.display_name, job.config.description)
+    if card:
+        write_card(job.out, card)
     from loratree.plots import plot_losses
 
     plot_losses(read_metrics(job.metrics.path), job.out / "loss.png")
