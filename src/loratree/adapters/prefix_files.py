@@ -84,8 +84,10 @@ def save_prefix(model: nn.Module, path: str | Path, slot: int = 0, *,
     return write_adapter_dir(path, tensors, raw)
 
 
-def read_prefix(path: str | Path, raw: dict[str, Any]) -> PrefixFile:
-    """Check a prefix adapter directory whose config ``raw`` is already read."""
+def read_prefix(path: str | Path, raw: dict[str, Any],
+                tensors: dict[str, Tensor] | None = None) -> PrefixFile:
+    """Check a prefix adapter directory whose config ``raw`` is already read (and its
+    weights, when ``tensors`` is given)."""
     path = Path(path)
     if raw.get("peft_type") != PEFT_TYPE:
         raise AdapterConfigError(f"{path.name}: peft_type must be {PEFT_TYPE!r}")
@@ -103,9 +105,10 @@ def read_prefix(path: str | Path, raw: dict[str, Any]) -> PrefixFile:
     positions = raw.get("loratree_positions", "shift")
     if positions not in ("shift", "keep"):
         raise AdapterConfigError(f"{path.name}: loratree_positions must be 'shift' or 'keep'")
-    if not (path / WEIGHTS_NAME).exists():
-        raise AdapterFileError(f"{path.name}: {WEIGHTS_NAME} is missing")
-    tensors = read_safetensors(path / WEIGHTS_NAME)
+    if tensors is None:
+        if not (path / WEIGHTS_NAME).exists():
+            raise AdapterFileError(f"{path.name}: {WEIGHTS_NAME} is missing")
+        tensors = read_safetensors(path / WEIGHTS_NAME)
     extra = sorted(set(tensors) - {KEY})
     if extra:
         raise UnexpectedKeyError(f"{path.name}: {extra[0]!r} is not a prefix tensor")
