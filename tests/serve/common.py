@@ -25,9 +25,14 @@ def tiny_model():
 def solo_reference(store, name, prompt, n):
     """Greedy decoding without any cache: the full sequence through a fresh model with only
     this adapter loaded. Returns (new tokens, each step's logits)."""
+    return dir_reference(None if name == BASE else store.path_of(name), prompt, n)
+
+
+def dir_reference(path, prompt, n):
+    """``solo_reference`` for the adapter directory ``path`` (None: the base model)."""
     model = tiny_model()
-    if name != BASE:
-        load_adapter(model, store.path_of(name))
+    if path is not None:
+        load_adapter(model, path)
     ids, logits = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
@@ -48,3 +53,15 @@ def run_plan(engine, plan):
         engine.step()
         step += 1
     return [handles[i] for i in range(len(plan))]
+
+
+def peft_reference(path, prompt, n):
+    """Greedy tokens of PEFT itself with the adapter directory ``path`` on the tiny model."""
+    import peft
+
+    model = peft.PeftModel.from_pretrained(tiny_model(), path).eval()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
