@@ -55,13 +55,22 @@ def run_plan(engine, plan):
     return [handles[i] for i in range(len(plan))]
 
 
-def peft_reference(path, prompt, n):
-    """Greedy tokens of PEFT itself with the adapter directory ``path`` on the tiny model."""
+def peft_references(paths, prompt, n):
+    """Greedy tokens of PEFT itself for each adapter directory of ``paths`` on the tiny
+    model (one PEFT model holding them all, switched with ``set_adapter``)."""
     import peft
 
-    model = peft.PeftModel.from_pretrained(tiny_model(), path).eval()
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    model, out = None, []
+    for i, path in enumerate(paths):
+        if model is None:
+            model = peft.PeftModel.from_pretrained(tiny_model(), path, adapter_name="0")
+        else:
+            model.load_adapter(path, adapter_name=str(i))
+        model.set_adapter(str(i))
+        model.eval()
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(n):
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        out.append(ids[len(prompt):])
+    return out
