@@ -10,10 +10,9 @@ chains them; the first that holds a name serves it.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -24,7 +23,6 @@ from loratree.errors import AdapterNotFoundError
 
 __all__ = ["AdapterRead", "AdapterSource", "Sources", "parse_adapter"]
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,6 @@ class AdapterRead:
     """A tree node's parent (store only): the file holds the node's own branch."""
 
 
-@runtime_checkable
 class AdapterSource(Protocol):
     """A set of named adapters the server can read."""
 
