@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -258,12 +259,20 @@ def _known(state: ServerState, name: str) -> str:
         raise ApiError(400, state.clean(str(e)), param="model", code="invalid_model") from None
     if name not in state.sources:
         hint = ""
-        if state.store is not None and plain_dir(state.store.root, name) is not None:
+        if state.store is not None and _stray(state.store.root, name):
             hint = (f"; a PEFT directory was copied to <store>/{name} but never added "
                     f"(loratree store --store <store> add {name} <store>/{name})")
         raise ApiError(404, f"the model {name!r} does not exist{hint}", param="model",
                        code="model_not_found")
     return name
+
+
+def _stray(root: Path, name: str) -> bool:
+    """Whether a plain PEFT directory sits at ``name`` in a store root (not an entry)."""
+    try:
+        return plain_dir(root, name) is not None
+    except AdapterNameError:  # a link on the way: no hint, the 404 stands
+        return False
 
 
 def _adapter(state: ServerState, model: str) -> str:
