@@ -25,9 +25,14 @@ def tiny_model():
 def solo_reference(store, name, prompt, n):
     """Greedy decoding without any cache: the full sequence through a fresh model with only
     this adapter loaded. Returns (new tokens, each step's logits)."""
+    return dir_reference(None if name == BASE else store.path_of(name), prompt, n)
+
+
+def dir_reference(path, prompt, n):
+    """``solo_reference`` for the adapter directory ``path`` (None: the base model)."""
     model = tiny_model()
-    if name != BASE:
-        load_adapter(model, store.path_of(name))
+    if path is not None:
+        load_adapter(model, path)
     ids, logits = list(prompt), []
     with torch.no_grad():
         for _ in range(n):
@@ -48,3 +53,24 @@ def run_plan(engine, plan):
         engine.step()
         step += 1
     return [handles[i] for i in range(len(plan))]
+
+
+def peft_references(paths, prompt, n):
+    """Greedy tokens of PEFT itself for each adapter directory of ``paths`` on the tiny
+    model (one PEFT model holding them all, switched with ``set_adapter``)."""
+    import peft
+
+    model, out = None, []
+    for i, path in enumerate(paths):
+        if model is None:
+            model = peft.PeftModel.from_pretrained(tiny_model(), path, adapter_name="0")
+        else:
+            model.load_adapter(path, adapter_name=str(i))
+        model.set_adapter(str(i))
+        model.eval()
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(n):
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        out.append(ids[len(prompt):])
+    return out

@@ -180,14 +180,17 @@ def save_adapter(
     return write_adapter_dir(path, tensors, raw)
 
 
-def read_adapter(path: str | Path) -> AdapterFile:
-    """Read and check an adapter directory, without a model."""
+def read_adapter(path: str | Path, raw: dict | None = None,
+                 tensors: dict[str, Tensor] | None = None) -> AdapterFile:
+    """Read and check an adapter directory, without a model. ``raw`` and ``tensors``:
+    its config and weights already read (``path`` then only labels errors)."""
     path = Path(path)
-    raw = read_config(path)
+    raw = read_config(path) if raw is None else raw
     config = config_from_peft(raw)
-    if not (path / WEIGHTS_NAME).exists():
-        raise AdapterFileError(f"{path.name}: {WEIGHTS_NAME} is missing")
-    tensors = read_safetensors(path / WEIGHTS_NAME)
+    if tensors is None:
+        if not (path / WEIGHTS_NAME).exists():
+            raise AdapterFileError(f"{path.name}: {WEIGHTS_NAME} is missing")
+        tensors = read_safetensors(path / WEIGHTS_NAME)
     halves: dict[str, dict[str, Tensor]] = {}
     base_weights: dict[str, Tensor] = {}
     biases: dict[str, Tensor] = {}

@@ -36,6 +36,7 @@ __all__ = [
     "matches_saved",
     "param_factors_from_peft",
     "param_factors_to_peft",
+    "parse_config",
     "parse_copy_key",
     "parse_key",
     "parse_token_key",
@@ -170,16 +171,26 @@ def read_config(path: Path) -> dict[str, Any]:
     if cfg_path.is_file() and cfg_path.stat().st_size > MAX_CONFIG_BYTES:
         raise AdapterConfigError(f"{path.name}: {CONFIG_NAME} is over {MAX_CONFIG_BYTES} bytes")
     try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        data = cfg_path.read_bytes()
     except FileNotFoundError as e:
         raise AdapterConfigError(f"{path.name}: {CONFIG_NAME} is missing") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterConfigError(f"{path.name}: {CONFIG_NAME} is not valid JSON: {e}") from e
     except OSError as e:  # a directory, a fifo, no permission
         raise AdapterConfigError(f"{path.name}: cannot read {CONFIG_NAME}: "
                                  f"{e.strerror or type(e).__name__}") from e
+    return parse_config(data, path.name)
+
+
+def parse_config(data: bytes, label: str) -> dict[str, Any]:
+    """An ``adapter_config.json``'s bytes as the JSON object it must hold (``label``, the
+    adapter directory's name, labels errors)."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterConfigError(f"{label}: {CONFIG_NAME} is over {MAX_CONFIG_BYTES} bytes")
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterConfigError(f"{label}: {CONFIG_NAME} is not valid JSON: {e}") from e
     if not isinstance(raw, dict):
-        raise AdapterConfigError(f"{path.name}: {CONFIG_NAME} must hold a JSON object")
+        raise AdapterConfigError(f"{label}: {CONFIG_NAME} must hold a JSON object")
     return raw
 
 

@@ -108,13 +108,16 @@ def check_prefix_config(label: str, raw: dict[str, Any]) -> str:
     return positions
 
 
-def read_prefix(path: str | Path, raw: dict[str, Any]) -> PrefixFile:
-    """Check a prefix adapter directory whose config ``raw`` is already read."""
+def read_prefix(path: str | Path, raw: dict[str, Any],
+                tensors: dict[str, Tensor] | None = None) -> PrefixFile:
+    """Check a prefix adapter directory whose config ``raw`` is already read (and its
+    weights, when ``tensors`` is given)."""
     path = Path(path)
     positions = check_prefix_config(path.name, raw)
-    if not (path / WEIGHTS_NAME).exists():
-        raise AdapterFileError(f"{path.name}: {WEIGHTS_NAME} is missing")
-    tensors = read_safetensors(path / WEIGHTS_NAME)
+    if tensors is None:
+        if not (path / WEIGHTS_NAME).exists():
+            raise AdapterFileError(f"{path.name}: {WEIGHTS_NAME} is missing")
+        tensors = read_safetensors(path / WEIGHTS_NAME)
     extra = sorted(set(tensors) - {KEY})
     if extra:
         raise UnexpectedKeyError(f"{path.name}: {extra[0]!r} is not a prefix tensor")

@@ -7,11 +7,11 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 
 from loratree.errors import CorruptFileError, NonFiniteError
 
-__all__ = ["read_header", "read_safetensors"]
+__all__ = ["parse_safetensors", "read_header", "read_safetensors"]
 
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -54,19 +54,7 @@ def _header(path: Path) -> dict[str, dict]:
         if len(raw_len) < 8:
             raise CorruptFileError(f"{path.name}: {size} bytes is too short for safetensors")
         (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > size - 8 or header_len > _MAX_HEADER:
-            raise CorruptFileError(
-                f"{path.name}: header length {header_len} is larger than the file ({size} bytes)"
-            )
-        header_bytes = f.read(header_len)
-    try:
-        header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{path.name}: the safetensors header is not JSON") from e
-    if not isinstance(header, dict):
-        raise CorruptFileError(f"{path.name}: the safetensors header is not a JSON object")
-    _check_offsets(path.name, header, size - 8 - header_len)
-    return header
+        return _check_header(path.name, header_len, size, f.read(min(header_len, _MAX_HEADER)))
 
 
 def _read(path: Path, require_finite: bool) -> dict[str, torch.Tensor]:
@@ -75,10 +63,44 @@ def _read(path: Path, require_finite: bool) -> dict[str, torch.Tensor]:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError
         raise CorruptFileError(f"{path.name}: cannot read safetensors: {e}") from e
-    if require_finite:
-        for key, t in tensors.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise NonFiniteError(f"{path.name}: tensor {key!r} holds NaN or Inf")
+    return _finite(path.name, tensors) if require_finite else tensors
+
+
+def parse_safetensors(data: bytes, name: str, *, require_finite: bool = True
+                      ) -> dict[str, torch.Tensor]:
+    """``read_safetensors`` for a file's bytes already in memory (``name`` labels errors).
+    The tensors are copies, independent of any file: what a reader of a file that may be
+    rewritten in place needs (``load_file`` maps the file, so its tensors change with it)."""
+    if len(data) < 8:
+        raise CorruptFileError(f"{name}: {len(data)} bytes is too short for safetensors")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    _check_header(name, header_len, len(data), data[8:8 + min(header_len, _MAX_HEADER)])
+    try:
+        tensors = {k: t.clone() for k, t in load(data).items()}
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise CorruptFileError(f"{name}: cannot read safetensors: {e}") from e
+    return _finite(name, tensors) if require_finite else tensors
+
+
+def _check_header(name: str, header_len: int, size: int, header_bytes: bytes
+                  ) -> dict[str, dict]:
+    if header_len > size - 8 or header_len > _MAX_HEADER:
+        raise CorruptFileError(
+            f"{name}: header length {header_len} is larger than the file ({size} bytes)")
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{name}: the safetensors header is not JSON") from e
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{name}: the safetensors header is not a JSON object")
+    _check_offsets(name, header, size - 8 - header_len)
+    return header
+
+
+def _finite(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(f"{name}: tensor {key!r} holds NaN or Inf")
     return tensors
 
 

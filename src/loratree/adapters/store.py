@@ -68,7 +68,7 @@ from loratree.errors import (
 from loratree.fsio import atomic_dir, fsync_dir
 
 __all__ = ["FILES", "MAX_NAME", "AdapterInfo", "AdapterStore", "DamagedEntry", "Problem",
-           "ProblemKind", "check_name"]
+           "ProblemKind", "adapter_info", "check_name"]
 
 log = logging.getLogger(__name__)
 
@@ -412,3 +412,9 @@ def _info(name: str, path: Path, raw: dict[str, Any]) -> AdapterInfo:
     targets = raw.get("target_modules") or ()
     targets = (targets,) if isinstance(targets, str) else tuple(map(str, targets))
     return AdapterInfo(name, "lora", max(ranks), targets, size, base, path)
+
+
+def adapter_info(name: str, path: Path, raw: dict[str, Any]) -> AdapterInfo:
+    """What ``AdapterStore.info`` says, for an adapter directory outside a store whose
+    config ``raw`` is already read (``adapters.folder_source``)."""
+    return _info(name, path, raw)

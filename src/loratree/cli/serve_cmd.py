@@ -1,4 +1,5 @@
-"""``loratree serve --store DIR``: the OpenAI-compatible HTTP server."""
+"""``loratree serve --store DIR [--adapters-dir DIR ...]``: the OpenAI-compatible HTTP
+server."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 
 from loratree.cli.serve_common import add_model_args, build_engine
 from loratree.serve.http import ServerConfig, create_app
+from loratree.serve.lifecycle import ENV_FLAG
 from loratree.serve.server import serve_app
 
 __all__ = ["add_parser", "run"]
@@ -31,9 +33,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-kb", type=int, default=1024,
                    help="largest request body in KiB; more gets 413 (default 1024)")
     p.add_argument("--admin", action="store_true",
-                   help="enable POST /admin/adapters/NAME/load and .../unload")
+                   help="enable POST /admin/adapters/NAME/load and .../unload (RAM cache)")
     p.add_argument("--no-web", dest="web", action="store_false",
                    help="do not serve the chat app at / (the API only)")
+    p.add_argument("--adapters-dir", action="append", default=[], metavar="DIR",
+                   help="also serve every PEFT adapter directory under DIR, read-only, by "
+                        "its path relative to DIR (repeatable; the store wins a name both "
+                        "hold); --store becomes optional")
+    p.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   default=_env_flag(os.environ.get(ENV_FLAG)),
+                   help="enable vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter"
+                        " (they add to and remove from the store; put an API key on the "
+                        f"server); default: the {ENV_FLAG} environment variable")
     p.add_argument("--log-level", default="info")
     p.set_defaults(run=run)
 
@@ -45,14 +56,22 @@ def run(args: argparse.Namespace) -> int:
                           max_body_bytes=args.max_body_kb * 1024,
                           max_in_flight=args.max_in_flight,
                           request_timeout_s=args.request_timeout, admin=args.admin,
-                          web=args.web)
+                          web=args.web,
+                          allow_runtime_lora_updating=args.allow_runtime_lora_updating)
     app = create_app(engine, config)
-    print(f"serving {name} and the adapters in {args.store} on http://{args.host}:{args.port}"
-          f"/v1 (auth: {'API key' if config.api_key else 'none'})", flush=True)
+    where = [f"store {engine.table.cache.store.root}"] if engine.table.cache.store else []
+    where += [f"adapters dir {d}" for d in args.adapters_dir]
+    print(f"serving {name} and the adapters of {', '.join(where)} on http://{args.host}:"
+          f"{args.port}/v1 (auth: {'API key' if config.api_key else 'none'})", flush=True)
     if config.web:
         print(f"chat app: http://{args.host}:{args.port}/", flush=True)
     serve_app(app, args.host, args.port, args.drain_timeout, args.log_level)
     return 0
+
+
+def _env_flag(value: str | None) -> bool:
+    """vLLM's reading of a boolean environment variable: "1" or "true", any case."""
+    return (value or "").strip().lower() in ("1", "true")
 
 
 def _model_name(model: object, given: str | None) -> str:

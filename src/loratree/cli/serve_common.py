@@ -10,16 +10,20 @@ from loratree.serve import Engine
 from loratree.serve.cpu import CpuTuning, Piece
 from loratree.serve.slot_table import SlotTable
 from loratree.tree.cache import AdapterCache
+from loratree.tree.store_source import serving_sources
 
-__all__ = ["add_engine_args", "add_model_args", "build_engine", "parse_stop"]
+__all__ = ["DEFAULT_STORE", "add_engine_args", "add_model_args", "build_engine", "parse_stop"]
+
+DEFAULT_STORE = "adapters"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The base model, the store, the cache and the slots."""
     p.add_argument("--model", default=None,
                    help="base model: HF directory, .gguf, or embedded (default)")
-    p.add_argument("--store", default="adapters",
-                   help="adapter store directory (default: ./adapters)")
+    p.add_argument("--store", default=None,
+                   help="adapter store directory (default: ./adapters; serve: none when "
+                        "--adapters-dir is given)")
     p.add_argument("--cache-mb", type=float, default=512.0,
                    help="RAM budget of the adapter cache in MiB (default 512)")
     p.add_argument("--slots", type=int, default=4, help="active adapter slots (default 4)")
@@ -49,8 +53,10 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, object]:
     model, tokenizer = load_base(args.model)
     if tokenizer is None:
         raise ValueError("generation needs a tokenizer; the model directory has none")
-    store = AdapterStore(args.store)
-    cache = AdapterCache(store, int(args.cache_mb * 2**20))
+    folders = tuple(getattr(args, "adapters_dir", None) or ())
+    store = args.store if args.store is not None or folders else DEFAULT_STORE
+    source = serving_sources(AdapterStore(store) if store is not None else None, folders)
+    cache = AdapterCache(source, int(args.cache_mb * 2**20))
     table = SlotTable(model, cache, n_slots=args.slots, max_rank=args.max_rank)
     return Engine(model, tokenizer, table, max_batch=args.max_batch,
                   cpu_tuning=args.cpu_tuning), tokenizer

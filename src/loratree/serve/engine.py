@@ -283,7 +283,7 @@ class Engine:
         adapter = req.adapter
         if adapter == AUTO:
             if self.router is None:
-                self.router = Router(self.table.cache.store, self.model)
+                self.router = Router(self.table.cache.source, self.model)
             adapter = self.router.route(ids).adapter
         return ids, adapter
 

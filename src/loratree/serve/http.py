@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -32,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from loratree.adapters.folder_source import plain_dir
 from loratree.adapters.store import check_name
 from loratree.errors import (
     AdapterFileError,
@@ -49,6 +51,7 @@ from loratree.models.chat import Message, encode_prompt
 from loratree.serve import webapp as web
 from loratree.serve.embeddings import EmbeddingInputError
 from loratree.serve.engine import Engine
+from loratree.serve.lifecycle import lifecycle_routes
 from loratree.serve.metrics import CONTENT_TYPE, Metrics
 from loratree.serve.middleware import ApiKey, BodyLimit, CountRequests
 from loratree.serve.openai_api import (
@@ -73,7 +76,7 @@ logger = logging.getLogger(__name__)
 OPEN_PATHS = ("/health", "/ready")
 """Routes that need no API key."""
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready",
-           "/metrics", "/v1/embeddings")
+           "/metrics", "/v1/embeddings", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 _PATH = re.compile(r"(?<![\w.])/(?:[\w.\-]+/)*[\w.\-]+")
 
 
@@ -90,9 +93,12 @@ class ServerConfig:
     """Chat completions without ``max_tokens``: at most this many (and what fits)."""
     retry_after_s: int = 1
     admin: bool = False
-    """Enable ``POST /admin/adapters/{name}/load`` and ``.../unload``."""
+    """Enable ``POST /admin/adapters/{name}/load`` and ``.../unload`` (the RAM cache)."""
     web: bool = True
     """Serve the chat app at ``/`` (``serve.webapp``)."""
+    allow_runtime_lora_updating: bool = False
+    """Enable vLLM's ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
+    (``serve.lifecycle``: they change the store); without it those routes do not exist."""
 
 
 class ApiError(Exception):
@@ -113,7 +119,13 @@ class ServerState:
 
     def __init__(self, engine: Engine, config: ServerConfig) -> None:
         self.engine, self.config = engine, config
+        self.sources = engine.table.cache.source
+        """What ``model`` names: the store, then plain adapters directories."""
         self.store = engine.table.cache.store
+        """The store (None when only adapters directories are served)."""
+        roots = [s.root for s in getattr(self.sources, "sources", [self.sources])]
+        self._roots = [(str(r), "<store>" if self.store is not None and r == self.store.root
+                        else "<adapters-dir>") for r in roots]
         self.tokenizer = engine.tokenizer
         self.metrics = Metrics(engine, engine.table.cache)
         model_config = engine.model.config
@@ -143,7 +155,9 @@ class ServerState:
 
     def clean(self, message: str) -> str:
         """``message`` without filesystem paths."""
-        return _PATH.sub("<path>", message.replace(str(self.store.root), "<store>"))
+        for root, label in self._roots:
+            message = message.replace(root, label)
+        return _PATH.sub("<path>", message)
 
 
 def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
@@ -165,6 +179,14 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         _admin_routes(app, state)
     if state.config.web:
         web.add_web_app(app, state)
+    if state.config.allow_runtime_lora_updating:
+        lifecycle_routes(app, state)
+        if state.config.api_key:
+            logger.info("runtime LoRA updating is on (/v1/load_lora_adapter, "
+                        "/v1/unload_lora_adapter), behind the API key")
+        else:
+            logger.warning("runtime LoRA updating is on and no API key is set: anyone who "
+                           "reaches the server can add and remove adapters")
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
     if state.config.api_key:
         app.add_middleware(ApiKey, key=state.config.api_key,
@@ -202,7 +224,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     def models() -> dict:
         data = [{"id": state.config.base_name, "object": "model", "created": 0,
                  "owned_by": "loratree", "root": state.config.base_name, "parent": None}]
-        for info in state.store.list():
+        for info in state.sources.list():
             data.append({"id": info.name, "object": "model", "created": 0,
                          "owned_by": "loratree", "root": state.config.base_name,
                          "parent": state.config.base_name, "kind": info.kind,
@@ -233,7 +255,7 @@ def _admin_routes(app: FastAPI, state: ServerState) -> None:
     def load(name: str) -> dict:
         adapter = _known(state, name)
         cache.get(adapter)
-        return {"loaded": adapter, **state.store.info(adapter).to_dict()}
+        return {"loaded": adapter, **state.sources.info(adapter).to_dict()}
 
     @app.post("/admin/adapters/{name:path}/unload")
     def unload(name: str) -> dict:
@@ -276,10 +298,22 @@ def _known(state: ServerState, name: str) -> str:
         check_name(name)
     except AdapterNameError as e:
         raise ApiError(400, state.clean(str(e)), param="model", code="invalid_model") from None
-    if name not in state.store:
-        raise ApiError(404, f"the model {name!r} does not exist", param="model",
+    if name not in state.sources:
+        hint = ""
+        if state.store is not None and _stray(state.store.root, name):
+            hint = (f"; a PEFT directory was copied to <store>/{name} but never added "
+                    f"(loratree store --store <store> add {name} <store>/{name})")
+        raise ApiError(404, f"the model {name!r} does not exist{hint}", param="model",
                        code="model_not_found")
     return name
+
+
+def _stray(root: Path, name: str) -> bool:
+    """Whether a plain PEFT directory sits at ``name`` in a store root (not an entry)."""
+    try:
+        return plain_dir(root, name) is not None
+    except AdapterNameError:  # a link on the way: no hint, the 404 stands
+        return False
 
 
 def _adapter(state: ServerState, model: str) -> str:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from loratree.adapters.routing_files import read_centroid
+from loratree.adapters.source import AdapterSource
 from loratree.adapters.store import AdapterStore
 from loratree.errors import AdapterFileError, AdapterNotFoundError
 from loratree.surgery.features import prompt_features
@@ -31,9 +32,10 @@ class Route:
 
 
 class Router:
-    """Routes prompts among the store's adapters that carry a centroid."""
+    """Routes prompts among the served adapters (of a store, or any ``AdapterSource``)
+    that carry a centroid."""
 
-    def __init__(self, store: AdapterStore, model: nn.Module) -> None:
+    def __init__(self, store: AdapterStore | AdapterSource, model: nn.Module) -> None:
         self.store, self.model = store, model
         self.names: list[str] = []
         centroids = []

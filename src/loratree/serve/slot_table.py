@@ -29,7 +29,13 @@ from torch import nn
 from loratree import surgery
 from loratree.adapters.files import AdapterFile, check_against
 from loratree.adapters.token_files import token_bytes
-from loratree.errors import AdapterInUseError, CopyTooLargeError, RankTooLargeError, TargetError
+from loratree.errors import (
+    AdapterInUseError,
+    CopyTooLargeError,
+    RankTooLargeError,
+    ShapeMismatchError,
+    TargetError,
+)
 from loratree.layers import SlotSpec
 from loratree.surgery.targets import pattern_value
 from loratree.tree.cache import AdapterCache, LoadedAdapter
@@ -151,6 +157,23 @@ class SlotTable:
             target.held = True
             target.last_used = next(self._clock)
             return target.index
+
+    def check(self, adapter: LoadedAdapter) -> None:
+        """Raise the error ``activate`` would raise for ``adapter`` (its rank or size
+        against the slots, a LoRA adapter's modules and shapes against the model, a prefix
+        adapter's geometry), touching no slot: the check before an adapter is served."""
+        with self._lock:
+            self._check_size(adapter)
+            if adapter.prefix is not None:
+                got = (adapter.prefix.n_layers, adapter.prefix.n_heads,
+                       adapter.prefix.token_dim)
+                geo = surgery.geometry(self.model)
+                if got != (geo.n_layers, geo.n_heads, geo.token_dim):
+                    raise ShapeMismatchError(
+                        f"{adapter.name!r}: prefix for (layers, kv heads, token_dim) {got}, "
+                        f"the model has {(geo.n_layers, geo.n_heads, geo.token_dim)}")
+            elif adapter.lora is not None:
+                self._fit(adapter)
 
     def acquire(self, name: str) -> int:
         """Activate ``name`` and hold its slot for a running request until ``release``."""

@@ -25,18 +25,16 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
-from loratree.adapters.files import AdapterFile, read_adapter
-from loratree.adapters.node_files import version_record
-from loratree.adapters.peft_format import read_config
-from loratree.adapters.prefix_files import PEFT_TYPE, PrefixFile, read_prefix
+from loratree.adapters.files import AdapterFile
+from loratree.adapters.prefix_files import PrefixFile
+from loratree.adapters.source import AdapterRead, AdapterSource
 from loratree.adapters.store import AdapterStore
 from loratree.errors import AdapterInUseError, CacheFullError, TreeError
 from loratree.tree.compose import compose_files
-from loratree.tree.nodes import stale, version_key
+from loratree.tree.store_source import StoreSource, store_of
 
-__all__ = ["AdapterCache", "CacheStats", "LoadedAdapter"]
+__all__ = ["AdapterCache", "CacheStats", "LoadedAdapter", "loaded"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +74,17 @@ class _Entry:
 
 
 class AdapterCache:
-    """Loaded adapters of one store, at most ``budget_bytes`` of tensors in all."""
+    """Loaded adapters of a store (or any ``AdapterSource``: ``Sources`` chains the store
+    and plain folders), at most ``budget_bytes`` of tensors in all."""
 
-    def __init__(self, store: AdapterStore, budget_bytes: int) -> None:
+    def __init__(self, source: AdapterStore | AdapterSource, budget_bytes: int) -> None:
         if budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be positive, got {budget_bytes}")
-        self.store, self.budget = store, int(budget_bytes)
+        self.source: AdapterSource = (StoreSource(source) if isinstance(source, AdapterStore)
+                                      else source)
+        self.store: AdapterStore | None = store_of(self.source)
+        """The store among the sources (tree nodes, the router, runtime loading), if any."""
+        self.budget = int(budget_bytes)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # LRU first
         self._lock = threading.RLock()
         self._bytes = self._hits = self._misses = self._evictions = self._loaded = 0
@@ -89,7 +92,8 @@ class AdapterCache:
 
     # -- lookups ----------------------------------------------------------------------
     def get(self, name: str) -> LoadedAdapter:
-        """The adapter, from RAM when it is there (a hit) or read from the store (a miss)."""
+        """The adapter, from RAM when it is there (a hit) or read from its source (a miss).
+        A read that fails raises: an older version in RAM is never served in its place."""
         version = self.version_of(name)
         with self._lock:
             entry = self._entries.get(name)
@@ -97,7 +101,7 @@ class AdapterCache:
                 self._entries.move_to_end(name)
                 self._hits += 1
                 return entry.adapter
-        adapter = self._load(name, version)  # outside the lock: reading can take a while
+        adapter = self._load(name)  # outside the lock: reading can take a while
         with self._lock:
             entry = self._entries.get(name)
             if entry is not None and entry.adapter.version == adapter.version:
@@ -118,8 +122,9 @@ class AdapterCache:
             return adapter
 
     def version_of(self, name: str) -> str:
-        """What ``name`` serves now in the store: its version, or a node's path versions."""
-        return version_key(self.store, name)
+        """What ``name`` serves now: its store version (a node's: every version on its
+        path), or a plain folder's file identities."""
+        return self.source.version_of(name)
 
     def prefetch(self, name: str) -> Future[LoadedAdapter]:
         """Start loading ``name`` in the background; ``get`` will then hit."""
@@ -223,31 +228,27 @@ class AdapterCache:
         self._bytes -= entry.adapter.nbytes
 
 
-    def _load(self, name: str, version: str) -> LoadedAdapter:
-        path = self.store.checked_path(name)  # damage at rest: DamagedAdapterError
-        record = version_record(path)
-        if record is None:
-            return _read(name, path, version)
-        parent = self.get(record.parent)  # the parent path, composed and cached
-        own = _read(name, path, version)
-        if parent.lora is None or own.lora is None:
+    def _load(self, name: str) -> LoadedAdapter:
+        read = self.source.read(name)
+        if read.parent is None:
+            return loaded(read)
+        parent = self.get(read.parent)  # the parent path, composed and cached
+        if parent.lora is None or read.lora is None:
             raise TreeError(f"{name!r}: tree nodes and their parents must be LoRA adapters")
-        if stale(self.store, name):
-            logger.warning("%s is stale: an ancestor changed since it was trained "
-                           "(loratree tree accept %s, or retrain it)", name, name)
-        lora = compose_files([parent.lora, own.lora], name)
-        return LoadedAdapter(name, version, "lora", _rank(lora), _nbytes(lora), lora=lora)
+        lora = compose_files([parent.lora, read.lora], name)
+        return LoadedAdapter(name, read.version, "lora", _rank(lora), _nbytes(lora), lora=lora)
 
 
-def _read(name: str, path: Path, version: str) -> LoadedAdapter:
-    raw = read_config(path)
-    if raw.get("peft_type") == PEFT_TYPE:
-        prefix = read_prefix(path, raw)
-        return LoadedAdapter(name, version, "prefix", prefix.n_virtual,
+def loaded(read: AdapterRead) -> LoadedAdapter:
+    """One read adapter as the cache holds it (a node: its own branch only)."""
+    if read.prefix is not None:
+        prefix = read.prefix
+        return LoadedAdapter(read.name, read.version, "prefix", prefix.n_virtual,
                              prefix.vectors.numel() * prefix.vectors.element_size(),
                              prefix=prefix)
-    lora = read_adapter(path)
-    return LoadedAdapter(name, version, "lora", _rank(lora), _nbytes(lora), lora=lora)
+    assert read.lora is not None, "an AdapterRead holds a LoRA or a prefix adapter"
+    return LoadedAdapter(read.name, read.version, "lora", _rank(read.lora),
+                         _nbytes(read.lora), lora=read.lora)
 
 
 def _rank(lora: AdapterFile) -> int:
