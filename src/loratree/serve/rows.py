@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from loratree.errors import NonFiniteError
+from loratree.ops.logprobs import token_logprobs
 from loratree.ops.sampling import sample
-from loratree.serve.requests import FinishReason, Handle
+from loratree.serve.requests import FinishReason, Handle, TokenLogprob
 
-__all__ = ["Row", "finite_rows"]
+__all__ = ["Row", "finite_rows", "records"]
 
 
 @dataclass
@@ -32,13 +33,17 @@ class Row:
     text: str = ""
     first_token_s: float = 0.0
     error: BaseException | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """The prompt tokens' records (``Request.prompt_logprobs``), set at prefill."""
 
     @classmethod
     def start(cls, handle: Handle, adapter: str, slot: int, prompt_len: int,
               next_pos: int) -> Row:
-        """The row of a request whose prompt was just prefilled."""
+        """The row of a request whose prompt was just prefilled; choice j of a request
+        samples with seed ``seed + j``."""
         seed = handle.request.seed
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        generator = (None if seed is None
+                     else torch.Generator().manual_seed(seed + handle.choice))
         return cls(handle, adapter, slot, prompt_len, next_pos, generator)
 
     def take(self, logits: torch.Tensor, finite: bool) -> None:
@@ -58,6 +63,15 @@ class Row:
         if not self.tokens:
             self.first_token_s = time.perf_counter() - self.handle.submitted
         self.tokens.append(token)
+        if self.handle.logprobs is not None:
+            self._record_logprob(logits, token)
+
+    def _record_logprob(self, logits: torch.Tensor, token: int) -> None:
+        """The sampled token's record, from the logits it was sampled from (raw: before
+        temperature, top-k and top-p; ``ops.logprobs``)."""
+        k = self.handle.request.logprobs or 0
+        chosen, values, ids = token_logprobs(logits[None], torch.tensor([token]), k)
+        self.handle.logprobs.append(records([token], chosen, values, ids)[0])
 
     def status(self, tokenizer: object, eos: set[int]) -> tuple[FinishReason | None, str]:
         """(finish reason or None, the text so far); streams the new text."""
@@ -90,6 +104,14 @@ class Row:
         if upto > len(self.text):
             self.handle._emit(text[len(self.text):upto])
             self.text = text[:upto]
+
+
+def records(tokens: list[int], chosen: torch.Tensor, values: torch.Tensor,
+            ids: torch.Tensor) -> list[TokenLogprob]:
+    """``ops.logprobs.token_logprobs``'s tensors as one record per token."""
+    chosen_l, values_l, ids_l = chosen.tolist(), values.tolist(), ids.tolist()
+    return [TokenLogprob(t, lp, tuple(zip(i, v, strict=True)))
+            for t, lp, v, i in zip(tokens, chosen_l, values_l, ids_l, strict=True)]
 
 
 def finite_rows(logits: torch.Tensor) -> list[bool]:
