@@ -317,8 +317,8 @@ async def _generate(state: ServerState, http: HttpRequest, body: Any,
     except BaseException:
         run.end()
         raise
-    stream = Stream(run, outputs, chat, rid, model, [len(p) for p in prompts], body.n,
-                     [len(state.tokenizer.decode(p)) for p in prompts])
+    starts = [len(state.tokenizer.decode(p)) for p in prompts for _ in range(body.n)]
+    stream = Stream(run, outputs, chat, rid, model, [len(p) for p in prompts], starts)
     return StreamingResponse(stream.events(news, body.include_usage()),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})

@@ -61,27 +61,22 @@ class Stream:
     rid: str
     model: str
     prompt_lens: list[int]
-    n: int
     offsets: list[int]
-    """Per prompt, its text's length: where a choice's first token's ``text_offset``
-    starts (completions)."""
+    """Per choice, where its next token's text starts (``text_offset``, completions): its
+    prompt text's length at first."""
 
     def chunk(self, index: int, text: str | None, finish: str | None = None,
-              records: list | None = None, first: bool = False) -> str:
+              records: list[TokenLogprob] | None = None, first: bool = False) -> str:
         logprobs = None
         if records:
-            start = self.offsets[index // self.n] if first else self._offset[index]
-            logprobs = self.outputs.chunk_logprobs(records, start)
+            logprobs = self.outputs.chunk_logprobs(records, self.offsets[index])
             if logprobs is not None and not self.chat:
-                self._offset[index] = start + sum(len(t) for t in logprobs["tokens"])
-        elif first:
-            self._offset[index] = self.offsets[index // self.n]
+                self.offsets[index] += sum(len(t) for t in logprobs["tokens"])
         return event(chunk_body(chat=self.chat, rid=self.rid, model=self.model, text=text,
-                                 finish=finish, first=first, index=index,
-                                 logprobs=logprobs))
+                                finish=finish, first=first, index=index, logprobs=logprobs))
 
     async def events(self, news: dict[int, News], usage: bool) -> AsyncIterator[str]:
-        run, self._offset = self.run, {}
+        run = self.run
         try:
             for i in range(len(run.handles)):
                 first = news.get(i, News())
