@@ -203,3 +203,31 @@ def test_bad_output_parameters_are_400_naming_them(many):
         _error(post("/v1/chat/completions", tools=[{"type": "function"}]), "tools")
         ok = post("/v1/completions", best_of=2, n=2)
         assert ok.status_code == 200 and len(ok.json()["choices"]) == 2
+
+
+def test_lm_eval_loglikelihood_batches_equal_peft_beside_other_adapters(many, tmp_path):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    TOK.save_pretrained(tmp_path / "tok")
+    greedy = [int(_peft_lp(many, "a01", [11, 50]).argmax(-1)[-1])]  # a01's own next token
+    pairs = [("w5 w9", " w13 w3"), ("w7", " w7 w8"), ("w11 w50", " " + TOK.decode(greedy))]
+    with live(many) as (url, _):
+        lm = LocalCompletionsAPI(base_url=f"{url}/v1/completions", model="a01",
+                                 tokenizer_backend="huggingface",
+                                 tokenizer=str(tmp_path / "tok"), batch_size=3, max_retries=1)
+        c = _client(url)
+        got, *_ = _at_once(
+            lambda: lm.loglikelihood([Instance("loglikelihood", {}, p, i)
+                                      for i, p in enumerate(pairs)]),
+            lambda: c.chat.completions.create(model="a02", messages=CHAT, max_tokens=4),
+            lambda: c.completions.create(model="all-r4", prompt=PROMPTS[0], max_tokens=4),
+            lambda: c.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=4))
+    for (context, continuation), (ll, is_greedy) in zip(pairs, got, strict=True):
+        ctx = TOK(context, add_special_tokens=False)["input_ids"]
+        cont = TOK(continuation, add_special_tokens=False)["input_ids"]
+        want = _peft_lp(many, "a01", ctx + cont)[len(ctx) - 1:-1]
+        rows = range(len(cont))
+        assert _close(ll, sum(float(want[i, cont[i]]) for i in rows))
+        assert is_greedy == all(int(want[i].argmax()) == cont[i] for i in rows)
+    assert [g for _, g in got] == [False, False, True]
