@@ -205,6 +205,7 @@ def test_threaded_engine_streams(store, tuning):
 
 def test_auto_routes_to_the_adapter_whose_prompts_resemble_the_request(store, tmp_path):
     import random
+    import shutil
 
     from loratree.adapters.routing_files import write_centroid
     from loratree.serve.router import Router
@@ -220,8 +221,10 @@ def test_auto_routes_to_the_adapter_whose_prompts_resemble_the_request(store, tm
     # two "tasks" with their own small vocabularies (a random model's features cannot
     # tell wide random token ranges apart; the demo tasks are measured in bench)
     for name, (lo, hi) in {"low": (3, 8), "high": (50, 55)}.items():
-        routed.add(name, store.path_of("qv-r2" if name == "low" else "all-r4"))
-        write_centroid(routed.path_of(name), prompt_features(model, prompts(lo, hi, 40)))
+        source = tmp_path / name  # the centroid is written before the add, as train does
+        shutil.copytree(store.path_of("qv-r2" if name == "low" else "all-r4"), source)
+        write_centroid(source, prompt_features(model, prompts(lo, hi, 40)))
+        routed.add(name, source)
     router = Router(routed, model)
     held_out = [("low", p) for p in prompts(3, 8, 20)] + [("high", p) for p in prompts(50, 55, 20)]
     hits = sum(router.route(p).adapter == want for want, p in held_out)

@@ -89,7 +89,7 @@ def test_errors_have_openai_shape_and_status(many):
         _error(http.post("/v1/completions", json={**body, "max_tokens": 0}), 400, "max_tokens")
         _error(http.post("/v1/completions", json={**body, "max_tokens": 10_000}), 400,
                "max_tokens")
-        _error(http.post("/v1/completions", json={**body, "n": 2}), 400, "n")
+        _error(http.post("/v1/completions", json={**body, "n": 9}), 400, "n")  # > max_batch
         _error(http.post("/v1/completions", json={**body, "prompt": [VOCAB + 1]}), 400,
                "prompt")
         _error(http.post("/v1/completions", json={**body, "bogus": 1}), 400, "bogus")

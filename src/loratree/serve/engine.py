@@ -27,7 +27,7 @@ import dataclasses
 import itertools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 import torch
@@ -152,15 +152,38 @@ class Engine:
     # -- submitting ------------------------------------------------------------------------
     def submit(self, request: Request,
                on_event: Callable[[], None] | None = None) -> Handle:
-        """Queue ``request``; ``on_event`` (if given) is called from the engine's thread
-        whenever the handle has new text or has ended. A ``constraint`` whose schema cannot
-        be enforced is a ``ResponseFormatError`` here (compiled once, then cached)."""
-        if request.constraint is not None:
-            self.grammars.compile(request.constraint)
-        handle = Handle(next(self._ids), request, on_event)
-        self.scheduler.submit(handle)
+        """Queue ``request`` (one choice: ``n`` = 1); ``on_event`` (if given) is called from
+        the engine's thread whenever the handle has new text or has ended. A ``constraint``
+        whose schema cannot be enforced is a ``ResponseFormatError`` here (compiled once,
+        then cached)."""
+        if request.n != 1:
+            raise ValueError(f"submit takes n = 1, got n = {request.n}: use submit_choices")
+        return self.submit_choices(request, on_event)[0]
+
+    def submit_choices(self, request: Request,
+                       on_event: Callable[[], None] | None = None) -> list[Handle]:
+        """Queue ``request``'s ``n`` choices: one handle each, in choice order. They share
+        one prefill of the prompt (its cache row is copied, one row per choice) and then
+        decode as rows of their own; choice j samples with seed ``seed + j`` (with a seed,
+        choice j equals the same request alone with seed ``seed + j`` and ``n`` = 1)."""
+        return self.submit_batch([request], on_event)[0]
+
+    def submit_batch(self, requests: Sequence[Request],
+                     on_event: Callable[[], None] | None = None) -> list[list[Handle]]:
+        """Queue ``requests`` together (the loop sees all or none of them, so they are
+        admitted, and prefilled, together as far as the batch has room); each request's
+        choices' handles, as ``submit_choices``."""
+        limit = self.scheduler.policy.max_batch
+        for r in requests:
+            if r.n > limit:
+                raise ValueError(f"n = {r.n} is more than the engine's max_batch ({limit})")
+            if r.constraint is not None:
+                self.grammars.compile(r.constraint)
+        groups = [[Handle(next(self._ids), r, on_event, choice=j) for j in range(r.n)]
+                  for r in requests]
+        self.scheduler.submit_all(groups)
         self._wake.set()
-        return handle
+        return groups
 
     def generate(self, request: Request) -> Completion:
         """Submit and wait (runs the loop here if no thread runs it)."""

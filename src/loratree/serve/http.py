@@ -16,7 +16,6 @@ fix), 429 queue full (with ``Retry-After``), 503 draining, 504 past the request 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import threading
@@ -36,21 +35,15 @@ from starlette.exceptions import HTTPException
 from loratree.adapters.folder_source import plain_dir
 from loratree.adapters.store import check_name
 from loratree.errors import (
-    AdapterFileError,
     AdapterInUseError,
     AdapterNameError,
-    AdapterNotFoundError,
-    CacheFullError,
-    DamagedAdapterError,
-    NonFiniteError,
-    RankTooLargeError,
     ResponseFormatError,
-    TargetError,
 )
 from loratree.models.chat import Message, encode_prompt
 from loratree.serve import webapp as web
 from loratree.serve.embeddings import EmbeddingInputError
 from loratree.serve.engine import Engine
+from loratree.serve.http_run import ApiError, Run, Stream, error_of, finish
 from loratree.serve.lifecycle import lifecycle_routes
 from loratree.serve.metrics import CONTENT_TYPE, Metrics
 from loratree.serve.middleware import ApiKey, BodyLimit, CountRequests
@@ -59,13 +52,17 @@ from loratree.serve.openai_api import (
     CompletionRequest,
     EmbeddingRequest,
     Unsupported,
-    chunk_body,
     completion_body,
     embedding_body,
-    error_body,
     new_id,
 )
-from loratree.serve.requests import AUTO, Completion, FinishReason, Handle, Request
+from loratree.serve.openai_outputs import Outputs
+from loratree.serve.requests import (
+    AUTO,
+    Completion,
+    FinishReason,
+    Request,
+)
 from loratree.serve.response_format import to_constraint
 from loratree.serve.slot_table import BASE
 
@@ -87,7 +84,8 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     max_in_flight: int = 64
-    """Generation requests admitted at once (running + waiting); more get 429."""
+    """Choices admitted at once (running + waiting; a request has ``n`` per prompt); more
+    get 429, and one request with more than this many gets 400."""
     request_timeout_s: float = 300.0
     default_max_tokens: int = 256
     """Chat completions without ``max_tokens``: at most this many (and what fits)."""
@@ -99,19 +97,6 @@ class ServerConfig:
     allow_runtime_lora_updating: bool = False
     """Enable vLLM's ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
     (``serve.lifecycle``: they change the store); without it those routes do not exist."""
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.param, self.code = status, kind, param, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(str(self), self.kind, self.param, self.code),
-                            status_code=self.status, headers=self.headers)
 
 
 class ServerState:
@@ -136,21 +121,21 @@ class ServerState:
         self.in_flight = 0
         self._lock = threading.Lock()
 
-    def admit(self) -> None:
+    def admit(self, choices: int = 1) -> None:
         with self._lock:
             if self.draining:
                 raise ApiError(503, "the server is shutting down", "server_error",
                                code="draining")
-            if self.in_flight >= self.config.max_in_flight:
+            if self.in_flight + choices > self.config.max_in_flight:
                 raise ApiError(429, f"{self.in_flight} requests in flight; retry shortly",
                                "rate_limit_error", code="queue_full",
                                headers={"Retry-After": str(self.config.retry_after_s)})
-            self.in_flight += 1
+            self.in_flight += choices
             self.metrics.in_flight.set(self.in_flight)
 
-    def leave(self) -> None:
+    def leave(self, choices: int = 1) -> None:
         with self._lock:
-            self.in_flight -= 1
+            self.in_flight -= choices
             self.metrics.in_flight.set(self.in_flight)
 
     def clean(self, message: str) -> str:
@@ -234,8 +219,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HttpRequest) -> Response:
         body.check_supported()
-        ids = _encode_text(state, body.prompt_value())
-        return await _generate(state, request, body, ids, body.max_tokens, chat=False)
+        prompts = [_encode_text(state, p) for p in body.prompt_values()]
+        return await _generate(state, request, body, prompts, body.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: HttpRequest) -> Response:
@@ -245,7 +230,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         ids = encode_prompt(messages, state.tokenizer)
         room = state.context - len(ids)
         budget = body.token_budget(min(state.config.default_max_tokens, max(room, 1)))
-        return await _generate(state, request, body, ids, budget, chat=True)
+        return await _generate(state, request, body, [ids], budget, chat=True)
 
 
 def _admin_routes(app: FastAPI, state: ServerState) -> None:
@@ -334,174 +319,100 @@ def _encode_text(state: ServerState, prompt: str | list[int]) -> list[int]:
     return list(prompt)
 
 
-async def _generate(state: ServerState, http: HttpRequest, body: Any, ids: list[int],
-                    max_tokens: int, *, chat: bool) -> Response:
-    adapter = _adapter(state, body.model)
-    if not ids:
-        raise ApiError(400, "the prompt is empty", param="messages" if chat else "prompt")
-    if len(ids) + max_tokens > state.context:
-        raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) "
-                       f"exceeds the model's context of {state.context} tokens",
-                       param="max_tokens", code="context_length_exceeded")
+def _check_prompts(state: ServerState, body: Any, prompts: list[list[int]],
+                   max_tokens: int, chat: bool) -> None:
+    """400 for an empty prompt, one past the context, or more choices than can run."""
+    for ids in prompts:
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="messages" if chat else "prompt")
+        if len(ids) + max_tokens > state.context:
+            raise ApiError(400, f"the prompt ({len(ids)} tokens) plus max_tokens "
+                           f"({max_tokens}) exceeds the model's context of {state.context} "
+                           "tokens", param="max_tokens", code="context_length_exceeded")
+    rows = state.engine.scheduler.policy.max_batch
+    if body.n > rows:
+        raise ApiError(400, f"n = {body.n} is more than the {rows} rows a batch runs",
+                       param="n")
+    most = state.config.max_in_flight
+    if len(prompts) * body.n > most:
+        raise ApiError(400, f"{len(prompts)} prompt(s) x n = {body.n} choices is more than "
+                       f"the {most} this server runs at once", param="prompt" if
+                       len(prompts) > 1 else "n")
+
+
+def _requests(body: Any, adapter: str, prompts: list[list[int]], max_tokens: int
+              ) -> list[Request]:
+    """One engine request per prompt, each with the body's ``n``, outputs and format."""
+    k, echo = body.top_logprobs_k(), getattr(body, "echo", False)
+    prompt_k = k if echo and k is not None else (0 if max_tokens == 0 else None)
     constraint = to_constraint(body.response_format)
     if constraint is not None and body.ignore_eos:
         raise ApiError(400, "ignore_eos cannot be combined with a JSON response_format (the "
                        "response ends when its JSON is complete)", param="ignore_eos")
-    request = Request(ids, adapter=adapter, max_new_tokens=max_tokens,
-                      temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                      seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos,
-                      constraint=constraint)
-    if request.constraint is not None:  # compiled off the event loop (then cached)
+    return [Request(ids, adapter=adapter, max_new_tokens=max_tokens,
+                    temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                    seed=body.seed, stop=body.stops(), ignore_eos=body.ignore_eos,
+                    n=body.n, logprobs=k, prompt_logprobs=prompt_k, constraint=constraint)
+            for ids in prompts]
+
+
+async def _compile(state: ServerState, requests: list[Request]) -> None:
+    """Compile a JSON format's grammar off the event loop (then cached); a schema that
+    cannot be enforced is a 400."""
+    if requests and requests[0].constraint is not None:
         try:
-            await asyncio.to_thread(state.engine.grammars.compile, request.constraint)
+            await asyncio.to_thread(state.engine.grammars.compile, requests[0].constraint)
         except ResponseFormatError as e:
             raise ApiError(400, state.clean(str(e)), param="response_format",
                            code="invalid_response_format") from None
-    state.admit()
+
+
+async def _generate(state: ServerState, http: HttpRequest, body: Any,
+                    prompts: list[list[int]], max_tokens: int, *, chat: bool) -> Response:
+    adapter = _adapter(state, body.model)
+    _check_prompts(state, body, prompts, max_tokens, chat)
+    requests = _requests(body, adapter, prompts, max_tokens)
+    await _compile(state, requests)
+    choices = len(prompts) * body.n
+    state.admit(choices)
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
-    try:
-        handle = state.engine.submit(request,
-                                     on_event=lambda: loop.call_soon_threadsafe(wake.set))
+    try:  # all prompts at once: admitted (and prefilled) together as far as rows allow
+        groups = state.engine.submit_batch(
+            requests, on_event=lambda: loop.call_soon_threadsafe(wake.set))
     except BaseException:
-        state.leave()
+        state.leave(choices)
         raise
     state.metrics.adapter_requests.labels(body.model).inc()
-    run = _Run(state, http, handle, wake, time.monotonic() + state.config.request_timeout_s)
+    handles = [h for group in groups for h in group]  # choice index = prompt * n + j
+    run = Run(state, http, handles, wake, time.monotonic() + state.config.request_timeout_s)
     rid, model = new_id("chatcmpl" if chat else "cmpl"), body.model
+    outputs = Outputs(state.tokenizer, chat, body.top_logprobs_k(),
+                      echo=getattr(body, "echo", False))
     if not body.stream:
         try:
             await run.wait(until_end=True)
-            done = run.result()
+            dones = run.results()
         finally:
             run.end()
         return JSONResponse(completion_body(
-            chat=chat, rid=rid, model=model, text=done.text, finish=_finish(done),
-            prompt_tokens=done.prompt_tokens, completion_tokens=len(done.tokens)))
+            chat=chat, rid=rid, model=model,
+            choices=[outputs.choice(i, d, prompts[i // body.n], finish(d))
+                     for i, d in enumerate(dones)],
+            prompt_tokens=sum(len(p) for p in prompts),
+            completion_tokens=sum(len(d.tokens) for d in dones)))
     try:
-        first = await run.wait(until_end=False)
-        if run.finished and not first:
-            run.result()  # an error before any text: answer with its status
+        news = await run.wait(until_end=False)
+        if run.finished:
+            run.results()  # an error before the stream began: answer with its status
     except BaseException:
         run.end()
         raise
-    return StreamingResponse(_events(run, first, chat, rid, model, body.include_usage()),
+    starts = [len(state.tokenizer.decode(p)) for p in prompts for _ in range(body.n)]
+    stream = Stream(run, outputs, chat, rid, model, [len(p) for p in prompts], starts)
+    return StreamingResponse(stream.events(news, body.include_usage()),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
-
-
-async def _events(run: _Run, first: list[str], chat: bool, rid: str, model: str,
-                  usage: bool) -> AsyncIterator[str]:
-    def event(obj: dict) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    try:
-        yield event(chunk_body(chat=chat, rid=rid, model=model, text="".join(first),
-                               finish=None, first=True))
-        while not run.finished:
-            try:
-                deltas = await run.wait(until_end=False)
-            except ApiError as e:  # the deadline passed mid-stream
-                yield event(error_body(str(e), e.kind, e.param, e.code))
-                return
-            if deltas:
-                yield event(chunk_body(chat=chat, rid=rid, model=model, text="".join(deltas),
-                                       finish=None))
-        done = run.handle.result()
-        if done.finish_reason == FinishReason.ERROR:
-            e = _error_of(run.state, done)
-            yield event(error_body(str(e), e.kind, e.param, e.code))
-            return
-        yield event(chunk_body(chat=chat, rid=rid, model=model, text=None,
-                               finish=_finish(done)))
-        if usage:
-            yield event(chunk_body(chat=chat, rid=rid, model=model, text=None, finish=None,
-                                   usage=(done.prompt_tokens, len(done.tokens))))
-        yield "data: [DONE]\n\n"
-    finally:
-        run.end()
-
-
-class _Run:
-    """One admitted request on the event loop: waits for the engine's events with the
-    deadline and client disconnects in view, and accounts for it exactly once."""
-
-    def __init__(self, state: ServerState, http: HttpRequest, handle: Handle,
-                 wake: asyncio.Event, deadline: float) -> None:
-        self.state, self.http, self.handle, self.wake = state, http, handle, wake
-        self.deadline = deadline
-        self.finished = False
-        """The engine has sent everything (text and the end) and it has been read."""
-        self._ended = False
-
-    async def wait(self, *, until_end: bool) -> list[str]:
-        """Text produced since the last call: at least one delta (or the end), or, with
-        ``until_end``, everything up to the end. Raises 504 past the deadline."""
-        out: list[str] = []
-        while True:
-            self.wake.clear()
-            deltas, ended = self.handle.poll()
-            out += deltas
-            self.finished = self.finished or ended
-            if self.finished or (out and not until_end):
-                return out
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                self.handle.cancel()
-                raise ApiError(504, f"no answer within {self.state.config.request_timeout_s:g}"
-                               " s", "timeout_error", code="deadline_exceeded")
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout=min(remaining, 0.5))
-            except TimeoutError:
-                if await self.http.is_disconnected():
-                    self.handle.cancel()
-
-    def result(self) -> Completion:
-        done = self.handle.result()
-        if done.finish_reason == FinishReason.ERROR:
-            raise _error_of(self.state, done)
-        return done
-
-    def end(self) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        if not self.handle.done:
-            self.handle.cancel()  # client gone or deadline: free the row and its slot
-        self.state.leave()
-        if self.handle.done:
-            done = self.handle.result()
-            m = self.state.metrics
-            m.latency.observe(done.total_s)
-            if done.tokens:
-                m.ttft.observe(done.first_token_s)
-            m.tokens.labels("prompt").inc(done.prompt_tokens)
-            m.tokens.labels("completion").inc(len(done.tokens))
-
-
-def _finish(done: Completion) -> str:
-    """The API's finish reason: "length", else "stop" (what ends a response early is
-    answered as an error, or nobody is left to read it)."""
-    return (FinishReason.LENGTH if done.finish_reason == FinishReason.LENGTH
-            else FinishReason.STOP).value
-
-
-def _error_of(state: ServerState, done: Completion) -> ApiError:
-    e = done.exception
-    message = state.clean(f"{type(e).__name__}: {e}" if e is not None else str(done.error))
-    if isinstance(e, AdapterNotFoundError):
-        return ApiError(404, message, param="model", code="model_not_found")
-    if isinstance(e, AdapterNameError):
-        return ApiError(400, message, param="model", code="invalid_model")
-    if isinstance(e, DamagedAdapterError):
-        return ApiError(422, message, param="model", code="adapter_damaged")
-    if isinstance(e, AdapterFileError | RankTooLargeError | TargetError | CacheFullError
-                  | NonFiniteError):
-        return ApiError(422, message, param="model", code="adapter_unusable")
-    if isinstance(e, ValueError):
-        return ApiError(400, message)
-    return ApiError(500, "the engine failed on this request; see the server log",
-                    "server_error", code="engine_error")
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -537,7 +448,7 @@ def _errors(app: FastAPI, state: ServerState) -> None:
     @app.exception_handler(Exception)
     async def crash(_: HttpRequest, e: Exception) -> JSONResponse:
         failed = Completion("", (), FinishReason.ERROR, "", 0, str(e), exception=e)
-        mapped = _error_of(state, failed)
+        mapped = error_of(state, failed)
         if mapped.status >= 500:
             logger.exception("unhandled error", exc_info=e)
         return mapped.response()

@@ -3,9 +3,16 @@
 Names, defaults and ranges follow OpenAI's (``max_tokens`` 16 for completions, temperature
 in [0, 2], ``top_p`` in (0, 1], at most 4 stop strings), plus two extensions every
 open-source server has: ``top_k`` and ``ignore_eos``. A parameter loratree does not
-implement (``n`` > 1, ``logprobs``, ``echo``, non-zero penalties, tools) is refused with a
-400 that names it rather than silently ignored; unknown fields are refused the same way.
-``response_format`` (structured outputs) is read in ``serve.response_format``.
+implement (``suffix``, non-zero penalties, tools, ``best_of`` other than ``n``, ``echo``
+in a stream) is refused with a 400 that names it rather than silently ignored; unknown
+fields are refused the same way.
+
+Outputs (``serve.openai_outputs`` builds them): ``n`` choices per prompt, ``logprobs``
+(completions: an int, the alternatives per token; chat: a bool with ``top_logprobs``) and
+``echo`` (completions: the prompt's text and, with ``logprobs``, its tokens' logprobs;
+``max_tokens`` may then be 0). A completions ``prompt`` is a text, token ids, or a list of
+either: one choice (or ``n``) per prompt, in order. ``response_format`` (structured
+outputs) is read in ``serve.response_format``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ __all__ = [
     "EmbeddingRequest",
     "TextPart",
     "Unsupported",
+    "choice_body",
     "chunk_body",
     "completion_body",
     "embedding_body",
@@ -37,6 +45,9 @@ __all__ = [
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_PROMPT_CHARS = 200_000
+MAX_PROMPTS = 256
+"""Prompts in one completions request (a batch, as lm-eval sends)."""
+MAX_TOP_LOGPROBS = 20
 
 
 class Unsupported(ValueError):
@@ -65,7 +76,6 @@ class _Sampling(BaseModel):
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    logprobs: bool | int | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     ignore_eos: bool = False
     """Generate exactly ``max_tokens`` tokens (extension, as vLLM's)."""
@@ -79,44 +89,55 @@ class _Sampling(BaseModel):
         return tuple(s for s in stops if s)
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise Unsupported("n", "only n=1 is supported; send one request per completion")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0.0:
                 raise Unsupported(name, f"{name} is not supported; leave it at 0")
-        if self.logprobs not in (None, False, 0):
-            raise Unsupported("logprobs", "logprobs are not supported")
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
 
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]],
+                     Field(min_length=1, max_length=32_768)]
+_Text = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 
-    prompt: (Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
-             | Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]],
-                         Field(min_length=1, max_length=32_768)]
-             | Annotated[list[Annotated[str, Field(min_length=1,
-                                                   max_length=MAX_PROMPT_CHARS)]],
-                         Field(min_length=1, max_length=1)])
-    """Text, token ids, or a list holding one text."""
-    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] = 16
+    prompt: (_Text | _TokenIds
+             | Annotated[list[_Text], Field(min_length=1, max_length=MAX_PROMPTS)]
+             | Annotated[list[_TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
+    """Text, token ids, or a list of either (a batch: one choice per prompt, in order)."""
+    max_tokens: Annotated[int, Field(ge=0, le=1_000_000)] = 16
+    """0 only with ``echo``: the prompt's logprobs, nothing generated."""
     echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    """Alternatives reported per token (with the chosen one), 0 to 20."""
     suffix: str | None = None
-    best_of: Annotated[int, Field(ge=1, le=1)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise Unsupported("echo", "echo is not supported")
         if self.suffix:
             raise Unsupported("suffix", "suffix (insertion) is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise Unsupported("best_of", "best_of is supported only equal to n")
+        if self.max_tokens == 0 and not self.echo:
+            raise Unsupported("max_tokens", "max_tokens 0 needs echo (prompt logprobs only)")
+        if self.echo and self.stream:
+            raise Unsupported("echo", "echo is not supported in a stream")
 
-    def prompt_value(self) -> str | list[int]:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            return self.prompt[0]
-        return self.prompt  # type: ignore[return-value]
+    def top_logprobs_k(self) -> int | None:
+        """Alternatives reported per token (None: no logprobs)."""
+        return self.logprobs
+
+    def prompt_values(self) -> list[str | list[int]]:
+        """The prompts, in order: one text or id list each."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
 
 class TextPart(BaseModel):
@@ -149,12 +170,21 @@ class ChatCompletionRequest(_Sampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    """Alternatives per token, 0 to 20; needs ``logprobs: true``."""
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.tools or self.tool_choice not in (None, "none"):
             raise Unsupported("tools", "tools (function calling) are not supported; for "
                               "structured output use response_format json_schema")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise Unsupported("top_logprobs", "top_logprobs needs logprobs: true")
+
+    def top_logprobs_k(self) -> int | None:
+        """Alternatives reported per token (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @model_validator(mode="after")
     def _last_turn(self) -> ChatCompletionRequest:
@@ -181,33 +211,41 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def completion_body(*, chat: bool, rid: str, model: str, text: str, finish: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict:
-    """A whole (non-streamed) response."""
+def choice_body(*, chat: bool, index: int, text: str, finish: str,
+                logprobs: dict | None = None) -> dict:
+    """One choice of a whole response (``logprobs``: ``serve.openai_outputs``)."""
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "finish_reason": finish, "logprobs": None}
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "finish_reason": finish, "logprobs": logprobs}
+    return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+
+
+def completion_body(*, chat: bool, rid: str, model: str, choices: list[dict],
+                    prompt_tokens: int, completion_tokens: int) -> dict:
+    """A whole (non-streamed) response: its ``choice_body``s and the usage (prompt tokens
+    once per prompt, completion tokens of every choice)."""
     return {"id": rid, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [choice],
+            "created": int(time.time()), "model": model, "choices": choices,
             "usage": _usage(prompt_tokens, completion_tokens)}
 
 
 def chunk_body(*, chat: bool, rid: str, model: str, text: str | None, finish: str | None,
-               first: bool = False, usage: tuple[int, int] | None = None) -> dict:
-    """One server-sent event of a streamed response; ``usage`` makes the final usage-only
-    chunk (``stream_options.include_usage``)."""
+               first: bool = False, usage: tuple[int, int] | None = None, index: int = 0,
+               logprobs: dict | None = None) -> dict:
+    """One server-sent event of a streamed response, for choice ``index`` (with the
+    ``logprobs`` of the tokens it carries); ``usage`` makes the final usage-only chunk
+    (``stream_options.include_usage``)."""
     if usage is not None:
         choices: list = []
     elif chat:
         delta: dict = {"role": "assistant"} if first else {}
         if text:
             delta["content"] = text
-        choices = [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        choices = [{"index": index, "delta": delta, "finish_reason": finish,
+                    "logprobs": logprobs}]
     else:
-        choices = [{"index": 0, "text": text or "", "finish_reason": finish,
-                    "logprobs": None}]
+        choices = [{"index": index, "text": text or "", "finish_reason": finish,
+                    "logprobs": logprobs}]
     body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices}
     if usage is not None:

@@ -13,10 +13,14 @@ from enum import StrEnum
 from loratree.serve.constrain import JsonFormat
 from loratree.serve.slot_table import BASE
 
-__all__ = ["AUTO", "Completion", "FinishReason", "Handle", "Request", "prompt_ids"]
+__all__ = ["AUTO", "MAX_LOGPROBS", "Completion", "FinishReason", "Handle", "Request",
+           "TokenLogprob", "prompt_ids"]
 
 AUTO = "auto"
 """A request's adapter chosen by the router."""
+
+MAX_LOGPROBS = 20
+"""Most alternatives a request may ask for per token (OpenAI's limit)."""
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +46,31 @@ class Request:
     constraint: JsonFormat | None = None
     """Structured output: the tokens are constrained to JSON (any object, or valid against
     a schema; ``serve.constrain``), and the request ends when the JSON is complete."""
+    logprobs: int | None = None
+    """Report each generated token's log-probability and this many most probable
+    alternatives (0 to ``MAX_LOGPROBS``; None: no log-probabilities, no cost). From the raw
+    logits: before temperature, top-k and top-p (``ops.logprobs``)."""
+    prompt_logprobs: int | None = None
+    """Report each prompt token's log-probability (the first token has none) and this many
+    alternatives. The prompt is then prefilled with logits at every position, on its own
+    (never inside a packed step). With it, ``max_new_tokens`` may be 0: prompt only."""
+    n: int = 1
+    """Choices sampled from one prefill of the prompt (``Engine.submit_choices``); choice j
+    samples with seed ``seed + j``."""
 
     def __post_init__(self) -> None:
         problems = []
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < least:
+            problems.append(f"max_new_tokens must be an int >= {least}, got "
+                            f"{self.max_new_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+                problems.append(f"{name} must be None or an int in [0, {MAX_LOGPROBS}], "
+                                f"got {k!r}")
+        if not isinstance(self.n, int) or self.n < 1:
+            problems.append(f"n must be a positive int, got {self.n!r}")
         if not 0.0 <= self.temperature <= 100.0:
             problems.append(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -76,6 +100,16 @@ class FinishReason(StrEnum):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability and the most probable alternatives at its position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, log-probability), most probable first."""
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     tokens: tuple[int, ...]
@@ -89,17 +123,27 @@ class Completion:
     exception: BaseException | None = field(default=None, compare=False, repr=False)
     """What failed the request, when ``finish_reason`` is "error" (its type tells a server
     which status to answer with)."""
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """One record per token of ``tokens`` (``Request.logprobs``), else None."""
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """One per prompt token, None for the first (``Request.prompt_logprobs``), else None."""
 
 
 _DONE = object()
 
 
 class Handle:
-    """A submitted request: iterate for text deltas, or wait for the ``result()``."""
+    """A submitted request (one choice of it): iterate for text deltas, or wait for the
+    ``result()``. ``choice``: which of the request's ``n`` choices (its seed is
+    ``seed + choice``)."""
 
     def __init__(self, request_id: int, request: Request,
-                 on_event: Callable[[], None] | None = None) -> None:
-        self.id, self.request = request_id, request
+                 on_event: Callable[[], None] | None = None, choice: int = 0) -> None:
+        self.id, self.request, self.choice = request_id, request, choice
+        self.logprobs: list[TokenLogprob] | None = (
+            None if request.logprobs is None else [])
+        """The generated tokens' records so far, appended by the engine's thread."""
+        self._logprobs_read = 0
         self._on_event = on_event
         self._queue: queue.Queue = queue.Queue()
         self._done = threading.Event()
@@ -141,6 +185,16 @@ class Handle:
                 ended = True
             else:
                 deltas.append(item)
+
+    def poll_logprobs(self) -> list[TokenLogprob]:
+        """The generated tokens' records added since the last call (empty without
+        ``Request.logprobs``); for streams, beside ``poll``."""
+        if self.logprobs is None:
+            return []
+        upto = len(self.logprobs)  # the engine only appends
+        new = self.logprobs[self._logprobs_read:upto]
+        self._logprobs_read = upto
+        return new
 
     def _emit(self, text: str) -> None:
         if text:

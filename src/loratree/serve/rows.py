@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 from loratree.errors import NonFiniteError
+from loratree.ops.logprobs import token_logprobs
 from loratree.ops.sampling import sample
 from loratree.serve.constrain import Constraint
-from loratree.serve.requests import FinishReason, Handle
+from loratree.serve.requests import FinishReason, Handle, TokenLogprob
 
-__all__ = ["Row", "finite_rows"]
+__all__ = ["Row", "finite_rows", "records"]
 
 
 @dataclass
@@ -35,13 +36,17 @@ class Row:
     error: BaseException | None = None
     constraint: Constraint | None = None
     """The grammar state of a request with a ``constraint`` (``serve.constrain``)."""
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """The prompt tokens' records (``Request.prompt_logprobs``), set at prefill."""
 
     @classmethod
     def start(cls, handle: Handle, adapter: str, slot: int, prompt_len: int,
               next_pos: int, constraint: Constraint | None = None) -> Row:
-        """The row of a request whose prompt was just prefilled."""
+        """The row of a request whose prompt was just prefilled; choice j of a request
+        samples with seed ``seed + j``."""
         seed = handle.request.seed
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        generator = (None if seed is None
+                     else torch.Generator().manual_seed(seed + handle.choice))
         return cls(handle, adapter, slot, prompt_len, next_pos, generator,
                    constraint=constraint)
 
@@ -54,6 +59,7 @@ class Row:
                 f"adapter {self.adapter!r} produced non-finite logits at token "
                 f"{len(self.tokens)}")
             return
+        raw = logits
         try:
             if self.constraint is not None:  # only the tokens its grammar allows
                 logits = self.constraint.mask(logits)
@@ -69,6 +75,15 @@ class Row:
                 self.constraint.advance(token)
             except RuntimeError as e:
                 self.error = e
+        if self.handle.logprobs is not None:
+            self._record_logprob(raw, token)
+
+    def _record_logprob(self, logits: torch.Tensor, token: int) -> None:
+        """The sampled token's record, from the logits it was sampled from (raw: before
+        temperature, top-k, top-p and any grammar mask; ``ops.logprobs``)."""
+        k = self.handle.request.logprobs or 0
+        chosen, values, ids = token_logprobs(logits[None], torch.tensor([token]), k)
+        self.handle.logprobs.append(records([token], chosen, values, ids)[0])
 
     def status(self, tokenizer: object, eos: set[int]) -> tuple[FinishReason | None, str]:
         """(finish reason or None, the text so far); streams the new text."""
@@ -103,6 +118,14 @@ class Row:
         if upto > len(self.text):
             self.handle._emit(text[len(self.text):upto])
             self.text = text[:upto]
+
+
+def records(tokens: list[int], chosen: torch.Tensor, values: torch.Tensor,
+            ids: torch.Tensor) -> list[TokenLogprob]:
+    """``ops.logprobs.token_logprobs``'s tensors as one record per token."""
+    chosen_l, values_l, ids_l = chosen.tolist(), values.tolist(), ids.tolist()
+    return [TokenLogprob(t, lp, tuple(zip(i, v, strict=True)))
+            for t, lp, v, i in zip(tokens, chosen_l, values_l, ids_l, strict=True)]
 
 
 def finite_rows(logits: torch.Tensor) -> list[bool]:

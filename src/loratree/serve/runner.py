@@ -26,16 +26,18 @@ from transformers import DynamicCache
 
 from loratree.models.attention import layer_windows
 from loratree.models.compat import cache_kwargs, forward_takes, output_cache
+from loratree.ops.logprobs import token_logprobs
 from loratree.serve.constrain import Grammars
 from loratree.serve.kv import BatchKV
 from loratree.serve.packed import pack
-from loratree.serve.requests import Handle
-from loratree.serve.rows import Row, finite_rows
+from loratree.serve.requests import Handle, TokenLogprob
+from loratree.serve.rows import Row, finite_rows, records
 from loratree.serve.scheduler import Admitted
 from loratree.serve.slot_table import SlotTable
 from loratree.surgery.prefix import prefix_state
 
-__all__ = ["Decoded", "LogitsHook", "PackedOutput", "Prefilled", "Runner"]
+__all__ = ["Decoded", "LogitsHook", "PackedOutput", "Prefilled", "Runner", "choice_rows",
+           "prompt_records"]
 
 LogitsHook = Callable[[Handle, torch.Tensor], None]
 """Called with each row's logits (V,) before it samples from them (tests record them)."""
@@ -120,9 +122,10 @@ class Runner:
         started = time.perf_counter()
         # a cache of full layers: sliding-window layers keep every column too, so all
         # layers' keys line up with the batch's mask (the window lives in the mask)
+        full = any(a.full_logits for a in group)  # the scheduler keeps these apart
         with self.table.ctx.use(use):
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                             use_cache=True, **self._last_logits_only,
+                             use_cache=True, **({} if full else self._last_logits_only),
                              **cache_kwargs(self.model, DynamicCache()))
         took = time.perf_counter() - started
         self.prefill_s = took if self.prefill_s is None else 0.8 * self.prefill_s + 0.2 * took
@@ -133,10 +136,14 @@ class Runner:
         finite = finite_rows(last)
         rows = []
         for i, a in enumerate(group):
-            row = self._start(a, int(starts[i]) + len(a.ids))
-            self._take(row, last[i], finite[i])
-            rows.append(row)
-        return Prefilled(rows, kv)
+            prompt = prompt_records(out.logits[i], a) if a.full_logits else None
+            for h in a.handles:
+                row = self._start(a, h, int(starts[i]) + len(a.ids))
+                row.prompt_logprobs = prompt
+                if h.request.max_new_tokens > 0:
+                    self._take(row, last[i], finite[i])
+                rows.append(row)
+        return Prefilled(rows, choice_rows(kv, group))
 
     # -- decode ----------------------------------------------------------------------------
     def decode_forward(self, rows: list[Row], slots: Sequence[int],
@@ -184,23 +191,25 @@ class Runner:
         cache = self.kv.cache()
         for layer, (k, v) in zip(cache.layers, out.new, strict=True):
             layer.update(k, v)
-        self.kv = self.kv.append(cache).join(out.joined)
+        self.kv = self.kv.append(cache).join(choice_rows(out.joined, joining))
         finite = self._advance(rows, out.logits)
         joined_rows = []
         for j, a in enumerate(joining, start=len(rows)):
-            row = self._start(a, len(a.ids))
-            self._take(row, out.logits[j], finite[j])
-            joined_rows.append(row)
+            for h in a.handles:
+                row = self._start(a, h, len(a.ids))
+                self._take(row, out.logits[j], finite[j])
+                joined_rows.append(row)
         return joined_rows
 
     # -- sampling --------------------------------------------------------------------------
-    def _start(self, a: Admitted, next_pos: int) -> Row:
-        """The row of a prefilled request, with its grammar's matcher if it has a format."""
-        fmt = a.handle.request.constraint
+    def _start(self, a: Admitted, handle: Handle, next_pos: int) -> Row:
+        """The row of one choice of a prefilled request, with its own grammar matcher if it
+        has a format."""
+        fmt = handle.request.constraint
         if fmt is None:
-            return Row.start(a.handle, a.adapter, a.slot, len(a.ids), next_pos)
+            return Row.start(handle, a.adapter, a.slot, len(a.ids), next_pos)
         assert self.grammars is not None, "a constrained request needs the engine's grammars"
-        return Row.start(a.handle, a.adapter, a.slot, len(a.ids), next_pos,
+        return Row.start(handle, a.adapter, a.slot, len(a.ids), next_pos,
                          self.grammars.start(fmt))
 
     def _advance(self, rows: list[Row], last: torch.Tensor) -> list[bool]:
@@ -217,3 +226,21 @@ class Runner:
         if self.on_logits is not None:
             self.on_logits(row.handle, logits)
         row.take(logits, finite)
+
+
+def choice_rows(kv: BatchKV, group: Sequence[Admitted]) -> BatchKV:
+    """``kv`` (one row per request of ``group``) with each request's row repeated once per
+    choice (``Request.n``): the choices share the prompt's one prefill."""
+    if all(not a.others for a in group):
+        return kv
+    return kv.select([i for i, a in enumerate(group) for _ in a.handles])
+
+
+def prompt_records(logits: torch.Tensor, a: Admitted) -> tuple[TokenLogprob | None, ...]:
+    """The prompt tokens' records from a full-logits prefill row ``logits`` (width, V),
+    the prompt right-aligned in it: position p's logits give token p + 1's record."""
+    ids, k = list(a.ids), a.handle.request.prompt_logprobs or 0
+    width = logits.shape[0]
+    chosen, values, top = token_logprobs(logits[width - len(ids):width - 1],
+                                         torch.tensor(ids[1:]), k)
+    return (None, *records(ids[1:], chosen, values, top))

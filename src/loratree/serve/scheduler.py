@@ -27,7 +27,7 @@ from typing import Protocol
 from loratree.errors import AdapterInUseError, CacheFullError
 from loratree.serve.grouping import prefill_groups
 from loratree.serve.health import Health
-from loratree.serve.requests import Completion, FinishReason, Handle, Request
+from loratree.serve.requests import Completion, FinishReason, Handle, Request, TokenLogprob
 from loratree.serve.rows import Row
 from loratree.serve.slot_table import StepMode
 
@@ -64,6 +64,19 @@ class Admitted:
     """The prompt's token ids."""
     adapter: str
     slot: int
+    others: tuple[Handle, ...] = ()
+    """Choices 1 .. n-1 of the same request (``Request.n``): they share this prefill and
+    hold the slot once more each."""
+
+    @property
+    def handles(self) -> tuple[Handle, ...]:
+        """Every choice's handle, choice order."""
+        return (self.handle, *self.others)
+
+    @property
+    def full_logits(self) -> bool:
+        """Its prefill needs logits at every prompt position (prompt log-probabilities)."""
+        return self.handle.request.prompt_logprobs is not None
 
 
 @dataclass(frozen=True)
@@ -134,16 +147,23 @@ class Scheduler:
         count): a step of k rows served k requests with one forward."""
         self.packed_joins = 0
         """Requests prefilled inside a decode step."""
-        self._waiting: deque[Handle] = deque()
+        self._waiting: deque[tuple[Handle, ...]] = deque()
+        """Requests, each as the handles of its choices (one prefill each)."""
         self._lock = threading.Lock()
         """Guards the queue (``submit`` runs on callers' threads)."""
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
 
     # -- the queue -------------------------------------------------------------------------
-    def submit(self, handle: Handle) -> None:
+    def submit(self, handle: Handle, *others: Handle) -> None:
+        """Queue a request: its first choice's handle and those of its other choices."""
+        self.submit_all([(handle, *others)])
+
+    def submit_all(self, requests: Sequence[Sequence[Handle]]) -> None:
+        """Queue requests (each as its choices' handles) at once: admission sees all or
+        none of them."""
         with self._lock:
-            self._waiting.append(handle)
+            self._waiting.extend(tuple(r) for r in requests)
 
     def busy(self) -> bool:
         with self._lock:
@@ -152,7 +172,7 @@ class Scheduler:
     def load(self) -> tuple[int, int]:
         """(requests waiting to be admitted, requests running)."""
         with self._lock:
-            return len(self._waiting), len(self.rows)
+            return sum(len(c) for c in self._waiting), len(self.rows)
 
     # -- admitting -------------------------------------------------------------------------
     def admit(self, prefill_s: float | None) -> list[Admitted]:
@@ -170,36 +190,58 @@ class Scheduler:
 
     def _take_waiting(self) -> list[Admitted]:
         group: list[Admitted] = []
-        while len(self.rows) + len(group) < self.policy.max_batch:
+        used = len(self.rows)
+        while True:
             with self._lock:
-                if not self._waiting:
+                if not self._waiting or used + len(self._waiting[0]) > self.policy.max_batch:
                     break
-                handle = self._waiting.popleft()
-            if handle.cancelled:
-                end(handle, FinishReason.CANCELLED)
+                choices = self._waiting.popleft()
+            for h in choices:
+                if h.cancelled:
+                    end(h, FinishReason.CANCELLED)
+            handles = [h for h in choices if not h.cancelled]
+            if not handles:
                 continue
             try:
-                ids, adapter = self.resolve(handle.request)
-                slot = self.table.acquire(adapter)
+                ids, adapter = self.resolve(handles[0].request)
+                slot = self._acquire(adapter, len(handles))
             except (AdapterInUseError, CacheFullError) as e:
                 if self.rows or group:  # room comes back as running rows finish
                     with self._lock:
-                        self._waiting.appendleft(handle)
+                        self._waiting.appendleft(tuple(handles))
                     break
-                self.reject(handle, e)
+                self._reject_choices(handles, e)
                 continue
             except Exception as e:  # a bad request fails alone
-                self.reject(handle, e)
+                self._reject_choices(handles, e)
                 continue
-            group.append(Admitted(handle, tuple(ids), adapter, slot))
+            group.append(Admitted(handles[0], tuple(ids), adapter, slot, tuple(handles[1:])))
+            used += len(handles)
         return group
+
+    def _acquire(self, adapter: str, times: int) -> int:
+        """Hold ``adapter``'s slot ``times`` times (one per choice: each row releases it)."""
+        slot = self.table.acquire(adapter)
+        for held in range(1, times):
+            again = self.table.acquire(adapter)
+            if again != slot:  # the adapter changed under us: let go of everything
+                for index in [slot] * held + [again]:
+                    self.table.release(index)
+                raise RuntimeError(f"adapter {adapter!r} moved slots while being acquired")
+        return slot
+
+    def _reject_choices(self, handles: Sequence[Handle], error: Exception) -> None:
+        for h in handles:
+            self.reject(h, error)
 
     def _to_pack(self, group: list[Admitted]) -> list[Admitted]:
         """Set aside for the next decode step the requests it can prefill (not a prefix
-        adapter's; up to ``PACK_TOKENS`` prompt tokens in all); returns the others."""
+        adapter's, not one asking for prompt log-probabilities; up to ``PACK_TOKENS``
+        prompt tokens in all); returns the others."""
         alone, total = [], 0
         for a in group:
-            if self.table.kind_of(a.slot) != PREFIX and total + len(a.ids) <= PACK_TOKENS:
+            if (self.table.kind_of(a.slot) != PREFIX and not a.full_logits
+                    and total + len(a.ids) <= PACK_TOKENS):
                 self.joining.append(a)
                 total += len(a.ids)
             else:
@@ -213,8 +255,8 @@ class Scheduler:
         if p.packs or not self.rows or p.join_wait <= 0 or prefill_s is None:
             return False
         with self._lock:
-            waiting = len(self._waiting)
-            oldest = self._waiting[0].submitted if waiting else None
+            waiting = sum(len(c) for c in self._waiting)
+            oldest = self._waiting[0][0].submitted if waiting else None
         return (oldest is not None and waiting < p.max_batch - len(self.rows)
                 and self.clock() - oldest < p.join_wait * prefill_s)
 
@@ -228,11 +270,15 @@ class Scheduler:
 
     def prefill_parts(self, group: Sequence[Admitted]) -> list[list[Admitted]]:
         """The prefill forwards of ``group``: one, or by prompt on a windowed model
-        (``grouping``); each sorted by slot, so rows sharing a slot are adjacent."""
+        (``grouping``), with the requests that need logits at every prompt position in
+        forwards of their own (the others keep computing the last position's only); each
+        sorted by slot, so rows sharing a slot are adjacent."""
         parts = prefill_groups([len(a.ids) for a in group],
                                [self.table.kind_of(a.slot) == PREFIX for a in group],
                                self.windowed)
-        return [sorted((group[i] for i in part), key=lambda a: a.slot) for part in parts]
+        split = [[group[i] for i in part if group[i].full_logits is full]
+                 for part in parts for full in (False, True)]
+        return [sorted(part, key=lambda a: a.slot) for part in split if part]
 
     # -- planning a step -------------------------------------------------------------------
     def plan_step(self) -> StepPlan:
@@ -283,7 +329,7 @@ class Scheduler:
                 continue
             self.table.release(row.slot)
             end(row.handle, reason, row.tokens, text, row.prompt_len, first=row.first_token_s,
-                adapter=row.adapter, error=row.error)
+                adapter=row.adapter, error=row.error, prompt_logprobs=row.prompt_logprobs)
         if len(keep) == len(self.rows):
             return None
         self.rows = [self.rows[i] for i in keep]
@@ -300,8 +346,9 @@ class Scheduler:
     def reject_all(self, group: Sequence[Admitted], error: Exception) -> None:
         """A prefill of ``group`` failed: release their slots and end them."""
         for a in group:
-            self.table.release(a.slot)
-            self.reject(a.handle, error)
+            for h in a.handles:
+                self.table.release(a.slot)
+                self.reject(h, error)
 
     def fail_running(self, error: BaseException) -> None:
         """End every running and joining request with ``error`` (a step failed), so none
@@ -319,15 +366,19 @@ class Scheduler:
     def fail_joining(self, error: BaseException) -> None:
         """End the requests admitted to join the next decode step with ``error``."""
         for a in self.take_joining():
-            self.table.release(a.slot)
-            end(a.handle, FinishReason.ERROR, error=error, adapter=a.adapter)
+            for h in a.handles:
+                self.table.release(a.slot)
+                end(h, FinishReason.ERROR, error=error, adapter=a.adapter)
 
 
 def end(handle: Handle, reason: FinishReason, tokens: Sequence[int] = (), text: str = "",
         prompt_len: int = 0, *, first: float = 0.0, error: BaseException | None = None,
-        adapter: str | None = None) -> None:
-    """Finish ``handle`` with its completion."""
+        adapter: str | None = None,
+        prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None) -> None:
+    """Finish ``handle`` with its completion (and the log-probabilities it asked for)."""
     total = time.perf_counter() - handle.submitted
     message = None if error is None else f"{type(error).__name__}: {error}"
+    logprobs = None if handle.logprobs is None else tuple(handle.logprobs)
     handle._finish(Completion(text, tuple(tokens), reason, adapter or handle.request.adapter,
-                              prompt_len, message, first, total, error))
+                              prompt_len, message, first, total, error, logprobs,
+                              prompt_logprobs))
