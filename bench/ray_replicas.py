@@ -1,13 +1,16 @@
 """``python -m bench.ray_replicas [--rounds N]``: Ray Serve with 2 loratree replicas versus
 one ``loratree serve``, on the same machine, the same store and the same requests.
 
-Both servers run as the CLI starts them (``loratree serve`` and ``loratree serve --ray
---replicas 2``, the embedded SmolLM2-135M), up at the same time; rounds alternate which goes
-first. A round is 8 concurrent clients streaming one request each over 8 q,v r=8 adapters
-(throughput: completion tokens over the round's wall time, median of rounds), then 8
-one-token requests one after another (the per-request overhead: their median latency).
+The servers run as the CLI starts them (the embedded SmolLM2-135M), all up at once, the
+order rotating each round: ``loratree serve --ray --replicas 2`` (Ray gives each replica one
+CPU and one OpenMP thread), ``loratree serve`` (one engine, torch's default threads), and
+``loratree serve`` with ``OMP_NUM_THREADS=1`` (to tell Ray's cost from the thread count's).
+A round is 8 concurrent clients streaming one request each over 8 q,v r=8 adapters
+(throughput: completion tokens over the round's wall time), then one-token requests and
+``GET /v1/models`` calls one after another (latency; the models list runs no model, so its
+difference between the servers is the cost of Ray's hops per request). Medians of rounds.
 On a 2-core host the two replicas share the cores the single server uses alone, so Ray
-should not gain here; the table says what it costs.
+should not gain here.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -40,6 +43,8 @@ __all__ = ["ray_table"]
 log = logging.getLogger(__name__)
 
 CLIENTS, ADAPTERS, PROMPT, NEW, PINGS = 8, 8, 32, 24, 8
+Measure = tuple[float, float, float]
+"""(tokens/s, one-token request s, models list s) of one round."""
 
 
 def ray_table(root: Path, rounds: int) -> Table:
@@ -49,35 +54,41 @@ def ray_table(root: Path, rounds: int) -> Table:
     del base
     common = ["--store", str(store.root), "--slots", str(ADAPTERS), "--max-rank", "16",
               "--max-batch", str(CLIENTS)]
-    results: dict[str, list[tuple[float, float]]] = {"ray": [], "single": []}
-    with _server("single", common) as single, \
-            _server("ray", [*common, "--ray", "--replicas", "2"]) as ray:
-        urls = {"single": single, "ray": ray}
+    servers = {"ray": ([*common, "--ray", "--replicas", "2"], {}),
+               "single": (common, {}), "single, 1 thread": (common, {"OMP_NUM_THREADS": "1"})}
+    results: dict[str, list[Measure]] = {name: [] for name in servers}
+    with ExitStack() as stack:
+        urls = {name: stack.enter_context(_server(name, args, env))
+                for name, (args, env) in servers.items()}
         for url in urls.values():
             _round(url, prompts)  # warm-up: every adapter loaded where it will be
+        names = list(urls)
         for r in range(rounds):
-            order = ("single", "ray") if r % 2 == 0 else ("ray", "single")
-            for name in order:
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 results[name].append(_round(urls[name], prompts))
-                log.info("round %d %s: %.1f tokens/s, %.0f ms per request", r, name,
-                         *results[name][-1])
-    tps = {k: statistics.median(t for t, _ in v) for k, v in results.items()}
-    ping = {k: statistics.median(p for _, p in v) for k, v in results.items()}
-    rows = [Row("throughput, tokens/s", tps["ray"], tps["single"], "count"),
-            Row("one-token request latency", ping["ray"], ping["single"], "ms")]
+                log.info("round %d %s: %.1f tokens/s, %.0f ms a one-token request, %.1f ms "
+                         "a models list", r, name, results[name][-1][0],
+                         *(1000 * x for x in results[name][-1][1:]))
+    med = {name: [statistics.median(m[i] for m in v) for i in range(3)]
+           for name, v in results.items()}
+    ray, one, one_t = med["ray"], med["single"], med["single, 1 thread"]
+    rows = [Row("throughput, tokens/s", ray[0], one[0], "count"),
+            Row("one-token request", ray[1], one[1], "ms"),
+            Row("models list (no model run)", ray[2], one[2], "ms"),
+            Row("throughput vs single, 1 thread", ray[0], one_t[0], "count"),
+            Row("one-token request vs single, 1 thread", ray[1], one_t[1], "ms")]
     note = (f"{CLIENTS} concurrent streamed requests over {ADAPTERS} q,v r=8 adapters, "
             f"{PROMPT}-token prompts, {NEW} greedy tokens each, then {PINGS} one-token "
-            f"requests in a row; {rounds} rounds, the servers alternating, medians. Ray: "
-            f"`loratree serve --ray --replicas 2` (a local Ray cluster, one CPU per replica); "
-            f"single: `loratree serve`. Ray's overhead per request: "
-            f"{ping['ray'] - ping['single']:+.0f} ms; throughput {tps['ray'] / tps['single']:.2f}"
-            f"x the single server's.")
+            f"requests and {PINGS} `GET /v1/models` in a row; {rounds} rounds, the servers' "
+            f"order rotating, medians. ours: `loratree serve --ray --replicas 2` (local Ray "
+            f"cluster); single: `loratree serve`. Ray's cost per request (models list): "
+            f"{1000 * (ray[2] - one[2]):+.1f} ms; load average at the end "
+            f"{os.getloadavg()[0]:.1f}.")
     return Table("Ray Serve, 2 replicas vs one `loratree serve` (same machine)", rows,
                  [note], peer_name="single")
 
 
-def _round(url: str, prompts: list[list[int]]) -> tuple[float, float]:
-    """(tokens/s of CLIENTS concurrent streams, median ms of PINGS one-token requests)."""
+def _round(url: str, prompts: list[list[int]]) -> Measure:
     tokens = [0] * CLIENTS
 
     def stream(i: int) -> None:
@@ -98,25 +109,28 @@ def _round(url: str, prompts: list[list[int]]) -> tuple[float, float]:
         t.join()
     wall = time.perf_counter() - t0
     assert tokens == [NEW] * CLIENTS, tokens
-    pings = []
-    for i in range(PINGS):
-        t1 = time.perf_counter()
-        r = httpx.post(f"{url}/v1/completions", timeout=600, json={
-            "model": f"a{i % ADAPTERS}", "prompt": prompts[i], "max_tokens": 1,
-            "temperature": 0, "ignore_eos": True})
-        r.raise_for_status()
-        pings.append((time.perf_counter() - t1) * 1000)
-    return CLIENTS * NEW / wall, statistics.median(pings)
+    one_token = [_timed(lambda i=i: httpx.post(f"{url}/v1/completions", timeout=600, json={
+        "model": f"a{i % ADAPTERS}", "prompt": prompts[i], "max_tokens": 1,
+        "temperature": 0, "ignore_eos": True})) for i in range(PINGS)]
+    models = [_timed(lambda: httpx.get(f"{url}/v1/models", timeout=600))
+              for _ in range(PINGS)]
+    return CLIENTS * NEW / wall, statistics.median(one_token), statistics.median(models)
+
+
+def _timed(call) -> float:
+    t0 = time.perf_counter()
+    call().raise_for_status()
+    return time.perf_counter() - t0
 
 
 @contextmanager
-def _server(name: str, args: list[str]) -> Iterator[str]:
+def _server(name: str, args: list[str], env: dict[str, str]) -> Iterator[str]:
     """``loratree serve ARGS`` on a free port, until /v1/models answers; SIGINT at exit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "loratree", "serve", *args,
-                             "--port", str(port)], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                             "--port", str(port)], env={**os.environ, **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.ray
 
 ADAPTERS = [f"a{i:02d}" for i in range(N_ADAPTERS)]
 PROMPTS = [[5, 9, 13, 3, 40], [7, 7, 8], [30, 31, 32, 33], [11, 50, 2, 2]]
-NEW, CLIENTS = 6, 8
+NEW, LONG, CLIENTS = 6, 48, 8
+"""Tokens per request; LONG keeps requests on a replica long enough to be killed there."""
 
 
 def skewed(n, seed):
@@ -36,33 +37,33 @@ def skewed(n, seed):
             for _ in range(n)]
 
 
-def body(adapter, prompt, **extra):
-    return {"model": adapter, "prompt": PROMPTS[prompt], "max_tokens": NEW,
-            "temperature": 0, **extra}
+def body(adapter, prompt, new=NEW):
+    return {"model": adapter, "prompt": PROMPTS[prompt], "max_tokens": new, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
 def reference(twelve):
-    """The single-process server's greedy text for every (adapter, prompt)."""
+    """The single-process server's greedy text for every (adapter, prompt, tokens)."""
     with live(twelve, make_engine(twelve, cache_adapters=N_ADAPTERS)) as (url, _), \
             httpx.Client(base_url=url, timeout=60) as client:
-        return {(a, p): client.post("/v1/completions", json=body(a, p)).json()
-                ["choices"][0]["text"] for a in ADAPTERS for p in range(len(PROMPTS))}
+        return {(a, p, n): client.post("/v1/completions", json=body(a, p, n)).json()
+                ["choices"][0]["text"] for a in ADAPTERS for p in range(len(PROMPTS))
+                for n in (NEW, LONG)}
 
 
-async def run_load(url, plan, after=None):
-    """Send ``plan`` from CLIENTS concurrent clients; ``after(done)`` runs after each
-    answer. Returns (response, sent at, answered at) per request, in plan order."""
+async def run_load(url, plan, new=NEW, after=None):
+    """Send ``plan`` from CLIENTS concurrent clients; ``after(done, response)`` runs after
+    each answer. Returns (response, sent at, answered at) per request, in plan order."""
     results = [None] * len(plan)
     work = iter(enumerate(plan))
     async with httpx.AsyncClient(base_url=url, timeout=90) as client:
         async def one_client():
             for i, (adapter, prompt) in work:
                 sent = time.monotonic()
-                r = await client.post("/v1/completions", json=body(adapter, prompt))
+                r = await client.post("/v1/completions", json=body(adapter, prompt, new))
                 results[i] = (r, sent, time.monotonic())
                 if after is not None:
-                    after(sum(x is not None for x in results))
+                    after(sum(x is not None for x in results), r)
 
         await asyncio.gather(*(one_client() for _ in range(CLIENTS)))
     return results
@@ -71,7 +72,8 @@ async def run_load(url, plan, after=None):
 def test_streams_and_errors_pass_through_ray(cluster, reference):
     url, _ = cluster
     client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-    (adapter, p), text = max(reference.items(), key=lambda kv: len(kv[1].split()))
+    (adapter, p, _), text = max(((k, t) for k, t in reference.items() if k[2] == NEW),
+                                key=lambda kv: len(kv[1].split()))
     prompt = " ".join(f"w{t}" for t in PROMPTS[p])
     whole = client.completions.create(model=adapter, prompt=prompt, max_tokens=NEW,
                                       temperature=0)
@@ -95,7 +97,7 @@ def test_200_requests_equal_single_process_with_adapter_affinity(cluster, refere
     served_by = {}
     for (adapter, prompt), (r, _, _) in zip(plan, results, strict=True):
         assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["text"] == reference[adapter, prompt], adapter
+        assert r.json()["choices"][0]["text"] == reference[adapter, prompt, NEW], adapter
         served_by.setdefault(adapter, set()).add(r.headers[REPLICA_HEADER])
     ledger = httpx.get(f"{url}{LEDGER_PATH}").json()
     assert len(ledger["replicas"]) == 2, ledger
@@ -119,24 +121,25 @@ def test_200_requests_equal_single_process_with_adapter_affinity(cluster, refere
             assert served_by[a] == set(on[a]), (a, served_by[a], on[a])
 
 
-def test_killed_replica_fails_only_its_requests_in_flight(cluster, reference):
+def test_killed_replica_fails_only_its_requests_in_flight(cluster, reference, capsys):
     url, _ = cluster
     plan = skewed(120, seed=1)
-    before = httpx.get(f"{url}{LEDGER_PATH}").json()["replicas"]
-    victim = max(before, key=lambda rid: sum(before[rid]["loads"].values()))
+    pids = {rid: r["pid"] for rid, r in httpx.get(f"{url}{LEDGER_PATH}").json()
+            ["replicas"].items()}
     killed_at = []
 
-    def kill_midway(done):
-        if done == 40 and not killed_at:
-            os.kill(before[victim]["pid"], signal.SIGKILL)
+    def kill_midway(done, last):
+        """SIGKILL the replica that just answered: its other requests are on it still."""
+        if done >= 40 and not killed_at and last.status_code == 200:
+            os.kill(pids[last.headers[REPLICA_HEADER]], signal.SIGKILL)
             killed_at.append(time.monotonic())
 
-    results = asyncio.run(run_load(url, plan, after=kill_midway))
+    results = asyncio.run(run_load(url, plan, LONG, after=kill_midway))
     assert killed_at
     failed = 0
     for (adapter, prompt), (r, sent, answered) in zip(plan, results, strict=True):
         if r.status_code == 200:
-            assert r.json()["choices"][0]["text"] == reference[adapter, prompt]
+            assert r.json()["choices"][0]["text"] == reference[adapter, prompt, LONG]
             continue
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "replica_died"
@@ -144,10 +147,12 @@ def test_killed_replica_fails_only_its_requests_in_flight(cluster, reference):
         assert sent <= killed_at[0] <= answered, "only requests in flight at the kill fail"
         failed += 1
     assert 1 <= failed <= MAX_ONGOING, failed
+    with capsys.disabled():
+        print(f"\n[ray kill] {failed} of {len(plan)} requests were on the killed replica: 503")
     # Ray starts a replica in the dead one's place, and it serves
     deadline = time.monotonic() + 120
     while len(httpx.get(f"{url}{LEDGER_PATH}").json()["replicas"]) < 3:
         assert time.monotonic() < deadline, "no replacement replica within 120 s"
         time.sleep(1)
     r = httpx.post(f"{url}/v1/completions", json=body("a00", 0), timeout=60)
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference["a00", 0]
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference["a00", 0, NEW]
