@@ -20,6 +20,6 @@ def test_bad_options_are_named_together():
 
 
 def test_importing_the_package_does_not_import_ray():
-    code = ("import sys, loratree.integrations.ray, loratree.cli.main; "
+    code = ("import sys, loratree.integrations.ray; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

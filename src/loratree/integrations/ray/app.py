@@ -50,7 +50,7 @@ def build_app(options: RayServeOptions) -> Application:
 def app_builder(args: dict[str, str]) -> Application:
     """``serve run``'s entry point: ``RayServeOptions`` and ``ServerConfig`` fields by name
     (``cpu_tuning`` as ``loratree serve --cpu-tuning`` takes it)."""
-    fields = {f.name: f for f in dataclasses.fields(RayServeOptions)}
+    fields = {f.name: f for f in dataclasses.fields(RayServeOptions) if f.name != "server"}
     server_fields = {f.name: f for f in dataclasses.fields(ServerConfig)}
     unknown = sorted(set(args) - set(fields) - set(server_fields))
     if unknown:

@@ -109,8 +109,9 @@ class LoraTreeReplica:
             self.cache.evict(adapter)
         except AdapterInUseError:  # a running request still reads it: the cache's LRU
             pass                   # drops it once it is free and room is needed
-        asyncio.run_coroutine_threadsafe(self._report_evicted(adapter, sorted(self.held)),
-                                         self._loop)
+        if not self._loop.is_closed():  # not at interpreter exit
+            asyncio.run_coroutine_threadsafe(
+                self._report_evicted(adapter, sorted(self.held)), self._loop)
 
     async def _report_evicted(self, adapter: str, held: list[str]) -> None:
         await self.ledger.evicted.remote(self.id, adapter, held)
