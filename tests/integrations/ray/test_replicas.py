@@ -4,6 +4,7 @@ mix, adapter affinity through Ray's model multiplexing, streaming through Ray, a
 killed mid-run (only its requests in flight fail, with a retriable 503; Ray restarts it)."""
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -37,8 +38,22 @@ def skewed(n, seed):
             for _ in range(n)]
 
 
-def body(adapter, prompt, new=NEW):
-    return {"model": adapter, "prompt": PROMPTS[prompt], "max_tokens": new, "temperature": 0}
+def body(adapter, prompt, new=NEW, stream=False):
+    return {"model": adapter, "prompt": PROMPTS[prompt], "max_tokens": new, "temperature": 0,
+            "stream": stream}
+
+
+def answer(r):
+    """(text, error) of a response: a JSON completion, a server-sent event stream (whose
+    last event may be an error), or an error."""
+    if r.headers["content-type"].startswith("text/event-stream"):
+        events = [json.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")]
+        error = next((e["error"] for e in events if "error" in e), None)
+        return "".join(e["choices"][0]["text"] for e in events if e.get("choices")), error
+    if r.status_code != 200:
+        return None, r.json()["error"]
+    return r.json()["choices"][0]["text"], None
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +66,18 @@ def reference(twelve):
                 for n in (NEW, LONG)}
 
 
-async def run_load(url, plan, new=NEW, after=None):
-    """Send ``plan`` from CLIENTS concurrent clients; ``after(done, response)`` runs after
-    each answer. Returns (response, sent at, answered at) per request, in plan order."""
+async def run_load(url, plan, new=NEW, after=None, streams=False):
+    """Send ``plan`` from CLIENTS concurrent clients (with ``streams``, every second request
+    streamed); ``after(done, response)`` runs after each answer. Returns (response, sent
+    at, answered at) per request, in plan order."""
     results = [None] * len(plan)
     work = iter(enumerate(plan))
     async with httpx.AsyncClient(base_url=url, timeout=90) as client:
         async def one_client():
             for i, (adapter, prompt) in work:
                 sent = time.monotonic()
-                r = await client.post("/v1/completions", json=body(adapter, prompt, new))
+                r = await client.post("/v1/completions", json=body(
+                    adapter, prompt, new, stream=streams and i % 2 == 1))
                 results[i] = (r, sent, time.monotonic())
                 if after is not None:
                     after(sum(x is not None for x in results), r)
@@ -112,10 +129,11 @@ def test_200_requests_equal_single_process_with_adapter_affinity(cluster, refere
               f"{sum(loads.values())} loads in all, adapters loaded on both replicas: "
               f"{both or 'none'}; per adapter {loads}")
     # affinity: an adapter's requests go where it is held while that replica has room, so
-    # few adapters end up loaded twice (routing blind to adapters loads nearly all twice)
+    # few adapters end up loaded twice (13-15 loads, 1-3 adapters on both replicas in runs
+    # here; the same replicas routed blind to adapters made 45 loads, all 12 on both)
     assert all(loads[a] >= 1 for a, _ in plan), loads  # a replica loads what it serves
-    assert sum(loads.values()) <= N_ADAPTERS + N_ADAPTERS // 3, loads
-    assert len(both) <= N_ADAPTERS // 3, both
+    assert sum(loads.values()) <= N_ADAPTERS * 3 // 2, loads
+    assert len(both) <= N_ADAPTERS // 2, both
     for a in ADAPTERS:  # the ledger agrees with who answered
         if a in served_by and len(on.get(a, [])) == 1:
             assert served_by[a] == set(on[a]), (a, served_by[a], on[a])
@@ -134,21 +152,26 @@ def test_killed_replica_fails_only_its_requests_in_flight(cluster, reference, ca
             os.kill(pids[last.headers[REPLICA_HEADER]], signal.SIGKILL)
             killed_at.append(time.monotonic())
 
-    results = asyncio.run(run_load(url, plan, LONG, after=kill_midway))
+    results = asyncio.run(run_load(url, plan, LONG, after=kill_midway, streams=True))
     assert killed_at
     failed = 0
     for (adapter, prompt), (r, sent, answered) in zip(plan, results, strict=True):
-        if r.status_code == 200:
-            assert r.json()["choices"][0]["text"] == reference[adapter, prompt, LONG]
+        text, error = answer(r)
+        if error is None:
+            assert r.status_code == 200
+            assert text == reference[adapter, prompt, LONG]
             continue
-        assert r.status_code == 503, r.text
-        assert r.json()["error"]["code"] == "replica_died"
-        assert r.headers["Retry-After"] == "1"
+        # before its first byte: 503 with Retry-After; mid-stream: the stream's last event
+        assert error["code"] == "replica_died", error
+        assert r.status_code == 200 or (r.status_code == 503
+                                        and r.headers["Retry-After"] == "1"), r.status_code
         assert sent <= killed_at[0] <= answered, "only requests in flight at the kill fail"
         failed += 1
     assert 1 <= failed <= MAX_ONGOING, failed
     with capsys.disabled():
-        print(f"\n[ray kill] {failed} of {len(plan)} requests were on the killed replica: 503")
+        print(f"\n[ray kill] {failed} of {len(plan)} requests (half of them streamed) were on "
+              f"the killed replica: {sum(r.status_code == 503 for r, _, _ in results)} got "
+              "503, the rest a replica_died event mid-stream")
     # Ray starts a replica in the dead one's place, and it serves
     deadline = time.monotonic() + 120
     while len(httpx.get(f"{url}{LEDGER_PATH}").json()["replicas"]) < 3:
