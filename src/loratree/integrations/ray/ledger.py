@@ -32,12 +32,17 @@ class LoadLedger:
         self._replicas[replica] = _Replica(pid, time.time())
 
     def loaded(self, replica: str, adapter: str, held: list[str]) -> None:
-        self._replicas[replica].loads[adapter] += 1
-        self._replicas[replica].held = held
+        self._of(replica).loads[adapter] += 1
+        self._of(replica).held = held
 
     def evicted(self, replica: str, adapter: str, held: list[str]) -> None:
-        self._replicas[replica].evictions[adapter] += 1
-        self._replicas[replica].held = held
+        self._of(replica).evictions[adapter] += 1
+        self._of(replica).held = held
+
+    def _of(self, replica: str) -> _Replica:
+        """A replica's record; one the ledger missed starting (it was restarted itself)
+        gets a record with pid 0."""
+        return self._replicas.setdefault(replica, _Replica(0, time.time()))
 
     def snapshot(self) -> dict:
         """``{"replicas": {id: {pid, started, loads, evictions, held}}, "adapters":

@@ -99,7 +99,7 @@ class LoraTreeReplica:
     async def _load(self, adapter: str) -> _Held:
         await asyncio.to_thread(self.cache.get, adapter)
         self.held.add(adapter)
-        await self.ledger.loaded.remote(self.id, adapter, sorted(self.held))
+        await self._report(self.ledger.loaded, adapter)
         return _Held(adapter, self._unload)
 
     def _unload(self, adapter: str) -> None:
@@ -110,8 +110,12 @@ class LoraTreeReplica:
         except AdapterInUseError:  # a running request still reads it: the cache's LRU
             pass                   # drops it once it is free and room is needed
         if not self._loop.is_closed():  # not at interpreter exit
-            asyncio.run_coroutine_threadsafe(
-                self._report_evicted(adapter, sorted(self.held)), self._loop)
+            asyncio.run_coroutine_threadsafe(self._report(self.ledger.evicted, adapter),
+                                             self._loop)
 
-    async def _report_evicted(self, adapter: str, held: list[str]) -> None:
-        await self.ledger.evicted.remote(self.id, adapter, held)
+    async def _report(self, method: DeploymentHandle, adapter: str) -> None:
+        """Tell the ledger; a ledger that is down costs the counts, never the request."""
+        try:
+            await method.remote(self.id, adapter, sorted(self.held))
+        except Exception:
+            logger.warning("the load ledger missed %r on %s", adapter, self.id, exc_info=True)
