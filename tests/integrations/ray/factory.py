@@ -5,7 +5,13 @@ from loratree.models.tiny import tiny_tokenizer
 from tests.serve.common import VOCAB, tiny_model
 
 FACTORY = "tests.integrations.ray.factory:tiny"
+CONTEXT = 1024
+"""The replicas' context: room for a stream long enough to be killed under (the default
+rotary embedding has no length of its own, so the first 128 positions compute as in
+``tiny_model``)."""
 
 
 def tiny():
-    return tiny_model(), tiny_tokenizer(VOCAB)
+    model = tiny_model()
+    model.config.max_position_embeddings = CONTEXT
+    return model, tiny_tokenizer(VOCAB)

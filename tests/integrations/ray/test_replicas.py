@@ -28,8 +28,9 @@ ADAPTERS = [f"a{i:02d}" for i in range(N_ADAPTERS)]
 PROMPTS = [[5, 9, 13, 3, 40], [7, 7, 8], [30, 31, 32, 33], [11, 50, 2, 2]]
 NEW, LONG, CLIENTS = 6, 48, 8
 """Tokens per request; LONG keeps requests on a replica long enough to be killed there."""
-KILLED_STREAM = 120
-"""Tokens of the stream whose replica is killed under it (prompt + this fit the context)."""
+KILLED_STREAM = 1000
+"""Tokens of the stream whose replica is killed under it: seconds of work on the replica,
+longer than its first bytes take to reach the client (``factory.CONTEXT`` fits them)."""
 
 
 def skewed(n, seed):
