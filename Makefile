@@ -12,7 +12,7 @@ OLDEST_TRANSFORMERS := 5.1.0
 OLDEST_PEFT := 0.21.2
 OLDEST_STAMP := $(OLDEST_VENV)/.installed
 
-.PHONY: setup browser test test-all test-oldest lint demo bench clean
+.PHONY: setup browser test test-all test-oldest test-ray lint demo bench clean
 
 setup: $(STAMP) browser
 
@@ -47,7 +47,17 @@ lint: setup
 	$(BIN)/lint-imports
 
 test: setup lint
-	$(BIN)/python -m pytest -m "not slow" tests
+	$(BIN)/python -m pytest -m "not slow and not ray" tests
+
+# Ray Serve replicas (the optional `ray` extra) on a local Ray cluster: about 2-3 minutes
+# on 2 cores, most of it Ray and the replicas starting, so not part of `make test`.
+RAY_STAMP := $(VENV)/.installed-ray
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test,ray]'
+	touch $(RAY_STAMP)
+
+test-ray: $(RAY_STAMP)
+	$(BIN)/python -m pytest -m ray tests/integrations/ray
 
 # the slow checks too (real-model generation, long load tests)
 test-all: setup lint

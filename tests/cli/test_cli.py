@@ -264,3 +264,12 @@ def test_store_list_names_a_damaged_entry_and_add_still_works(tmp_path):
     assert "loratree store add broken DIR" in listed.stdout and "1 damaged" in listed.stdout
     added = _cli("store", *store, "add", "fine", str(src))
     assert added.returncode == 0, added.stderr
+
+
+def test_serve_ray_without_ray_names_the_extra(tmp_path, monkeypatch, capsys):
+    from loratree.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    monkeypatch.setitem(sys.modules, "ray.serve", None)
+    assert main(["serve", "--ray", "--replicas", "2", "--store", str(tmp_path)]) == 2
+    assert "pip install loratree[ray]" in capsys.readouterr().err

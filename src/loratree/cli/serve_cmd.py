@@ -46,18 +46,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         " (they add to and remove from the store; put an API key on the "
                         f"server); default: the {ENV_FLAG} environment variable")
     p.add_argument("--log-level", default="info")
+    ray = p.add_argument_group("Ray Serve (pip install loratree[ray])")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve through Ray Serve: --replicas engines, each with its own "
+                          "cache and slots, requests routed to a replica holding the adapter")
+    ray.add_argument("--replicas", type=int, default=2, help="with --ray: engines (default 2)")
+    ray.add_argument("--ray-address", default=None,
+                     help="with --ray: the cluster to join ('auto': the one `ray start` runs "
+                          "here); default: start a local one")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray:
+        return _run_on_ray(args)
     engine, _ = build_engine(args)
     name = args.model_name or _model_name(engine.model, args.model)
-    config = ServerConfig(base_name=name, api_key=os.environ.get(args.api_key_env) or None,
-                          max_body_bytes=args.max_body_kb * 1024,
-                          max_in_flight=args.max_in_flight,
-                          request_timeout_s=args.request_timeout, admin=args.admin,
-                          web=args.web,
-                          allow_runtime_lora_updating=args.allow_runtime_lora_updating)
+    config = _server_config(args, name)
     app = create_app(engine, config)
     where = [f"store {engine.table.cache.store.root}"] if engine.table.cache.store else []
     where += [f"adapters dir {d}" for d in args.adapters_dir]
@@ -72,6 +77,31 @@ def run(args: argparse.Namespace) -> int:
 def _env_flag(value: str | None) -> bool:
     """vLLM's reading of a boolean environment variable: "1" or "true", any case."""
     return (value or "").strip().lower() in ("1", "true")
+
+
+def _server_config(args: argparse.Namespace, name: str) -> ServerConfig:
+    return ServerConfig(base_name=name, api_key=os.environ.get(args.api_key_env) or None,
+                        max_body_bytes=args.max_body_kb * 1024,
+                        max_in_flight=args.max_in_flight,
+                        request_timeout_s=args.request_timeout, admin=args.admin,
+                        web=args.web,
+                        allow_runtime_lora_updating=args.allow_runtime_lora_updating)
+
+
+def _run_on_ray(args: argparse.Namespace) -> int:
+    """Ray is imported only here, and a missing Ray is an error naming the extra."""
+    from loratree.integrations.ray import RayServeOptions, require_ray, serve_on_ray
+
+    require_ray()
+    name = args.model_name or _model_name(None, args.model)
+    options = RayServeOptions(
+        store=args.store, model=args.model, replicas=args.replicas, cache_mb=args.cache_mb,
+        slots=args.slots, max_rank=args.max_rank, max_batch=args.max_batch,
+        cpu_tuning=args.cpu_tuning, server=_server_config(args, name))
+    print(f"serving {name} and the adapters in {args.store} from {args.replicas} Ray Serve "
+          f"replicas on http://{args.host}:{args.port}/v1", flush=True)
+    serve_on_ray(options, args.host, args.port, args.ray_address)
+    return 0
 
 
 def _model_name(model: object, given: str | None) -> str:
