@@ -219,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--work", default="out/vllm-bench")
+    p.add_argument("--vllm-bind", default=None,
+                   help="VLLM_CPU_OMP_THREADS_BIND for vLLM (default: vLLM's auto, which keeps "
+                        "one core for its API server; '0-1' computes on both of 2 cores, "
+                        "as loratree does)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = Path(args.work).resolve()
@@ -229,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(names[i % len(names)], PROMPTS[i % len(PROMPTS)]) for i in range(args.requests)]
     plugin_env = {"LORATREE_VLLM_STORE": str(store.root),
                   "LORATREE_VLLM_CACHE": str(work / "vllm-cache")}
+    if args.vllm_bind:
+        plugin_env["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_bind
     loads = []
     for r in range(args.rounds):
         with loratree_server(store, model_dir, work / "loratree.log") as url:

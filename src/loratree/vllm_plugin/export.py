@@ -75,8 +75,9 @@ class ExportReport:
         return [f"{n}={self.out / n}" for n in sorted(self.names)]
 
     def vllm_args(self) -> list[str]:
+        modules = self.lora_modules()
         return ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank),
-                "--lora-modules", *self.lora_modules()]
+                *(["--lora-modules", *modules] if modules else [])]
 
 
 def export_store(store: AdapterStore, out: str | Path, *,
@@ -92,7 +93,6 @@ def export_store(store: AdapterStore, out: str | Path, *,
         raise ValueError(f"{out} exists and is not a loratree export; choose an empty or "
                          "new directory")
     good, bad = store.scan()
-    report = ExportReport(out, skipped={d.name: f"damaged: {d.problem}" for d in bad})
     seen: dict[str, str] = {}
     for info in good:
         flat = flat_name(info.name)
@@ -100,29 +100,26 @@ def export_store(store: AdapterStore, out: str | Path, *,
             raise ValueError(f"store names {seen[flat]!r} and {info.name!r} both export as "
                              f"{flat!r}; rename one of them")
         seen[flat] = info.name
+    names, ranks = {}, {}
+    skipped = {d.name: f"damaged: {d.problem}" for d in bad}
     with atomic_dir(out) as tmp:
         for info in good:
-            _export_one(store, info.name, tmp, base_model, report)
+            try:
+                adapter = for_vllm(store, info.name)
+            except RefusedError as e:
+                skipped[info.name] = str(e)
+                continue
+            if base_model is not None:
+                raw = {**adapter.raw_config, "base_model_name_or_path": base_model}
+                adapter = dataclasses.replace(adapter, raw_config=raw)
+            flat = flat_name(info.name)
+            write_adapter_file(adapter, tmp / flat)
+            names[flat], ranks[flat] = info.name, adapter_rank(adapter)
+        report = ExportReport(out, names, ranks, skipped)
         _write_manifest(tmp, store, report, base_model)
-    for name, why in sorted(report.skipped.items()):
+    for name, why in sorted(skipped.items()):
         log.warning("export for vLLM: skipped %r: %s", name, why)
     return report
-
-
-def _export_one(store: AdapterStore, name: str, tmp: Path, base_model: str | None,
-                report: ExportReport) -> None:
-    try:
-        adapter = for_vllm(store, name)
-    except RefusedError as e:
-        report.skipped[name] = str(e)
-        return
-    if base_model is not None:
-        adapter = dataclasses.replace(
-            adapter, raw_config={**adapter.raw_config, "base_model_name_or_path": base_model})
-    flat = flat_name(name)
-    write_adapter_file(adapter, tmp / flat)
-    report.names[flat] = name
-    report.ranks[flat] = adapter_rank(adapter)
 
 
 def _write_manifest(tmp: Path, store: AdapterStore, report: ExportReport,
