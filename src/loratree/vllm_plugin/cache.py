@@ -10,7 +10,7 @@ new one, and an entry never changes once written.
 
 Layout under the cache root::
 
-    <path hash>/adapter_config.json, adapter_model.safetensors, loratree-vllm.json
+    v1-<path hash>/adapter_config.json, adapter_model.safetensors, loratree-vllm.json
 
 An entry is built in a temp directory beside it, its manifest (the sha256 of each file)
 written last, every file fsynced, then renamed into place whole, so vLLM never reads a
@@ -60,7 +60,7 @@ class Materialised:
     path: Path
     """The entry's directory: a plain PEFT LoRA adapter."""
     key: str
-    """The content hash of the name's whole path (the entry's directory name)."""
+    """The content hash of the name's whole path (in the entry's directory name)."""
     rank: int
     """The largest rank over its modules (what ``--max-lora-rank`` must cover)."""
 
@@ -91,7 +91,7 @@ class MaterialisedCache:
         except (OSError, AdapterFileError, TreeError, AdapterNotFoundError) as e:
             raise DamagedEntryError(f"adapter {name!r} cannot be read from the store ({e})"
                                     ) from e
-        entry = self.root / key
+        entry = self.root / f"v{_FORMAT}-{key}"  # a new format never reads an old entry
         if not entry.exists():
             self._build(entry, name, key, compose_for_vllm(self.store, name))
         manifest = self._check(entry, name, key)
