@@ -75,8 +75,8 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	touch $(VLLM_STAMP)
 
 # vLLM (CPU) serving a loratree store, through the plugin and through an export, against
-# `loratree serve` on the same store: same greedy texts for every request (about 6-10 min
-# on 2 cores, most of it vLLM starting twice).
+# `loratree serve` on the same store: same greedy texts for every request (2.5-7.5 min
+# measured on a shared 2-core host, most of it vLLM starting twice).
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -m vllm -s -v tests/interop
 
