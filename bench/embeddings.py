@@ -12,8 +12,9 @@ goes through three contenders in every round, on one model and one slot table:
 - ``forward``: one bare forward of the decoder over the padded batch with a slot per row
   (no bookkeeping, no pooling): the floor.
 
-Ratios are paired per round against ``embed``. CPU tuning is off for all three (it would
-change the shared model's linears).
+Ratios are against ``prefill`` (the plain path); per-round paired ratios are in the notes.
+CPU tuning is off for all three (it would change the shared model's linears). ``make
+bench`` runs it in the ``api`` group of ``bench.run`` (``bench/api_rows.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import statistics
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -31,8 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.contenders import QV_R8, add_ours_slot
-from bench.harness import Timing, configure_threads, interleaved, machine_info
+from bench.contenders import QV_R8
+from bench.harness import configure_threads, interleaved, machine_info, paired_ratio
+from bench.report import Row, Table, render
+from bench.serve_rows import make_store
 from loratree import surgery
 from loratree.adapters import AdapterStore
 from loratree.models import load_base
@@ -42,7 +44,7 @@ from loratree.serve.embeddings import EmbeddingJob, run_jobs
 from loratree.serve.slot_table import SlotTable
 from loratree.tree.cache import AdapterCache
 
-__all__ = ["Setting", "main", "measure"]
+__all__ = ["FULL", "QUICK", "Setting", "embeddings_table", "main"]
 
 log = logging.getLogger("bench.embeddings")
 
@@ -79,53 +81,47 @@ def main() -> None:
         name = "SmolLM2-135M-Instruct (fp32)"
     base.eval()
     with tempfile.TemporaryDirectory() as tmp:
-        lines = measure(base, tokenizer, settings, repeats, Path(tmp))
-    facts = machine_info()
-    print(f"## Embeddings vs the plain paths ({name}, {repeats} rounds, medians)\n")
-    print("\n".join(lines))
-    print("\n" + "; ".join(f"{k}: {v}" for k, v in facts.items()))
+        store = make_store(base, QV_R8, Path(tmp), max(s.adapters for s in settings))
+        table = embeddings_table(base, tokenizer, store, settings, repeats)
+    print(render(f"Embeddings vs the plain paths ({name})", machine_info(),
+                 [f"{repeats} interleaved rounds in one process, medians (bench.embeddings)"],
+                 [table], []))
 
 
-def measure(base: nn.Module, tokenizer: object, settings: list[Setting], repeats: int,
-            tmp: Path) -> list[str]:
-    """The markdown table's lines for ``settings``."""
+def embeddings_table(base: nn.Module, tokenizer: object, store: AdapterStore,
+                     settings: list[Setting], repeats: int) -> Table:
+    """Per setting: the embedding work's time and throughput against the same inputs as a
+    ``max_tokens=1`` generation, and the bare forward; ``store`` holds ``a0``.."""
     n_adapters = max(s.adapters for s in settings)
-    store = _store(base, n_adapters, tmp)
     model = copy.deepcopy(base)
     table = SlotTable(model, AdapterCache(store, 1 << 30), n_slots=n_adapters, max_rank=8)
     engine = Engine(model, tokenizer, table, max_batch=max(s.inputs for s in settings),
                     cpu_tuning=None)
-    lines = ["| inputs x adapters (tokens) | path | median | inputs/s | tokens/s | "
-             "time / embed |", "|---|---|---|---|---|---|"]
+    rows, notes = [], []
     for s in settings:
         prompts, names = _workload(base, s)
         tokens = sum(map(len, prompts))
         log.info("%d inputs over %d adapters, %d tokens: %d rounds", s.inputs, s.adapters,
                  tokens, repeats)
-        timings = interleaved({"embed": _embed(engine, prompts, names),
-                               "prefill": _prefill(engine, prompts, names),
-                               "forward": _forward(engine, prompts, names)}, repeats)
-        for path, t in timings.items():
-            ratio = statistics.median(a / b for a, b in zip(
-                t.samples, timings["embed"].samples, strict=True))
-            lines.append(f"| {s.inputs} x {s.adapters} ({tokens}) | {path} | "
-                         f"{1e3 * t.median:.1f} ms | {s.inputs / t.median:.1f} | "
-                         f"{tokens / t.median:.0f} | {ratio:.2f} |")
-            _note(t, path)
-    return lines
-
-
-def _note(t: Timing, path: str) -> None:
-    log.info("  %s: %s", path, t.describe())
-
-
-def _store(base: nn.Module, n: int, tmp: Path) -> AdapterStore:
-    store = AdapterStore(tmp / "store")
-    for i in range(n):
-        model = copy.deepcopy(base)
-        slot = add_ours_slot(model, QV_R8, seed=100 + i)
-        store.save(f"a{i}", model, slot)
-    return store
+        t = interleaved({"embed": _embed(engine, prompts, names),
+                         "prefill": _prefill(engine, prompts, names),
+                         "forward": _forward(engine, prompts, names)}, repeats)
+        embed, prefill = t["embed"].median, t["prefill"].median
+        what = f"{s.inputs} inputs x {s.adapters} adapter{'s' if s.adapters > 1 else ''}"
+        rows += [Row(f"{what} ({tokens:,} tokens): embed", embed, prefill, "ms"),
+                 Row("same, inputs/s", s.inputs / embed, s.inputs / prefill, "rate"),
+                 Row("same, tokens/s", tokens / embed, tokens / prefill, "rate"),
+                 Row("same, bare forward (the floor)", t["forward"].median, prefill, "ms")]
+        notes += [f"{what}, {path}: {timing.describe()}, paired ratio to generation "
+                  f"{paired_ratio(timing, t['prefill']):.3f}." for path, timing in t.items()]
+    notes.insert(0, f"Inputs of lengths spread over [max / 2, max] tokens, round-robin over "
+                    f"the adapters (q,v r=8); {repeats} rounds of embed, generation and "
+                    "forward interleaved on one model and slot table, CPU tuning off, "
+                    "medians. The peer column is the same inputs as generation requests "
+                    "with max_tokens=1 through the engine; for inputs/s and tokens/s the "
+                    "ratio is throughput (above 1: embeddings are faster).")
+    return Table("Embeddings throughput vs generation and a bare forward", rows, notes,
+                 peer_name="max_tokens=1")
 
 
 def _workload(base: nn.Module, s: Setting) -> tuple[list[list[int]], list[str]]:

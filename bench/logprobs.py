@@ -3,7 +3,8 @@ base) with no row asking for logprobs, half of them, and all of them (``logprobs
 and a prefill of 8 prompts plain vs with echo's prompt logprobs (logits at every
 position). Each contender is its own engine over its own copy of the model, with its
 batch running; their steps are timed interleaved in the same rounds, medians, one
-process. Prints a markdown table.
+process. Prints a markdown table; ``make bench`` runs it in the ``api`` group
+of ``bench.run`` (``bench/api_rows.py``).
 
 ``python -m bench.logprobs`` (a tiny Llama: a quick check that it runs) or
 ``python -m bench.logprobs --smollm`` (the embedded SmolLM2-135M, vocabulary 49k: the
@@ -22,14 +23,15 @@ from pathlib import Path
 from torch import nn
 
 from bench.contenders import QV_R8, random_ids
-from bench.harness import Timing, configure_threads, interleaved, paired_ratio
+from bench.harness import Timing, configure_threads, interleaved, machine_info, paired_ratio
+from bench.report import Row, Table, render
 from bench.serve_rows import make_store
 from loratree.adapters import AdapterStore
 from loratree.serve import Engine, Request
 from loratree.serve.slot_table import BASE, SlotTable
 from loratree.tree.cache import AdapterCache
 
-__all__ = ["decode_step_times", "main", "prefill_times"]
+__all__ = ["decode_step_times", "logprobs_table", "main", "prefill_times"]
 
 log = logging.getLogger("bench")
 
@@ -90,21 +92,32 @@ def prefill_times(base: nn.Module, tokenizer: object, store: AdapterStore, promp
     return interleaved(fns, repeats, warmup=2)
 
 
-def table(decode: dict[str, Timing], prefill: dict[str, Timing], what: str,
-          prompt: int) -> str:
-    """The figures as markdown: medians and each contender's paired ratio to the plain
-    one."""
-    lines = [f"## Logprobs cost ({what}, {ROWS} rows on {ADAPTERS} LoRA adapters + base, "
-             f"prompt {prompt})", "", "| step | median ms | vs plain |", "|---|---:|---:|"]
-    for group, plain in ((decode, "plain"), (prefill, "plain prefill")):
-        for name, t in group.items():
-            lines.append(f"| {name} | {1e3 * t.median:.2f} | "
-                         f"{paired_ratio(t, group[plain]):.3f} |")
-    lines += ["", f"Logprobs: {TOP} alternatives per token, from the raw logits (log-softmax "
-              "and top-k per asking row). Ratios are medians of per-round ratios.", ""]
-    lines += [f"- {name}: {t.describe()}" for group in (decode, prefill)
-              for name, t in group.items()]
-    return "\n".join(lines)
+def logprobs_table(base: nn.Module, tokenizer: object, store: AdapterStore, prompt: int,
+                   repeats: int) -> Table:
+    """The decode-step and prefill contenders as a table: medians, each against its plain
+    contender; ``store`` holds adapters ``a0``..``a3``."""
+    decode = decode_step_times(base, tokenizer, store, prompt, repeats)
+    prefill = prefill_times(base, tokenizer, store, prompt, max(3, repeats // 4))
+    plain, plain_prefill = decode["plain"].median, prefill["plain prefill"].median
+    rows = [Row(f"decode step, {ROWS} rows, none asking logprobs", plain, None, "ms")]
+    rows += [Row(f"same, {name}", t.median, plain, "ms")
+             for name, t in decode.items() if name != "plain"]
+    rows += [Row(f"prefill of {ROWS} prompts x {prompt} tokens (+ 1 token), plain",
+                 plain_prefill, None, "ms"),
+             Row("same, echo: prompt logprobs (logits at every position)",
+                 prefill["echo prefill (prompt logprobs)"].median, plain_prefill, "ms")]
+    paired = []  # each contender against the first (plain) one of its group, per round
+    for group in (decode, prefill):
+        first = next(iter(group.values()))
+        paired += [f"{name}: {t.describe()}, paired ratio {paired_ratio(t, first):.3f}."
+                   for name, t in group.items()]
+    notes = [f"{ROWS} rows over {ADAPTERS} LoRA adapters (q,v r=8) and the base, mixed; "
+             f"logprobs = {TOP} alternatives per token, from the raw logits (log-softmax and "
+             "top-k per asking row). Each contender is its own engine over its own copy of "
+             "the model with its batch running; one step each per round, interleaved, "
+             "medians. The ratio is against the plain step (or plain prefill).", *paired]
+    return Table(f"Logprobs cost in a mixed decode step ({ROWS} rows, prompt {prompt})", rows,
+                 notes, peer_name="plain")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,9 +139,10 @@ def main(argv: list[str] | None = None) -> None:
         base, tokenizer, what = tiny_llama().eval(), tiny_tokenizer(64), "tiny Llama"
     with tempfile.TemporaryDirectory(prefix="loratree-logprobs-") as tmp:
         store = make_store(base, QV_R8, Path(tmp) / "store", n=ADAPTERS)
-        decode = decode_step_times(base, tokenizer, store, args.prompt, args.repeats)
-        prefill = prefill_times(base, tokenizer, store, args.prompt, max(3, args.repeats // 4))
-    print(table(decode, prefill, what, args.prompt))
+        table = logprobs_table(base, tokenizer, store, args.prompt, args.repeats)
+    print(render("Logprobs cost", machine_info(),
+                 [f"{what}; interleaved rounds in one process, medians (bench.logprobs)"],
+                 [table], []))
 
 
 if __name__ == "__main__":

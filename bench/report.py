@@ -10,7 +10,7 @@ from typing import Literal
 
 __all__ = ["Check", "Row", "Table", "render", "splice", "write_atomic"]
 
-Unit = Literal["ms", "pct", "share", "ratio", "bytes", "count"]
+Unit = Literal["ms", "pct", "share", "ratio", "bytes", "count", "rate"]
 MIN_PEER_OVERHEAD = 0.005
 """Below this PEFT overhead (0.5%), a ratio of overheads is noise and is not shown."""
 
@@ -53,6 +53,8 @@ def fmt(value: float | None, unit: Unit) -> str:
     if value is None:
         return "—"
     if unit == "ms":
+        if value < 1e-4:
+            return f"{value * 1e6:.1f} µs"
         return f"{value * 1e3:.1f} ms" if value >= 0.1 else f"{value * 1e3:.2f} ms"
     if unit == "pct":
         return f"{value * 100:+.1f}%"
@@ -62,6 +64,8 @@ def fmt(value: float | None, unit: Unit) -> str:
         return f"{value:.3f}"
     if unit == "count":
         return f"{int(value):,}"
+    if unit == "rate":
+        return f"{value:,.1f}/s" if value < 100 else f"{value:,.0f}/s"
     return human_bytes(value)
 
 

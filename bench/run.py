@@ -12,6 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.api_rows import FULL as API_FULL
+from bench.api_rows import QUICK as API_QUICK
+from bench.api_rows import api_tables
 from bench.contenders import load_model, random_ids
 from bench.cpu_ablation import DEFAULT as CPU_DEFAULT
 from bench.cpu_ablation import QUICK as CPU_QUICK
@@ -36,8 +39,8 @@ FULL = {"forward": 20, "ops": 30, "train": 9}
 QUICK = {"forward": 2, "ops": 3, "train": 2}
 QUALITY_TARGET = 0.90
 """Acceptance: LoRA r=8 all-linear reaches 90% of full fine-tuning's held-out exact match."""
-GROUPS = ("forward", "merge", "files", "train", "qlora", "prefix", "dora", "serve", "cpu",
-          "many", "sweep", "tree", "quality")
+GROUPS = ("forward", "merge", "files", "train", "qlora", "prefix", "dora", "serve", "api",
+          "cpu", "many", "sweep", "tree", "quality")
 QLORA_GAP = 5.0
 """Acceptance: QLoRA's held-out exact match is within this many points of LoRA's."""
 
@@ -86,9 +89,10 @@ def run(quick: bool, quality_steps: int = 30, groups: tuple[str, ...] = GROUPS,
             prefix, prefix_checks = prefix_tables(base, repeats["train"], Path(tmp))
         tables += prefix
         checks += prefix_checks
-    tokenizer = load_base(None)[1] if {"serve", "cpu", "quality"} & set(groups) else None
+    tokenizer = (load_base(None)[1] if {"serve", "api", "cpu", "quality"} & set(groups)
+                 else None)
     served, serve_checks = _serving_groups(base, tokenizer, groups, repeats,
-                                           CPU_QUICK if quick else cpu)
+                                           CPU_QUICK if quick else cpu, quick)
     tables += served
     checks += serve_checks
     rooted, rooted_checks = _rooted_groups(groups)
@@ -130,9 +134,9 @@ def run(quick: bool, quality_steps: int = 30, groups: tuple[str, ...] = GROUPS,
 
 
 def _serving_groups(base: object, tokenizer: object, groups: tuple[str, ...],
-                    repeats: dict[str, int], cpu: AblationSettings
+                    repeats: dict[str, int], cpu: AblationSettings, quick: bool
                     ) -> tuple[list[Table], list[Check]]:
-    """The decode-step groups over the loaded model: dora, serve, cpu."""
+    """The decode-step groups over the loaded model: dora, serve, api, cpu."""
     tables: list[Table] = []
     checks: list[Check] = []
     if "dora" in groups:
@@ -141,6 +145,10 @@ def _serving_groups(base: object, tokenizer: object, groups: tuple[str, ...],
         served, serve_checks = serve_tables(base, tokenizer, repeats["train"])
         tables += served
         checks += serve_checks
+    if "api" in groups:
+        api, api_checks = api_tables(base, tokenizer, API_QUICK if quick else API_FULL)
+        tables += api
+        checks += api_checks
     if "cpu" in groups:
         tables += ablation_tables(base, tokenizer, cpu)
     return tables, checks

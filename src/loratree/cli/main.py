@@ -9,6 +9,7 @@ import sys
 from loratree.cli import (
     chat_cmd,
     demo_cmd,
+    export_cmd,
     generate_cmd,
     inspect_cmd,
     merge_cmd,
@@ -26,6 +27,7 @@ __all__ = ["main"]
 _COMMANDS = {
     "chat": chat_cmd,
     "demo": demo_cmd,
+    "export": export_cmd,
     "generate": generate_cmd,
     "inspect": inspect_cmd,
     "merge": merge_cmd,
