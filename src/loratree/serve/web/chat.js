@@ -1,7 +1,7 @@
 // The chat view: one conversation, any character per reply, streamed.
 
 import { streamChat } from "./api.js";
-import { avatar, el, follow, stats } from "./dom.js";
+import { avatar, el, follow, onSend, stats } from "./dom.js";
 
 export class Chat {
   constructor(app) {
@@ -13,16 +13,7 @@ export class Chat {
     this.turns = []; // {role, content, model}: what the next request sends
     this.trimFrom = 0; // turns before this one no longer fit the model's context
     this.controller = null;
-    document.getElementById("composer").addEventListener("submit", (e) => {
-      e.preventDefault();
-      this.send();
-    });
-    this.input.addEventListener("keydown", (e) => {
-      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
-        e.preventDefault();
-        this.send();
-      }
-    });
+    onSend(document.getElementById("composer"), this.input, () => this.send());
     this.stopButton.addEventListener("click", () => this.stop());
     document.addEventListener("keydown", (e) => {
       if (e.key === "Escape") this.stop();

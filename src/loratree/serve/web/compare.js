@@ -4,7 +4,7 @@
 // batch they ran in.
 
 import { getJson, streamChat } from "./api.js";
-import { avatar, el, stats } from "./dom.js";
+import { avatar, el, onSend, stats } from "./dom.js";
 
 const MIN = 2;
 const MAX = 4;
@@ -19,16 +19,7 @@ export class Compare {
     this.sendButton = document.getElementById("compare-send");
     this.stopButton = document.getElementById("compare-stop");
     this.controller = null;
-    document.getElementById("compare-form").addEventListener("submit", (e) => {
-      e.preventDefault();
-      this.send();
-    });
-    this.input.addEventListener("keydown", (e) => {
-      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
-        e.preventDefault();
-        this.send();
-      }
-    });
+    onSend(document.getElementById("compare-form"), this.input, () => this.send());
     this.stopButton.addEventListener("click", () => this.controller?.abort());
   }
 

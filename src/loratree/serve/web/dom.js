@@ -15,6 +15,20 @@ export function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// A composer: its form's submit and Enter in its input (Shift+Enter: a new line) send.
+export function onSend(form, input, send) {
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    send();
+  });
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      send();
+    }
+  });
+}
+
 export function avatar(card) {
   const letter = card.avatar || (card.display_name || "?").trim().charAt(0).toUpperCase();
   return el("span", { class: "avatar", "aria-hidden": "true", text: letter,
