@@ -46,3 +46,20 @@ def keep_logits(engine) -> dict:
     kept: dict = defaultdict(list)
     engine.runner.on_logits = lambda handle, logits: kept[handle].append(logits.float().cpu())
     return kept
+
+
+def rewrite_in_place(path, blobs, stop, *, mode: str = "wb", pause: float = 0.05) -> None:
+    """Until ``stop`` is set, rewrite ``path`` with each of ``blobs`` in turn, in place and
+    in 512-byte chunks (a reader can see any half-written state), pausing between rewrites."""
+    import time
+
+    k = 0
+    while not stop.is_set():
+        with open(path, mode) as f:
+            data = blobs[k % 2]
+            for i in range(0, len(data), 512):
+                f.write(data[i:i + 512])
+                f.flush()
+                time.sleep(0.001)
+        k += 1
+        time.sleep(pause)

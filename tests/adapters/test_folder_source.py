@@ -23,7 +23,7 @@ from loratree.errors import (
 )
 from loratree.models.tiny import tiny_llama
 from loratree.tree.store_source import StoreSource, serving_sources
-from tests.conftest import randomize_slot
+from tests.conftest import randomize_slot, rewrite_in_place
 
 QV = LoraConfig(rank=2, alpha=4, targets=("q_proj", "v_proj"))
 WEIGHTS = "adapter_model.safetensors"
@@ -124,16 +124,7 @@ def test_reads_under_a_writer_are_whole_versions_or_clear_errors(tmp_path, mode)
     stop = threading.Event()
 
     def writer():
-        k = 0
-        while not stop.is_set():
-            with open(path / WEIGHTS, mode) as f:
-                data = blobs[k % 2]
-                for i in range(0, len(data), 512):
-                    f.write(data[i:i + 512])
-                    f.flush()
-                    time.sleep(0.001)
-            k += 1
-            time.sleep(0.05)
+        rewrite_in_place(path / WEIGHTS, blobs, stop, mode=mode, pause=0.05)
 
     thread = threading.Thread(target=writer)
     thread.start()

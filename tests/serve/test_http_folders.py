@@ -16,6 +16,7 @@ from loratree.adapters.folder_source import FolderSource
 from loratree.config import LoraConfig, PrefixConfig
 from loratree.models.tiny import tiny_tokenizer
 from loratree.tree.store_source import serving_sources
+from tests.conftest import rewrite_in_place
 from tests.serve.common import VOCAB, dir_reference, peft_references, tiny_model
 from tests.serve.conftest import live, lora_adapter, make_engine
 
@@ -94,16 +95,7 @@ def test_a_file_rewritten_while_serving_is_never_served_half_read(tmp_path):
     stop = threading.Event()
 
     def writer():
-        k = 0
-        while not stop.is_set():
-            with open(path / WEIGHTS, "wb") as f:
-                data = blobs[k % 2]
-                for i in range(0, len(data), 512):
-                    f.write(data[i:i + 512])
-                    f.flush()
-                    time.sleep(0.001)
-            k += 1
-            time.sleep(0.06)
+        rewrite_in_place(path / WEIGHTS, blobs, stop, mode="wb", pause=0.06)
 
     engine = make_engine(FolderSource(root))
     answers, errors = [], []
