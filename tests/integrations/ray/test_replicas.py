@@ -146,8 +146,11 @@ async def stream_and_kill(url, pids, when):
     """Once ``when`` is set, stream a long answer; as soon as its first bytes name the
     replica it runs on, SIGKILL that replica. Returns (the stream's error, kill time)."""
     await when.wait()
+    # ignore_eos: a00 ends prompt 1 at once, and a stream that finishes before the kill
+    # lands has nothing to lose (CI saw that race)
+    long_stream = body("a00", 1, KILLED_STREAM, stream=True) | {"ignore_eos": True}
     async with httpx.AsyncClient(base_url=url, timeout=90) as client, client.stream(
-            "POST", "/v1/completions", json=body("a00", 1, KILLED_STREAM, stream=True)) as r:
+            "POST", "/v1/completions", json=long_stream) as r:
         os.kill(pids[r.headers[REPLICA_HEADER]], signal.SIGKILL)
         killed_at = time.monotonic()
         await r.aread()
