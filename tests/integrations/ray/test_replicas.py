@@ -132,11 +132,14 @@ def test_200_requests_equal_single_process_with_adapter_affinity(cluster, refere
               f"{sum(loads.values())} loads in all, adapters loaded on both replicas: "
               f"{both or 'none'}; per adapter {loads}")
     # affinity: an adapter's requests go where it is held while that replica has room, so
-    # few adapters end up loaded twice (13-15 loads, 1-3 adapters on both replicas in runs
-    # here; the same replicas routed blind to adapters made 45 loads, all 12 on both)
+    # fewer adapters end up loaded twice. Ray's multiplexing is a preference, not a rule: a
+    # replica whose queue is full sends the request elsewhere, so the figure depends on
+    # timing (13-22 loads, 1-6 adapters on both replicas over 8 runs here). The same
+    # replicas routed blind to adapters made 45 loads, all 12 adapters on both; the bounds
+    # sit between the two.
     assert all(loads[a] >= 1 for a, _ in plan), loads  # a replica loads what it serves
-    assert sum(loads.values()) <= N_ADAPTERS * 3 // 2, loads
-    assert len(both) <= N_ADAPTERS // 2, both
+    assert sum(loads.values()) <= 2 * N_ADAPTERS, loads
+    assert len(both) <= N_ADAPTERS * 3 // 4, both
     for a in ADAPTERS:  # the ledger agrees with who answered
         if a in served_by and len(on.get(a, [])) == 1:
             assert served_by[a] == set(on[a]), (a, served_by[a], on[a])
