@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from loratree.cli.serve_common import add_model_args, build_engine
+from loratree.cli.serve_common import add_model_args, build_engine, served_dirs
 from loratree.serve.http import ServerConfig, create_app
 from loratree.serve.lifecycle import ENV_FLAG
 from loratree.serve.server import serve_app
@@ -94,12 +94,16 @@ def _run_on_ray(args: argparse.Namespace) -> int:
 
     require_ray()
     name = args.model_name or _model_name(None, args.model)
+    store, folders = served_dirs(args)
     options = RayServeOptions(
-        store=args.store, model=args.model, replicas=args.replicas, cache_mb=args.cache_mb,
-        slots=args.slots, max_rank=args.max_rank, max_batch=args.max_batch,
-        cpu_tuning=args.cpu_tuning, server=_server_config(args, name))
-    print(f"serving {name} and the adapters in {args.store} from {args.replicas} Ray Serve "
-          f"replicas on http://{args.host}:{args.port}/v1", flush=True)
+        store=store, adapters_dirs=folders, model=args.model, replicas=args.replicas,
+        cache_mb=args.cache_mb, slots=args.slots, max_rank=args.max_rank,
+        max_batch=args.max_batch, cpu_tuning=args.cpu_tuning,
+        server=_server_config(args, name))
+    where = ([f"store {store}"] if store is not None else []) + [
+        f"adapters dir {d}" for d in folders]
+    print(f"serving {name} and the adapters of {', '.join(where)} from {args.replicas} Ray "
+          f"Serve replicas on http://{args.host}:{args.port}/v1", flush=True)
     serve_on_ray(options, args.host, args.port, args.ray_address)
     return 0
 

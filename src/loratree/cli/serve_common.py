@@ -12,7 +12,8 @@ from loratree.serve.slot_table import SlotTable
 from loratree.tree.cache import AdapterCache
 from loratree.tree.store_source import serving_sources
 
-__all__ = ["DEFAULT_STORE", "add_engine_args", "add_model_args", "build_engine", "parse_stop"]
+__all__ = ["DEFAULT_STORE", "add_engine_args", "add_model_args", "build_engine", "parse_stop",
+           "served_dirs"]
 
 DEFAULT_STORE = "adapters"
 
@@ -49,12 +50,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="send the prompt as plain text, without the chat template")
 
 
+def served_dirs(args: argparse.Namespace) -> tuple[str | None, tuple[str, ...]]:
+    """(store, plain adapter folders) the arguments name: ``--store``, else the default
+    store unless ``--adapters-dir`` folders are given alone."""
+    folders = tuple(getattr(args, "adapters_dir", None) or ())
+    return (args.store if args.store is not None or folders else DEFAULT_STORE), folders
+
+
 def build_engine(args: argparse.Namespace) -> tuple[Engine, object]:
     model, tokenizer = load_base(args.model)
     if tokenizer is None:
         raise ValueError("generation needs a tokenizer; the model directory has none")
-    folders = tuple(getattr(args, "adapters_dir", None) or ())
-    store = args.store if args.store is not None or folders else DEFAULT_STORE
+    store, folders = served_dirs(args)
     source = serving_sources(AdapterStore(store) if store is not None else None, folders)
     cache = AdapterCache(source, int(args.cache_mb * 2**20))
     table = SlotTable(model, cache, n_slots=args.slots, max_rank=args.max_rank)

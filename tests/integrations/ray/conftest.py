@@ -5,6 +5,7 @@ so every replica builds the same tiny model through ``tests.integrations.ray.fac
 """
 
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from tests.serve.conftest import lora_adapter
 NO_RAY = "Ray Serve is not installed (pip install loratree[ray])"
 ROOT = Path(__file__).resolve().parents[3]
 N_ADAPTERS = 12
+FOLDER_ADAPTERS = ("plain/p0", "plain/p1")
+"""Served from a plain folder beside the store (``--adapters-dir``)."""
 HELD = 8
 """Adapters one replica's cache holds: 2 replicas hold all 12 with room to spare."""
 MAX_ONGOING = 8
@@ -33,6 +36,20 @@ def twelve(tmp_path_factory):
     return store
 
 
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    """A plain folder (no store) of PEFT adapter directories: plain/p0, plain/p1."""
+    scratch = AdapterStore(tmp_path_factory.mktemp("scratch"))
+    root = tmp_path_factory.mktemp("folder")
+    for name in FOLDER_ADAPTERS:
+        scratch.save("x", lora_adapter(200 + len(name) + int(name[-1])), 0)
+        version = scratch.path_of("x")
+        (root / name).mkdir(parents=True)
+        for file in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copyfile(version / file, root / name / file)
+    return root
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,13 +57,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(twelve):
+def cluster(twelve, folder):
     """(base URL, options) of the application on a fresh local Ray cluster."""
     ray = pytest.importorskip("ray", reason=NO_RAY)
     serve = pytest.importorskip("ray.serve", reason=NO_RAY)
     size = max(info.size for info in twelve.list())
     options = RayServeOptions(
-        store=str(twelve.root), model_factory=FACTORY, replicas=2,
+        store=str(twelve.root), adapters_dirs=(str(folder),), model_factory=FACTORY,
+        replicas=2,
         cache_mb=HELD * size / 2**20, slots=4, max_rank=8, max_batch=4,
         max_ongoing_requests=MAX_ONGOING, replica_cpus=0.5, cpu_tuning=None,
         server=ServerConfig(base_name="tiny"), name="loratree-test")

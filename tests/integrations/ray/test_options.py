@@ -18,6 +18,11 @@ def test_bad_options_are_named_together():
         assert name in str(e.value)
     assert RayServeOptions(store="s", max_batch=4).ongoing == 8
     assert RayServeOptions(store="s", max_ongoing_requests=3).ongoing == 3
+    with pytest.raises(ValueError, match="nothing to serve"):
+        RayServeOptions()
+    with pytest.raises(ValueError, match="a tuple of folders"):
+        RayServeOptions(adapters_dirs="one/folder")
+    assert RayServeOptions(adapters_dirs=("f",)).store is None  # folders alone
 
 
 def test_importing_the_package_does_not_import_ray(monkeypatch):
@@ -41,5 +46,7 @@ def test_serve_runs_application_builder_types_its_arguments():
     options = app._bound_deployment.init_args[2]  # Ingress(replicas, ledger, options)
     assert (options.replicas, options.cache_mb, options.cpu_tuning) == (3, 64.5, None)
     assert options.server.base_name == "m" and options.server.admin is True
+    options = app_builder({"adapters_dirs": "f1,f2"})._bound_deployment.init_args[2]
+    assert (options.store, options.adapters_dirs) == (None, ("f1", "f2"))
     with pytest.raises(ValueError, match=r"unknown argument.*replica_count"):
         app_builder({"store": "s", "replica_count": "3"})

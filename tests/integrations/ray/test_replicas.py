@@ -14,7 +14,14 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from tests.integrations.ray.conftest import HELD, MAX_ONGOING, N_ADAPTERS, NO_RAY
+from loratree.tree.store_source import serving_sources
+from tests.integrations.ray.conftest import (
+    FOLDER_ADAPTERS,
+    HELD,
+    MAX_ONGOING,
+    N_ADAPTERS,
+    NO_RAY,
+)
 from tests.serve.conftest import live, make_engine
 
 pytest.importorskip("ray.serve", reason=NO_RAY)
@@ -107,6 +114,23 @@ def test_streams_and_errors_pass_through_ray(cluster, reference):
     missing = httpx.post(f"{url}/v1/completions", json=body("nope", 0))
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_plain_folder_adapters_are_served_through_ray(cluster, folder):
+    """``adapters_dirs`` (``serve --ray --adapters-dir``): a folder's PEFT directories are
+    served by their relative paths, as the single-process server serves them."""
+    url, _ = cluster
+    source = serving_sources(None, (folder,))
+    with live(source, make_engine(source)) as (single, _), \
+            httpx.Client(timeout=60) as client:
+        for name in FOLDER_ADAPTERS:
+            for p in range(len(PROMPTS)):
+                want = client.post(f"{single}/v1/completions", json=body(name, p)).json()
+                got = client.post(f"{url}/v1/completions", json=body(name, p))
+                assert got.status_code == 200, got.text
+                assert got.json()["choices"][0]["text"] == want["choices"][0]["text"], name
+        ids = [m["id"] for m in client.get(f"{url}/v1/models").json()["data"]]
+        assert set(FOLDER_ADAPTERS) <= set(ids), ids
 
 
 def test_200_requests_equal_single_process_with_adapter_affinity(cluster, reference,

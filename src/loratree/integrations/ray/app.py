@@ -10,6 +10,8 @@ From Python::
 or with Ray's own CLI (an application builder; arguments as ``key=value``)::
 
     serve run loratree.integrations.ray.app:app_builder store=adapters replicas=2
+
+(``adapters_dirs=DIR1,DIR2`` serves plain PEFT folders beside the store, or instead of it.)
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def app_builder(args: dict[str, str]) -> Application:
 
 def _typed(field: dataclasses.Field, text: str) -> object:
     kind = str(field.type)
+    if kind.startswith("tuple"):  # adapters_dirs=a,b
+        return tuple(part for part in text.split(",") if part)
     if kind.startswith("int"):
         return int(text)
     if kind.startswith("float"):

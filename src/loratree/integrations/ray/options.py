@@ -15,11 +15,15 @@ class RayServeOptions:
     """N loratree engine replicas behind one OpenAI API, routed by adapter name.
 
     Every replica builds its own engine (base model, RAM cache, slots) over the same store
-    directory, which every node of the cluster must see at ``store``.
+    directory and plain adapter folders, which every node of the cluster must see at the
+    same paths.
     """
 
-    store: str
+    store: str | None = None
     """The adapter store directory."""
+    adapters_dirs: tuple[str, ...] = ()
+    """Folders of plain PEFT adapter directories served read-only beside the store, as
+    ``loratree serve --adapters-dir`` serves them (the store wins a name both hold)."""
     model: str | None = None
     """Base model: an HF directory, a .gguf file, or None for the embedded default."""
     model_factory: str | None = None
@@ -47,6 +51,10 @@ class RayServeOptions:
 
     def __post_init__(self) -> None:
         issues = []
+        if self.store is None and not self.adapters_dirs:
+            issues.append("nothing to serve: give a store, adapters_dirs, or both")
+        if isinstance(self.adapters_dirs, str):
+            issues.append("adapters_dirs must be a tuple of folders, not one string")
         if self.model is not None and self.model_factory is not None:
             issues.append("give model or model_factory, not both")
         if self.model_factory is not None and ":" not in self.model_factory:

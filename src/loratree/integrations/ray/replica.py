@@ -76,7 +76,7 @@ class LoraTreeReplica:
         """The response to ``call``: a ``ResponseStart`` (naming this replica), then the
         body's chunks as the app produces them."""
         adapter = serve.get_multiplexed_model_id()
-        if adapter and adapter in self.cache.store:
+        if adapter and adapter in self.cache.source:
             try:
                 await self._hold(adapter)
             except Exception:  # the app answers with the adapter's own error (404, 422)
