@@ -20,6 +20,7 @@ from loratree.cli import (
     train_cmd,
     train_many_cmd,
     tree_cmd,
+    vllm_cache_cmd,
 )
 
 __all__ = ["main"]
@@ -38,6 +39,7 @@ _COMMANDS = {
     "train": train_cmd,
     "train-many": train_many_cmd,
     "tree": tree_cmd,
+    "vllm-cache": vllm_cache_cmd,
 }
 
 

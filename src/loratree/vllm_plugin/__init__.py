@@ -24,8 +24,12 @@ import logging
 import os
 from pathlib import Path
 
+from loratree.adapters import AdapterStore
+from loratree.adapters.store import OBJECTS
+from loratree.models.embedded import cache_root
 from loratree.vllm_plugin.cache import MANIFEST, Materialised, MaterialisedCache
 from loratree.vllm_plugin.export import ExportReport, export_store
+from loratree.vllm_plugin.prune import PruneReport, prune_cache
 from loratree.vllm_plugin.servable import (
     VLLM_MAX_LORA_RANKS,
     DamagedEntryError,
@@ -47,12 +51,16 @@ __all__ = [
     "Materialised",
     "MaterialisedCache",
     "NotLoraError",
+    "PruneReport",
     "RefusedError",
     "StaleNodeError",
     "UnsupportedFeatureError",
+    "cache_dir",
     "cache_from_env",
+    "existing_store",
     "export_store",
     "for_vllm",
+    "prune_cache",
     "register",
     "vllm_max_lora_rank",
 ]
@@ -71,20 +79,28 @@ def cache_from_env(environ: dict[str, str] | None = None) -> MaterialisedCache |
     Raises:
         ValueError: ``LORATREE_VLLM_STORE`` is set but is not a store directory.
     """
-    from loratree.adapters import AdapterStore
-    from loratree.adapters.store import OBJECTS
-    from loratree.models.embedded import cache_root
-
     env = os.environ if environ is None else environ
     store = env.get(STORE_ENV)
     if not store:
         return None
-    root = Path(store).expanduser()
-    if not (root / OBJECTS).is_dir():  # AdapterStore() would create an empty store
-        raise ValueError(f"{STORE_ENV}={store!r} is not a loratree store (no {OBJECTS} "
+    return MaterialisedCache(existing_store(store, f"{STORE_ENV}={store!r}"), cache_dir(env))
+
+
+def existing_store(path: str | Path, label: str | None = None) -> AdapterStore:
+    """The store at ``path``; ``ValueError`` when there is none (``AdapterStore()`` would
+    create an empty one)."""
+    root = Path(path).expanduser()
+    if not (root / OBJECTS).is_dir():
+        raise ValueError(f"{label or repr(str(path))} is not a loratree store (no {OBJECTS} "
                          "directory); create it with `loratree store add`")
-    cache = env.get(CACHE_ENV) or str(cache_root() / "vllm")
-    return MaterialisedCache(AdapterStore(root), Path(cache).expanduser())
+    return AdapterStore(root)
+
+
+def cache_dir(environ: dict[str, str] | None = None) -> Path:
+    """Where materialised adapters go: ``LORATREE_VLLM_CACHE``, else the loratree cache's
+    ``vllm/``."""
+    env = os.environ if environ is None else environ
+    return Path(env.get(CACHE_ENV) or str(cache_root() / "vllm")).expanduser()
 
 
 def register() -> None:

@@ -16,11 +16,14 @@ An entry is built in a temp directory beside it, its manifest (the sha256 of eac
 written last, every file fsynced, then renamed into place whole, so vLLM never reads a
 half-written entry. Before an entry is handed out it is checked against its manifest: a
 damaged one (a file changed, truncated or missing) is refused, never served, and stays
-for the operator to look at; deleting it makes the next request rebuild it.
+for the operator to look at; deleting it makes the next request rebuild it. Handing an
+entry out marks its manifest's mtime, so ``prune.prune_cache`` (``loratree vllm-cache
+prune``) can delete entries that no name holds any more and nobody has used for a while.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,12 +46,12 @@ from loratree.vllm_plugin.servable import (
     compose_for_vllm,
 )
 
-__all__ = ["MANIFEST", "Materialised", "MaterialisedCache"]
+__all__ = ["ENTRY_FORMAT", "MANIFEST", "Materialised", "MaterialisedCache"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "loratree-vllm.json"
-_FORMAT = 1
+ENTRY_FORMAT = 1
 _FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 
@@ -91,17 +94,19 @@ class MaterialisedCache:
         except (OSError, AdapterFileError, TreeError, AdapterNotFoundError) as e:
             raise DamagedEntryError(f"adapter {name!r} cannot be read from the store ({e})"
                                     ) from e
-        entry = self.root / f"v{_FORMAT}-{key}"  # a new format never reads an old entry
+        entry = self.root / f"v{ENTRY_FORMAT}-{key}"  # a new format never reads an old entry
         if not entry.exists():
             self._build(entry, name, key, compose_for_vllm(self.store, name))
         manifest = self._check(entry, name, key)
+        with contextlib.suppress(OSError):  # last used, for prune_cache (a read-only cache
+            os.utime(entry / MANIFEST)     # is served, never pruned by age)
         return Materialised(name, entry, key, manifest["rank"])
 
     def _build(self, entry: Path, name: str, key: str, adapter: AdapterFile) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=self.root))
         try:
             write_adapter_file(adapter, tmp)
-            manifest = {"format": _FORMAT, "name": name, "key": key,
+            manifest = {"format": ENTRY_FORMAT, "name": name, "key": key,
                         "rank": adapter_rank(adapter),
                         "files": {f: _sha256(tmp / f) for f in _FILES}}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
