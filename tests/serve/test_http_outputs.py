@@ -174,6 +174,38 @@ def test_echo_with_max_tokens_0_gives_prompt_logprobs_only(many):
         assert _close(value, float(want[i - 1, PROMPTS[2][i]]))
 
 
+def test_echo_in_a_stream_equals_the_whole_response(many):
+    """Each choice's first chunk carries its prompt (text, and the prompt tokens' logprobs);
+    the joined stream equals the whole response, logprobs and text offsets included."""
+    with live(many) as (url, _):
+        c = _client(url)
+        for extra in ({"logprobs": 2, "max_tokens": 3, "n": 2, "temperature": 0.8,
+                       "seed": 5},
+                      {"logprobs": 0, "max_tokens": 0},
+                      {"max_tokens": 2, "temperature": 0}):
+            args = {"model": "a03", "prompt": [PROMPTS[0], PROMPTS[2]], "echo": True,
+                    **extra}
+            whole = c.completions.create(**args)
+            parts = {}
+            for chunk in c.completions.create(**args, stream=True):
+                for ch in chunk.choices:
+                    parts.setdefault(ch.index, []).append(ch)
+            assert sorted(parts) == [ch.index for ch in whole.choices]
+            for want in whole.choices:
+                got = parts[want.index]
+                prompt = args["prompt"][want.index // extra.get("n", 1)]
+                assert got[0].text.startswith(TOK.decode(prompt))  # the prompt comes first
+                assert "".join(ch.text for ch in got) == want.text
+                if "logprobs" not in extra:
+                    assert all(ch.logprobs is None for ch in got)
+                    continue
+                joined = {key: [v for ch in got if ch.logprobs
+                                for v in getattr(ch.logprobs, key)]
+                          for key in ("tokens", "token_logprobs", "top_logprobs",
+                                      "text_offset")}
+                assert joined == {key: getattr(want.logprobs, key) for key in joined}
+
+
 def _error(response, param):
     assert response.status_code == 400, response.text
     err = response.json()["error"]
@@ -197,7 +229,6 @@ def test_bad_output_parameters_are_400_naming_them(many):
         _error(post("/v1/completions", n=9), "n")  # more than a batch's rows
         _error(post("/v1/completions", suffix="x"), "suffix")
         _error(post("/v1/completions", best_of=3), "best_of")
-        _error(post("/v1/completions", echo=True, stream=True), "echo")
         _error(post("/v1/completions", max_tokens=0), "max_tokens")
         _error(post("/v1/completions", presence_penalty=1.0), "presence_penalty")
         _error(post("/v1/chat/completions", tools=[{"type": "function"}]), "tools")

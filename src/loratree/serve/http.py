@@ -403,13 +403,17 @@ async def _generate(state: ServerState, http: HttpRequest, body: Any,
             completion_tokens=sum(len(d.tokens) for d in dones)))
     try:
         news = await run.wait(until_end=False)
+        if outputs.echo and outputs.k is not None:
+            news = await run.until_prefilled(news)
         if run.finished:
             run.results()  # an error before the stream began: answer with its status
     except BaseException:
         run.end()
         raise
-    starts = [len(state.tokenizer.decode(p)) for p in prompts for _ in range(body.n)]
-    stream = Stream(run, outputs, chat, rid, model, [len(p) for p in prompts], starts)
+    per_choice = [p for p in prompts for _ in range(body.n)]
+    starts = [0 if outputs.echo else len(state.tokenizer.decode(p)) for p in per_choice]
+    stream = Stream(run, outputs, chat, rid, model, [len(p) for p in prompts], starts,
+                    echoed=per_choice if outputs.echo else None)
     return StreamingResponse(stream.events(news, body.include_usage()),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})

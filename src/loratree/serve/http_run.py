@@ -64,15 +64,28 @@ class Stream:
     prompt_lens: list[int]
     offsets: list[int]
     """Per choice, where its next token's text starts (``text_offset``, completions): its
-    prompt text's length at first."""
+    prompt text's length at first (0 with echo: the prompt's tokens come first)."""
+    echoed: list[list[int]] | None = None
+    """With ``echo``: each choice's prompt, sent ahead of its first generated text (and
+    its tokens' records ahead of the generated ones', when logprobs are asked for)."""
 
     def chunk(self, index: int, text: str | None, finish: str | None = None,
               records: list[TokenLogprob] | None = None, first: bool = False) -> str:
         logprobs = None
-        if records:
-            logprobs = self.outputs.chunk_logprobs(records, self.offsets[index])
-            if logprobs is not None and not self.chat:
+        if first and self.echoed is not None:
+            prompt = self.echoed[index]
+            text = self.outputs.tokenizer.decode(prompt) + (text or "")
+            if self.outputs.k is not None:
+                known = self.run.handles[index].prompt_logprobs
+                logprobs = self.outputs.completion_logprobs(
+                    prompt, known or [None] * len(prompt), self.offsets[index])
                 self.offsets[index] += sum(len(t) for t in logprobs["tokens"])
+        if records:
+            more = self.outputs.chunk_logprobs(records, self.offsets[index])
+            if more is not None and not self.chat:
+                self.offsets[index] += sum(len(t) for t in more["tokens"])
+            logprobs = more if logprobs is None or more is None else {
+                key: logprobs[key] + more[key] for key in logprobs}
         return event(chunk_body(chat=self.chat, rid=self.rid, model=self.model, text=text,
                                 finish=finish, first=first, index=index, logprobs=logprobs))
 
@@ -151,6 +164,18 @@ class Run:
                 got = True
             self._ended_choices[i] = self._ended_choices[i] or ended
         return got
+
+    async def until_prefilled(self, news: dict[int, News]) -> dict[int, News]:
+        """``news``, and what follows, until every choice has its prompt's records (or has
+        ended): a stream that echoes the prompt with logprobs sends them first."""
+        while not self.finished and not all(
+                h.prompt_logprobs is not None or ended
+                for h, ended in zip(self.handles, self._ended_choices, strict=True)):
+            for i, new in (await self.wait(until_end=False)).items():
+                have = news.setdefault(i, News())
+                have.text += new.text
+                have.records += new.records
+        return news
 
     async def wait(self, *, until_end: bool) -> dict[int, News]:
         """What each choice produced since the last call (by choice index): something (or

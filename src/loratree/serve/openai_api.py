@@ -3,16 +3,17 @@
 Names, defaults and ranges follow OpenAI's (``max_tokens`` 16 for completions, temperature
 in [0, 2], ``top_p`` in (0, 1], at most 4 stop strings), plus two extensions every
 open-source server has: ``top_k`` and ``ignore_eos``. A parameter loratree does not
-implement (``suffix``, non-zero penalties, tools, ``best_of`` other than ``n``, ``echo``
-in a stream) is refused with a 400 that names it rather than silently ignored; unknown
-fields are refused the same way.
+implement (``suffix``, non-zero penalties, tools, ``best_of`` other than ``n``) is
+refused with a 400 that names it rather than silently ignored; unknown fields are refused
+the same way.
 
 Outputs (``serve.openai_outputs`` builds them): ``n`` choices per prompt, ``logprobs``
 (completions: an int, the alternatives per token; chat: a bool with ``top_logprobs``) and
 ``echo`` (completions: the prompt's text and, with ``logprobs``, its tokens' logprobs;
-``max_tokens`` may then be 0). A completions ``prompt`` is a text, token ids, or a list of
-either: one choice (or ``n``) per prompt, in order. ``response_format`` (structured
-outputs) is read in ``serve.response_format``.
+``max_tokens`` may then be 0; in a stream, each choice's first chunk carries them). A
+completions ``prompt`` is a text, token ids, or a list of either: one choice (or ``n``)
+per prompt, in order. ``response_format`` (structured outputs) is read in
+``serve.response_format``.
 """
 
 from __future__ import annotations
@@ -125,8 +126,6 @@ class CompletionRequest(_Sampling):
             raise Unsupported("best_of", "best_of is supported only equal to n")
         if self.max_tokens == 0 and not self.echo:
             raise Unsupported("max_tokens", "max_tokens 0 needs echo (prompt logprobs only)")
-        if self.echo and self.stream:
-            raise Unsupported("echo", "echo is not supported in a stream")
 
     def top_logprobs_k(self) -> int | None:
         """Alternatives reported per token (None: no logprobs)."""

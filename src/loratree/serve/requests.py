@@ -143,6 +143,9 @@ class Handle:
         self.logprobs: list[TokenLogprob] | None = (
             None if request.logprobs is None else [])
         """The generated tokens' records so far, appended by the engine's thread."""
+        self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+        """The prompt's records (``Request.prompt_logprobs``), set at prefill, before the
+        first generated token is announced."""
         self._logprobs_read = 0
         self._on_event = on_event
         self._queue: queue.Queue = queue.Queue()

@@ -139,7 +139,7 @@ class Runner:
             prompt = prompt_records(out.logits[i], a) if a.full_logits else None
             for h in a.handles:
                 row = self._start(a, h, int(starts[i]) + len(a.ids))
-                row.prompt_logprobs = prompt
+                row.prompt_logprobs = h.prompt_logprobs = prompt
                 if h.request.max_new_tokens > 0:
                     self._take(row, last[i], finite[i])
                 rows.append(row)
