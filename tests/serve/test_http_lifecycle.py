@@ -8,15 +8,18 @@ import logging
 import shutil
 import threading
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
 
 from loratree import surgery
 from loratree.adapters import AdapterStore, save_adapter
+from loratree.adapters.node_files import write_record
 from loratree.config import LoraConfig
 from loratree.models.tiny import tiny_llama, tiny_tokenizer
 from loratree.serve.http import ServerConfig, create_app
+from loratree.tree import nodes
 from tests.conftest import randomize_slot
 from tests.serve.common import VOCAB, dir_reference
 from tests.serve.conftest import QV, live, lora_adapter, make_engine
@@ -161,6 +164,30 @@ def test_bad_files_get_400_naming_the_problem_and_nothing_changes(store, tmp_pat
             assert _complete(http, "a").json()["choices"][0]["text"] == before
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["tiny", "a"]
     assert not list(store.objects.glob(".tmp-*"))
+
+
+def test_a_tree_node_is_checked_with_its_whole_path(store, tmp_path):
+    """The served rank of a node is its path's: "a" (r=2) with a r=7 branch is 9, past the
+    engine's max_rank of 8, and refused at load (not on the first request); r=4 fits."""
+    too_big, fits = (_dir(tmp_path, f"child-r{r}", 7 + r, replace(QV, rank=r, alpha=r))
+                     for r in (7, 4))
+    for d in (too_big, fits):
+        write_record(d, nodes.record_for(store, "a"))
+    orphan = _dir(tmp_path, "orphan", 3)
+    write_record(orphan, replace(nodes.record_for(store, "a"), parent="gone"))
+    with _live(store, **ON) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "a/big",
+                                                     "lora_path": str(too_big)})
+        assert "rank 9" in _vllm_error(r, 400, "BadRequestError")
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "gone/x",
+                                                     "lora_path": str(orphan)})
+        assert "gone" in _vllm_error(r, 400, "BadRequestError")
+        assert store.names() == ["a"]
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "a/fit",
+                                                     "lora_path": str(fits)})
+        assert r.status_code == 200, r.text
+        assert _complete(http, "a/fit").status_code == 200
+    assert store.names() == ["a", "a/fit"]
 
 
 def _stream(http, model, n):

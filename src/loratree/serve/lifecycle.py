@@ -8,8 +8,9 @@ otherwise the routes do not exist (404), as in vLLM.
 In loratree the store is the source of truth, so both routes change the store:
 
 - load validates a private copy of the files in full (what ``loratree store add`` checks)
-  and checks that the adapter fits the served model and the slots (``SlotTable.check``),
-  then adds it with ``AdapterStore.add``: one atomic swap of the name's link. Nothing is
+  and checks that the adapter fits the served model and the slots (``SlotTable.check``;
+  a tree node as served: composed with its parent's path, whose rank must fit too), then
+  adds it with ``AdapterStore.add``: one atomic swap of the name's link. Nothing is
   served before every check passed. ``load_inplace`` replaces a served adapter; requests
   running on it finish on the version they started with (their slot keeps it), the next
   requests get the new one.
@@ -38,12 +39,17 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 
+from loratree.adapters.node_files import read_record
 from loratree.adapters.peft_format import CONFIG_NAME, read_config
 from loratree.adapters.prefix_files import PrefixFile
 from loratree.adapters.source import AdapterRead, parse_adapter
 from loratree.adapters.store import FILES, AdapterStore, check_name
-from loratree.errors import AdapterInUseError, AdapterNameError, UnsafeFormatError
-from loratree.tree.cache import loaded
+from loratree.errors import (
+    AdapterInUseError,
+    AdapterNameError,
+    AdapterNotFoundError,
+    UnsafeFormatError,
+)
 
 if TYPE_CHECKING:
     from loratree.serve.http import ServerState
@@ -113,13 +119,15 @@ def _load(state: ServerState, store: AdapterStore, body: LoadLoraAdapter) -> Res
     try:
         _stage(source, staging)
         adapter = parse_adapter(staging, read_config(staging))
-        read = (AdapterRead(name, "staged", staging, prefix=adapter)
+        record = read_record(staging)  # a tree node: checked as served, its path composed
+        parent = record.parent if record is not None else None
+        read = (AdapterRead(name, "staged", staging, prefix=adapter, parent=parent)
                 if isinstance(adapter, PrefixFile)
-                else AdapterRead(name, "staged", staging, lora=adapter))
-        state.engine.table.check(loaded(read))
+                else AdapterRead(name, "staged", staging, lora=adapter, parent=parent))
+        state.engine.table.check(state.engine.table.cache.assemble(read))
         store.add(name, staging)
-    except (ValueError, OSError) as e:  # typed input errors are ValueErrors
-        message = str(e) if isinstance(e, ValueError) else (e.strerror or type(e).__name__)
+    except (ValueError, OSError, AdapterNotFoundError) as e:  # typed input errors
+        message = (e.strerror or type(e).__name__) if isinstance(e, OSError) else str(e)
         return _error(400, state.clean(f"Loading lora {name} failed: {type(e).__name__}: "
                                        f"{message}"), "BadRequestError")
     finally:

@@ -229,7 +229,13 @@ class AdapterCache:
 
 
     def _load(self, name: str) -> LoadedAdapter:
-        read = self.source.read(name)
+        return self.assemble(self.source.read(name))
+
+    def assemble(self, read: AdapterRead) -> LoadedAdapter:
+        """``read`` as the cache holds it: a tree node composed with its parent's path (the
+        parent read through the cache). Also for files not yet in the source: the check
+        that a node about to be added fits the slots as served, whole path included."""
+        name = read.name
         if read.parent is None:
             return loaded(read)
         parent = self.get(read.parent)  # the parent path, composed and cached
