@@ -112,7 +112,7 @@ bench-vllm: $(VLLM_STAMP)
 demo: setup
 	$(BIN)/loratree demo
 
-bench: setup
+bench: setup $(RAY_STAMP)
 	$(BIN)/python -m bench.run --out BENCHMARKS.md
 
 clean:

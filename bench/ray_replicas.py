@@ -38,13 +38,27 @@ from bench.harness import machine_info
 from bench.report import Row, Table, render
 from bench.serve_rows import make_store
 
-__all__ = ["ray_table"]
+__all__ = ["ray_table", "ray_tables"]
 
 log = logging.getLogger(__name__)
 
 CLIENTS, ADAPTERS, PROMPT, NEW, PINGS = 8, 8, 32, 24, 8
 Measure = tuple[float, float, float]
 """(tokens/s, one-token request s, models list s) of one round."""
+
+
+ROUNDS = 5
+
+
+def ray_tables(root: Path) -> tuple[list[Table], list]:
+    """``bench.run``'s ``ray`` group: the table, or nothing (logged) without Ray Serve."""
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        log.warning("ray group skipped: Ray Serve is not installed (pip install "
+                    "'loratree[ray]'; make bench installs it)")
+        return [], []
+    return [ray_table(root, ROUNDS)], []
 
 
 def ray_table(root: Path, rounds: int) -> Table:
@@ -159,7 +173,7 @@ def _server(name: str, args: list[str], env: dict[str, str]) -> Iterator[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory() as tmp:

@@ -40,7 +40,7 @@ QUICK = {"forward": 2, "ops": 3, "train": 2}
 QUALITY_TARGET = 0.90
 """Acceptance: LoRA r=8 all-linear reaches 90% of full fine-tuning's held-out exact match."""
 GROUPS = ("forward", "merge", "files", "train", "qlora", "prefix", "dora", "serve", "api",
-          "cpu", "many", "sweep", "tree", "quality")
+          "cpu", "many", "sweep", "tree", "ray", "quality")
 QLORA_GAP = 5.0
 """Acceptance: QLoRA's held-out exact match is within this many points of LoRA's."""
 
@@ -155,15 +155,17 @@ def _serving_groups(base: object, tokenizer: object, groups: tuple[str, ...],
 
 
 def _rooted_groups(groups: tuple[str, ...]) -> tuple[list[Table], list[Check]]:
-    """The groups that write their data and runs under a temp root: many, sweep, tree."""
+    """The groups that write their data and runs under a temp root: many, sweep, tree,
+    ray (Ray Serve replicas: needs the ``ray`` extra, which ``make bench`` installs)."""
     from bench.many_rows import many_tables
+    from bench.ray_replicas import ray_tables
     from bench.sweep_rows import sweep_tables
     from bench.tree_rows import tree_tables
 
     tables: list[Table] = []
     checks: list[Check] = []
     for group, measure in (("many", many_tables), ("sweep", sweep_tables),
-                           ("tree", tree_tables)):
+                           ("tree", tree_tables), ("ray", ray_tables)):
         if group in groups:
             with tempfile.TemporaryDirectory(prefix=f"loratree-{group}-") as tmp:
                 group_tables, group_checks = measure(Path(tmp))
