@@ -28,6 +28,12 @@ MAX_ONGOING = 8
 """Requests one replica takes at once: a running batch (max_batch 4) and a waiting one."""
 
 
+SLOW_HOST = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+             "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+"""Ray Serve kills an HTTP proxy not ready within 5 s (its default); on a busy 2-core host
+its start can take longer, and the cluster then failed to start (seen once here)."""
+
+
 @pytest.fixture(scope="session")
 def twelve(tmp_path_factory):
     store = AdapterStore(tmp_path_factory.mktemp("store"))
@@ -69,9 +75,13 @@ def cluster(twelve, folder):
         max_ongoing_requests=MAX_ONGOING, replica_cpus=0.5, cpu_tuning=None,
         server=ServerConfig(base_name="tiny"), name="loratree-test")
     paths = [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p),
-                                       "OMP_NUM_THREADS": "1"}})
+    env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p), "OMP_NUM_THREADS": "1",
+           **SLOW_HOST}
+    with pytest.MonkeyPatch.context() as mp:  # the local cluster's processes inherit them
+        for key, value in SLOW_HOST.items():
+            mp.setenv(key, value)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env})
     port = _free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
