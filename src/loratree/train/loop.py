@@ -166,13 +166,7 @@ def fit(run: Run, *, resume: bool = False, progress: bool = True,
     ``on_step(step, loss)`` is called after each step is logged and checkpointed.
     """
     c, d = run.config, run.dist
-    position = ckpt.Position(0, 0, 0)
-    if resume and (latest := ckpt.latest_checkpoint(run.checkpoints)) is not None:
-        if run.grow is not None:  # regrow to the checkpoint's rank so its tensors fit
-            run.grow.resume(ckpt.read_extra(latest).get("grow"), run.model)
-        position = ckpt.load_checkpoint(latest, run.params, run.optimizer, run.scheduler)
-        run.metrics.truncate_after(position.step)
-        logger.info("resumed from %s at step %d", latest.name, position.step)
+    position = _resume(run) if resume else ckpt.Position(0, 0, 0)
     module = _maybe_ddp(run)
     pad = pad_token_id(run.tokenizer)
     restore = catch_signals(run.stop_signal)
@@ -221,6 +215,19 @@ def fit(run: Run, *, resume: bool = False, progress: bool = True,
         bar.close()
         restore()
     return _result(run, position, loss, evals, eval_s)
+
+
+def _resume(run: Run) -> ckpt.Position:
+    """Load the latest checkpoint into the run, if any; where training goes on from."""
+    latest = ckpt.latest_checkpoint(run.checkpoints)
+    if latest is None:
+        return ckpt.Position(0, 0, 0)
+    if run.grow is not None:  # regrow to the checkpoint's rank so its tensors fit
+        run.grow.resume(ckpt.read_extra(latest).get("grow"), run.model)
+    position = ckpt.load_checkpoint(latest, run.params, run.optimizer, run.scheduler)
+    run.metrics.truncate_after(position.step)
+    logger.info("resumed from %s at step %d", latest.name, position.step)
+    return position
 
 
 def _stopped(run: Run) -> bool:
