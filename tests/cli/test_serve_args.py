@@ -22,3 +22,19 @@ def test_runtime_updating_is_off_unless_asked_or_vllms_variable_says_so(monkeypa
     assert parser.parse_args(["serve"]).allow_runtime_lora_updating is on
     assert parser.parse_args(["serve", "--allow-runtime-lora-updating"]
                              ).allow_runtime_lora_updating
+
+
+@pytest.mark.parametrize(("argv", "store", "folders"), [
+    (["--adapters-dir", "a", "--adapters-dir", "b"], None, ("a", "b")),
+    (["--store", "s", "--adapters-dir", "a"], "s", ("a",)),
+    ([], "adapters", ()),
+])
+def test_serve_on_ray_gets_the_same_store_and_folders(monkeypatch, argv, store, folders):
+    import loratree.integrations.ray as ray_package
+
+    got = []
+    monkeypatch.setattr(ray_package, "require_ray", lambda: None)
+    monkeypatch.setattr(ray_package, "serve_on_ray", lambda options, *rest: got.append(options))
+    args = build_parser().parse_args(["serve", "--ray", "--replicas", "3", *argv])
+    assert args.run(args) == 0
+    assert (got[0].store, got[0].adapters_dirs, got[0].replicas) == (store, folders, 3)
