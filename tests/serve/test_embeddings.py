@@ -18,7 +18,7 @@ from loratree.adapters.node_files import write_record
 from loratree.config import LoraConfig, PrefixConfig
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Request
-from loratree.serve.embeddings import EmbeddingInputError, EmbeddingJob, run_jobs
+from loratree.serve.embeddings import STEP_ROWS, EmbeddingInputError, EmbeddingJob, run_jobs
 from loratree.serve.requests import prompt_ids
 from loratree.serve.slot_table import BASE, StepMode
 from loratree.surgery.features import prompt_features
@@ -266,3 +266,46 @@ def test_engine_embed_checks_inputs_at_once(store):
     with pytest.raises(AdapterNotFoundError):
         engine.embed("w5", "nobody").result()
     assert engine.embed(["w5 w6"], "t/u").result().vectors.shape == (1, 32)
+
+
+def test_a_large_request_runs_over_iterations_beside_a_generation(store):
+    """150 inputs take three loop iterations of at most STEP_ROWS each, the running
+    generation decoding a token in each; the vectors equal PEFT's."""
+    inputs = [[3 + i % 40, 9, 13 + i % 7] for i in range(150)]
+    engine = make_engine(store)
+    gen = engine.submit(Request([5, 9, 13, 3, 40], adapter="a1", max_new_tokens=30,
+                                ignore_eos=True, logprobs=0))  # a record per token
+    engine.step()  # prefilled: the generation is running
+    before = len(gen.logprobs)
+    future = engine.embed(inputs, "a0")  # no loop thread: steps until it is done
+    assert len(gen.logprobs) - before == -(-len(inputs) // STEP_ROWS)  # 3 tokens meanwhile
+    torch.testing.assert_close(future.result().vectors, peft_embedding(store, "a0", inputs),
+                               atol=1e-4, rtol=0)
+    assert future.result().prompt_tokens == 3 * len(inputs)
+    while not gen.done:
+        engine.step()
+    solo = make_engine(store).generate(Request([5, 9, 13, 3, 40], adapter="a1",
+                                               max_new_tokens=30, ignore_eos=True))
+    assert gen.result().tokens == solo.tokens
+
+
+def test_an_adapter_replaced_mid_request_gives_the_request_one_version(tmp_path):
+    """The job holds its slot until its last input: a replace between iterations reaches
+    the next request, never half of this one."""
+    store = AdapterStore(tmp_path / "store")
+    _save(store, tmp_path, "a0", QV, 100)
+    inputs = [[3 + i % 40, 9, 13] for i in range(100)]
+    old = peft_embedding(store, "a0", inputs)
+    engine = make_engine(store)
+    future = Future()
+    engine.embeddings.put(EmbeddingJob(tuple(map(tuple, inputs)), "a0", future))
+    engine.step()  # the first STEP_ROWS inputs, on the version added first
+    assert not future.done()
+    _save(store, tmp_path, "a0", QV, 200)  # replaced in the store
+    while not future.done():
+        engine.step()
+    torch.testing.assert_close(future.result().vectors, old, atol=1e-4, rtol=0)
+    after = engine.embed(inputs[:2], "a0").result().vectors
+    torch.testing.assert_close(after, peft_embedding(store, "a0", inputs[:2]), atol=1e-4,
+                               rtol=0)
+    assert not torch.allclose(after, old[:2], atol=1e-3)

@@ -7,11 +7,14 @@ adapter (a store name, a tree path, or ``__base__``), scaled to unit length. Thr
 
 The model belongs to the engine's loop thread (a forward from another thread would race
 with the running batch's slots and merged weights), so ``Engine.embed`` only checks the
-inputs and queues an ``EmbeddingJob``; each loop iteration takes the queued jobs (up to
-``STEP_ROWS`` rows) and runs them together: every job's adapter is acquired in the slot
-table (held while the job runs), the rows go through the model with a slot per row, and
-each job's future gets its vectors. Jobs that arrive together share one forward whatever
-adapters they name.
+inputs and queues an ``EmbeddingJob``; each loop iteration embeds up to ``STEP_ROWS``
+inputs together (``EmbeddingWork``): the running jobs' next inputs first, then queued jobs,
+each of which acquires its adapter in the slot table when it starts. The rows go through
+the model with a slot per row. A job larger than an iteration's share runs over several
+iterations, decode steps of the running requests in between, and holds its slot until its
+last input is embedded, so every vector of one request comes from one adapter version
+(a hot replace meanwhile reaches the next request). Jobs that arrive together share one
+forward whatever adapters they name.
 
 An adapter merged into the weights for the running batch stays merged: a forward with
 per-row slots takes the merged adapter's branch out for every row and adds each row's
@@ -23,11 +26,12 @@ weights of the running batch rounded differently than before.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -38,8 +42,8 @@ from loratree.serve.slot_table import SlotTable
 from loratree.surgery.features import pooled_features
 
 __all__ = ["BATCH_ROWS", "BATCH_TOKENS", "STEP_ROWS", "EmbeddingInput", "EmbeddingInputError",
-           "EmbeddingJob", "EmbeddingQueue", "Embeddings", "check_adapter", "embedding_ids",
-           "model_limits", "run_jobs"]
+           "EmbeddingJob", "EmbeddingQueue", "EmbeddingWork", "Embeddings", "check_adapter",
+           "embedding_ids", "model_limits", "run_jobs"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +52,8 @@ BATCH_ROWS = 32
 BATCH_TOKENS = 8192
 """Most (padded) tokens in one forward; a longer input runs alone."""
 STEP_ROWS = 64
-"""Most inputs one loop iteration embeds (a job is never split), so decode steps of
-running requests wait for at most about this much work."""
+"""Most inputs one loop iteration embeds (a larger job goes on in the next iterations),
+so decode steps of running requests wait for at most about this much work."""
 
 EmbeddingInput = str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]]
 """OpenAI's forms: a text, a list of texts, token ids, or a list of token-id lists."""
@@ -164,74 +168,151 @@ class EmbeddingQueue:
 
     def fail_all(self, error: BaseException) -> None:
         """End every queued job with ``error`` (the engine is closing)."""
-        for job in self._drain():
+        for job in self.drain():
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)
 
-    def _drain(self) -> list[EmbeddingJob]:
+    def drain(self) -> list[EmbeddingJob]:
+        """Take every queued job."""
         with self._lock:
             jobs, self._jobs = list(self._jobs), deque()
         return jobs
 
 
-@torch.inference_mode()  # as the engine's step: slots filled here are inference tensors
-def run_jobs(model: nn.Module, table: SlotTable, jobs: list[EmbeddingJob], *,
-             can_wait: bool) -> tuple[list[EmbeddingJob], BaseException | None]:
-    """Embed ``jobs`` in shared forwards, each row through its job's adapter, and complete
-    their futures. A job whose adapter finds no slot (every slot held) waits when
-    ``can_wait`` or other jobs hold slots now; one whose adapter fails fails alone.
-    Returns (the jobs that must wait, the forward's error if it failed: its jobs have it)."""
-    held: list[tuple[EmbeddingJob, int]] = []
-    waiting: list[EmbeddingJob] = []
-    try:
-        for job in jobs:
-            if job.future.cancelled():
-                continue
-            try:
-                slot = table.acquire(job.adapter)
-            except (AdapterInUseError, CacheFullError) as e:
-                if can_wait or held:  # slots come back as requests and this batch end
+@dataclass
+class _Running:
+    """A started job: its adapter's slot (held until its last input), the vectors so far."""
+
+    job: EmbeddingJob
+    slot: int
+    parts: list[Tensor] = field(default_factory=list)
+    done: int = 0
+    """Inputs embedded so far."""
+
+
+class EmbeddingWork:
+    """The loop's embedding work: ``queue``'s jobs, and the started ones, which hold their
+    adapter's slot until their last input is embedded."""
+
+    def __init__(self, queue: EmbeddingQueue) -> None:
+        self.queue = queue
+        self.running: list[_Running] = []
+
+    def pending(self) -> bool:
+        return bool(self.running) or self.queue.pending()
+
+    @torch.inference_mode()  # as the engine's step: slots filled here are inference tensors
+    def step(self, model: nn.Module, table: SlotTable, *, can_wait: bool,
+             max_rows: int = STEP_ROWS) -> tuple[bool, BaseException | None]:
+        """Embed up to ``max_rows`` inputs in shared forwards: the running jobs' next
+        inputs first, then queued jobs as they start. A job whose adapter finds no slot
+        (every slot held) goes back to the queue when ``can_wait`` or started jobs hold
+        slots, else fails; one whose adapter fails fails alone. Returns (whether any input
+        was embedded, the forward's error if it failed: its jobs have it)."""
+        budget = max_rows
+        batch: list[tuple[_Running, int]] = []
+        for run in self.running:
+            n = min(len(run.job.ids) - run.done, budget)
+            if n > 0:
+                batch.append((run, n))
+                budget -= n
+        if budget > 0:
+            waiting = []
+            for job in self.queue.take(budget):
+                slot = _start(job, table, can_wait=can_wait or bool(self.running))
+                if slot is None:
                     waiting.append(job)
-                else:
-                    _fail(job, e)
-                continue
-            except Exception as e:  # unknown or unusable adapter: this job alone
-                _fail(job, e)
-                continue
-            if job.future.set_running_or_notify_cancel():
-                held.append((job, slot))
-            else:
-                table.release(slot)
-        return waiting, _embed(model, held)
-    finally:
-        for _, slot in held:
-            table.release(slot)
+                elif slot != _FAILED:
+                    self.running.append(run := _Running(job, slot))
+                    n = min(len(job.ids), max(budget, 0))
+                    if n > 0:
+                        batch.append((run, n))
+                        budget -= n
+            self.queue.put_back(waiting)
+        return bool(batch), self._forward(model, table, batch)
 
+    def fail_all(self, table: SlotTable, error: BaseException) -> None:
+        """End every started job with ``error`` and release its slot (closing)."""
+        for run in self.running:
+            table.release(run.slot)
+            run.job.future.set_exception(error)
+        self.running = []
 
-def _embed(model: nn.Module, held: list[tuple[EmbeddingJob, int]]) -> BaseException | None:
-    """Run the held jobs' rows and set their futures; the forward's error, if any."""
-    if not held:
+    def _forward(self, model: nn.Module, table: SlotTable,
+                 batch: list[tuple[_Running, int]]) -> BaseException | None:
+        if not batch:
+            return None
+        rows = [ids for run, n in batch for ids in run.job.ids[run.done:run.done + n]]
+        slots = [run.slot for run, n in batch for _ in range(n)]
+        try:
+            vectors = pooled_features(model, rows, slots, batch_size=BATCH_ROWS,
+                                      max_tokens=BATCH_TOKENS)
+        except Exception as e:
+            logger.exception("an embedding forward of %d inputs failed", len(rows))
+            for run, _ in batch:
+                self._end(table, run, error=e)
+            return e
+        start = 0
+        for run, n in batch:
+            run.parts.append(vectors[start:start + n])
+            run.done += n
+            start += n
+            if run.done == len(run.job.ids):
+                self._end(table, run)
         return None
-    rows = [ids for job, _ in held for ids in job.ids]
-    slots = [slot for job, slot in held for _ in job.ids]
-    try:
-        vectors = pooled_features(model, rows, slots, batch_size=BATCH_ROWS,
-                                  max_tokens=BATCH_TOKENS)
-    except Exception as e:
-        logger.exception("an embedding forward of %d inputs failed", len(rows))
-        for job, _ in held:
-            job.future.set_exception(e)
-        return e
-    start = 0
-    for job, _ in held:
-        mine = vectors[start:start + len(job.ids)]
-        start += len(job.ids)
+
+    def _end(self, table: SlotTable, run: _Running, error: BaseException | None = None
+             ) -> None:
+        self.running.remove(run)
+        table.release(run.slot)
+        job = run.job
+        if error is not None:
+            job.future.set_exception(error)
+            return
+        mine = torch.cat(run.parts)
         if not bool(torch.isfinite(mine).all()):
             job.future.set_exception(NonFiniteError(
                 f"{job.adapter!r} gives non-finite hidden states for this input"))
-            continue
+            return
         job.future.set_result(Embeddings(mine, sum(len(i) for i in job.ids), job.adapter))
-    return None
+
+
+def run_jobs(model: nn.Module, table: SlotTable, jobs: list[EmbeddingJob], *,
+             can_wait: bool) -> tuple[list[EmbeddingJob], BaseException | None]:
+    """Embed ``jobs`` whole in shared forwards (``EmbeddingWork`` with no row limit: one
+    iteration's work when they fit it) and complete their futures. Returns (the jobs that
+    must wait for a slot, the forward's error if it failed: its jobs have it)."""
+    queue = EmbeddingQueue()
+    for job in jobs:
+        queue.put(job)
+    work = EmbeddingWork(queue)
+    _, error = work.step(model, table, can_wait=can_wait, max_rows=sys.maxsize)
+    return queue.drain(), error
+
+
+_FAILED = -2
+"""``_start``: the job failed (its future has the error)."""
+
+
+def _start(job: EmbeddingJob, table: SlotTable, *, can_wait: bool) -> int | None:
+    """Acquire ``job``'s adapter: its slot; None when it must wait for one; ``_FAILED``
+    when it failed or was cancelled."""
+    if job.future.cancelled():
+        return _FAILED
+    try:
+        slot = table.acquire(job.adapter)
+    except (AdapterInUseError, CacheFullError) as e:
+        if can_wait:  # slots come back as requests and started jobs end
+            return None
+        _fail(job, e)
+        return _FAILED
+    except Exception as e:  # unknown or unusable adapter: this job alone
+        _fail(job, e)
+        return _FAILED
+    if job.future.set_running_or_notify_cancel():
+        return slot
+    table.release(slot)
+    return _FAILED
 
 
 def _fail(job: EmbeddingJob, error: BaseException) -> None:

@@ -41,10 +41,10 @@ from loratree.serve.embeddings import (
     EmbeddingJob,
     EmbeddingQueue,
     Embeddings,
+    EmbeddingWork,
     check_adapter,
     embedding_ids,
     model_limits,
-    run_jobs,
 )
 from loratree.serve.packed import supports_packing
 from loratree.serve.requests import AUTO, Completion, Handle, Request, prompt_ids
@@ -102,6 +102,7 @@ class Engine:
         """Structured outputs: the grammars of requests with a ``constraint``."""
         self.runner = Runner(model, table, self.packs, self.grammars)
         self.embeddings = EmbeddingQueue()
+        self.embedding_work = EmbeddingWork(self.embeddings)
         """Embedding jobs waiting for the loop (``serve.embeddings``)."""
         self._ids = itertools.count()
         self._wake = threading.Event()
@@ -231,11 +232,13 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self.embeddings.fail_all(RuntimeError("the engine was closed"))
+        closed = RuntimeError("the engine was closed")
+        self.embedding_work.fail_all(self.table, closed)
+        self.embeddings.fail_all(closed)
         self.cpu.close()
 
     def busy(self) -> bool:
-        return self.scheduler.busy() or self.embeddings.pending()
+        return self.scheduler.busy() or self.embedding_work.pending()
 
     def load(self) -> tuple[int, int]:
         """(requests waiting to be admitted, requests running)."""
@@ -275,7 +278,7 @@ class Engine:
     def step(self) -> None:
         """Embed the queued inputs, admit, decode one token for every running row, retire
         finished rows."""
-        if self.embeddings.pending():
+        if self.embedding_work.pending():
             self._embed()
         self._prefill_or_reject(self.scheduler.admit(self.runner.prefill_s))
         self._retire()
@@ -288,17 +291,15 @@ class Engine:
             self._retire()
 
     def _embed(self) -> None:
-        """Run the queued embedding jobs (up to ``STEP_ROWS`` inputs) in shared forwards;
-        those whose adapter found no free slot go back to the queue. A failed forward
-        fails its jobs only, never the running requests."""
-        jobs = self.embeddings.take()
-        waiting, error = run_jobs(self.model, self.table, jobs,
-                                  can_wait=bool(self.scheduler.rows))
+        """Embed up to ``STEP_ROWS`` inputs of the started and queued embedding jobs in
+        shared forwards; a job whose adapter found no free slot stays queued. A failed
+        forward fails its jobs only, never the running requests."""
+        progressed, error = self.embedding_work.step(self.model, self.table,
+                                                     can_wait=bool(self.scheduler.rows))
         if error is not None:
             self.scheduler.health.failed(error)
-        elif len(waiting) < len(jobs):
+        elif progressed:
             self.scheduler.health.ok()
-        self.embeddings.put_back(waiting)
 
     def _resolve(self, req: Request) -> tuple[list[int], str]:
         """A request's prompt ids and adapter (``auto``: the router's choice)."""
