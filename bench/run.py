@@ -15,18 +15,19 @@ from pathlib import Path
 from bench.api_rows import FULL as API_FULL
 from bench.api_rows import QUICK as API_QUICK
 from bench.api_rows import api_tables
-from bench.contenders import load_model, random_ids
+from bench.contenders import QV_R8, load_model, random_ids
 from bench.cpu_ablation import DEFAULT as CPU_DEFAULT
 from bench.cpu_ablation import QUICK as CPU_QUICK
 from bench.cpu_ablation import AblationSettings, ablation_tables
 from bench.dora_rows import dora_tables
+from bench.embedding_split import split_table
 from bench.harness import configure_threads, machine_info
 from bench.lora_rows import file_tables, forward_tables, merge_tables
 from bench.prefix_rows import prefix_tables
 from bench.qlora_rows import qlora_tables
 from bench.quality import qlora_gaps, quality_markdown, quality_rows
 from bench.report import Check, Table, render, splice, write_atomic
-from bench.serve_rows import serve_tables
+from bench.serve_rows import make_store, serve_tables
 from bench.train_rows import train_tables
 from loratree.models import load_base
 
@@ -40,7 +41,7 @@ QUICK = {"forward": 2, "ops": 3, "train": 2}
 QUALITY_TARGET = 0.90
 """Acceptance: LoRA r=8 all-linear reaches 90% of full fine-tuning's held-out exact match."""
 GROUPS = ("forward", "merge", "files", "train", "qlora", "prefix", "dora", "serve", "api",
-          "cpu", "many", "sweep", "tree", "ray", "quality")
+          "split", "cpu", "many", "sweep", "tree", "ray", "quality")
 QLORA_GAP = 5.0
 """Acceptance: QLoRA's held-out exact match is within this many points of LoRA's."""
 
@@ -89,7 +90,7 @@ def run(quick: bool, quality_steps: int = 30, groups: tuple[str, ...] = GROUPS,
             prefix, prefix_checks = prefix_tables(base, repeats["train"], Path(tmp))
         tables += prefix
         checks += prefix_checks
-    tokenizer = (load_base(None)[1] if {"serve", "api", "cpu", "quality"} & set(groups)
+    tokenizer = (load_base(None)[1] if {"serve", "api", "split", "cpu", "quality"} & set(groups)
                  else None)
     served, serve_checks = _serving_groups(base, tokenizer, groups, repeats,
                                            CPU_QUICK if quick else cpu, quick)
@@ -136,7 +137,7 @@ def run(quick: bool, quality_steps: int = 30, groups: tuple[str, ...] = GROUPS,
 def _serving_groups(base: object, tokenizer: object, groups: tuple[str, ...],
                     repeats: dict[str, int], cpu: AblationSettings, quick: bool
                     ) -> tuple[list[Table], list[Check]]:
-    """The decode-step groups over the loaded model: dora, serve, api, cpu."""
+    """The decode-step groups over the loaded model: dora, serve, api, split, cpu."""
     tables: list[Table] = []
     checks: list[Check] = []
     if "dora" in groups:
@@ -149,6 +150,10 @@ def _serving_groups(base: object, tokenizer: object, groups: tuple[str, ...],
         api, api_checks = api_tables(base, tokenizer, API_QUICK if quick else API_FULL)
         tables += api
         checks += api_checks
+    if "split" in groups:  # the ablation of splitting a large embeddings request
+        with tempfile.TemporaryDirectory(prefix="loratree-split-") as tmp:
+            store = make_store(base, QV_R8, Path(tmp), 2)
+            tables.append(split_table(base, tokenizer, store, *((1, 64) if quick else ())))
     if "cpu" in groups:
         tables += ablation_tables(base, tokenizer, cpu)
     return tables, checks

@@ -194,8 +194,10 @@ class EmbeddingWork:
     """The loop's embedding work: ``queue``'s jobs, and the started ones, which hold their
     adapter's slot until their last input is embedded."""
 
-    def __init__(self, queue: EmbeddingQueue) -> None:
+    def __init__(self, queue: EmbeddingQueue, max_rows: int = STEP_ROWS) -> None:
         self.queue = queue
+        self.max_rows = max_rows
+        """Most inputs one ``step`` embeds (``bench.embedding_split`` ablates it)."""
         self.running: list[_Running] = []
 
     def pending(self) -> bool:
@@ -203,13 +205,14 @@ class EmbeddingWork:
 
     @torch.inference_mode()  # as the engine's step: slots filled here are inference tensors
     def step(self, model: nn.Module, table: SlotTable, *, can_wait: bool,
-             max_rows: int = STEP_ROWS) -> tuple[bool, BaseException | None]:
-        """Embed up to ``max_rows`` inputs in shared forwards: the running jobs' next
-        inputs first, then queued jobs as they start. A job whose adapter finds no slot
-        (every slot held) goes back to the queue when ``can_wait`` or started jobs hold
-        slots, else fails; one whose adapter fails fails alone. Returns (whether any input
-        was embedded, the forward's error if it failed: its jobs have it)."""
-        budget = max_rows
+             max_rows: int | None = None) -> tuple[bool, BaseException | None]:
+        """Embed up to ``max_rows`` (default ``self.max_rows``) inputs in shared forwards:
+        the running jobs' next inputs first, then queued jobs as they start. A job whose
+        adapter finds no slot (every slot held) goes back to the queue when ``can_wait``
+        or started jobs hold slots, else fails; one whose adapter fails fails alone.
+        Returns (whether any input was embedded, the forward's error if it failed: its
+        jobs have it)."""
+        budget = self.max_rows if max_rows is None else max_rows
         batch: list[tuple[_Running, int]] = []
         for run in self.running:
             n = min(len(run.job.ids) - run.done, budget)
