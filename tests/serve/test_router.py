@@ -118,6 +118,24 @@ def test_a_malformed_centroid_in_a_plain_folder_is_left_out(tmp_path, model, tex
     assert problem in router.skipped["high"], router.skipped
 
 
+def test_an_adapter_whose_weights_do_not_read_is_left_out(tmp_path, model):
+    """A good centroid beside weights holding NaN (a plain folder: no hash to catch it)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copytree(routed_adapter(tmp_path, model, "low", 1), folder / "low")
+    bad = shutil.copytree(routed_adapter(tmp_path, model, "high", 2), folder / "high")
+    weights = load_file(bad / "adapter_model.safetensors")
+    first = next(iter(weights))
+    weights[first] = weights[first].clone().fill_(float("nan"))
+    save_file(weights, bad / "adapter_model.safetensors")
+    router = Router(FolderSource(folder), model)
+    assert router.names == ["low"]
+    assert "non-finite" in router.skipped["high"] or "NaN" in router.skipped["high"], \
+        router.skipped
+
+
 def test_no_usable_centroid_names_what_was_left_out(tmp_path, model):
     folder = tmp_path / "folder"
     folder.mkdir()

@@ -73,7 +73,7 @@ class Router:
         for info in self.source.list():
             try:
                 version = self.source.version_of(info.name)
-            except (AdapterNotFoundError, AdapterFileError):
+            except (KeyError, ValueError, OSError):  # typed input errors are ValueErrors
                 continue  # removed or broken since it was listed: not a candidate now
             old = self._seen.get(info.name)
             if old is not None and old.version == version:
@@ -108,7 +108,7 @@ class Router:
                     and centroid.numel() != self.hidden:
                 raise AdapterFileError(f"routing centroid of size {centroid.numel()}, but "
                                        f"the model's features have {self.hidden}")
-        except (AdapterFileError, AdapterNotFoundError, OSError) as e:
+        except (KeyError, ValueError, OSError) as e:  # typed input errors are ValueErrors
             logger.warning("adapter %r left out of auto routing: %s", name, e)
             return _Candidate(version, None, str(e))
         return _Candidate(version, centroid)
