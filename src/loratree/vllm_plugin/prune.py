@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loratree.errors import AdapterFileError, AdapterNotFoundError, TreeError
 from loratree.tree import nodes
 from loratree.vllm_plugin.cache import ENTRY_FORMAT, MANIFEST, MaterialisedCache
 
@@ -89,7 +88,7 @@ def _current_keys(cache: MaterialisedCache) -> set[str]:
     for info in cache.store.list():
         try:
             keys.add(nodes.path_hash(cache.store, info.name))
-        except (OSError, AdapterFileError, AdapterNotFoundError, TreeError) as e:
+        except (OSError, ValueError, KeyError) as e:  # damaged or gone: typed errors
             log.debug("no current version for %r: %s", info.name, e)
     return keys
 
