@@ -31,7 +31,7 @@ from loratree.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, parse_confi
 from loratree.adapters.prefix_files import PrefixFile
 from loratree.adapters.safetensors_io import parse_safetensors
 from loratree.adapters.source import AdapterRead, parse_adapter
-from loratree.adapters.store import AdapterInfo, adapter_info, check_name
+from loratree.adapters.store import AdapterInfo, adapter_info, check_name, name_dir
 from loratree.errors import (
     AdapterFileError,
     AdapterNameError,
@@ -55,19 +55,10 @@ def plain_dir(root: Path, name: str) -> Path | None:
     Raises:
         AdapterNameError: the name is malformed, or a symlink lies on its path.
     """
-    d = str(root)
-    for part in check_name(name).split("/"):
-        d = os.path.join(d, part)
-        try:
-            mode = os.lstat(d).st_mode
-        except OSError:
-            return None
-        if stat.S_ISLNK(mode):
-            raise AdapterNameError(f"adapter {name!r}: {part!r} on its path is a link; "
-                                   "refused")
-        if not stat.S_ISDIR(mode):
-            return None
-    return Path(d) if all(os.path.lexists(os.path.join(d, f)) for f in _FILES) else None
+    d = name_dir(root, name)
+    if d is None or not all(os.path.lexists(os.path.join(d, f)) for f in _FILES):
+        return None
+    return Path(d)
 
 
 def plain_dirs(root: Path) -> Iterator[tuple[str, Path]]:

@@ -68,7 +68,7 @@ from loratree.errors import (
 from loratree.fsio import atomic_dir, fsync_dir
 
 __all__ = ["FILES", "MAX_NAME", "AdapterInfo", "AdapterStore", "DamagedEntry", "Problem",
-           "ProblemKind", "adapter_info", "check_name"]
+           "ProblemKind", "adapter_info", "check_name", "name_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,25 @@ def check_name(name: object) -> str:
                 f"adapter name {name!r}: parts take letters, digits, '-', '_' and '.', and "
                 "do not start with '.'")
     return name
+
+
+def name_dir(root: str | Path, name: str) -> str | None:
+    """``root/name`` when every part of the way is a plain directory; None when a part is
+    missing or not a directory. Never follows a link: one in place of a directory is
+    refused (``AdapterNameError``). One ``lstat`` per part (the serving hot path)."""
+    d = str(root)
+    for part in check_name(name).split("/"):
+        d = os.path.join(d, part)
+        try:
+            mode = os.lstat(d).st_mode
+        except OSError:
+            return None
+        if stat.S_ISLNK(mode):
+            raise AdapterNameError(f"adapter {name!r}: {part!r} on its path is a link, "
+                                   "not a directory; refused")
+        if not stat.S_ISDIR(mode):
+            return None
+    return d
 
 
 @dataclass(frozen=True)
@@ -179,19 +198,9 @@ class AdapterStore:
         """The link that names ``name``'s version, or None. Never follows a link on the
         way: a planted link in place of a directory is refused. (This is the serving hot
         path: one lstat per part.)"""
-        parts = check_name(name).split("/")
-        d = str(self.root)
-        for part in parts:
-            d = os.path.join(d, part)
-            try:
-                mode = os.lstat(d).st_mode
-            except FileNotFoundError:
-                return None
-            if stat.S_ISLNK(mode):
-                raise AdapterNameError(f"adapter {name!r}: {part!r} on its path is a link, "
-                                       "not a directory of the store; refused")
-            if not stat.S_ISDIR(mode):
-                return None
+        d = name_dir(self.root, name)
+        if d is None:
+            return None
         link = os.path.join(d, LINK)
         return link if os.path.islink(link) else None
 
