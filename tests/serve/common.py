@@ -3,10 +3,14 @@ and the solo reference a served answer must equal."""
 
 import torch
 
-from loratree.adapters import load_adapter
+from loratree import surgery
+from loratree.adapters import load_adapter, save_adapter
+from loratree.adapters.node_files import write_record
 from loratree.models.tiny import tiny_llama
 from loratree.serve import Request
 from loratree.serve.slot_table import BASE
+from loratree.tree import nodes
+from tests.conftest import randomize_slot
 
 VOCAB = 64
 
@@ -20,6 +24,19 @@ def tiny_model():
                 p.mul_(5.0)
     model.generation_config.eos_token_id = None
     return model
+
+
+def adapter_dir(tmp, name, config, seed, store=None, metrics=None):
+    """A PEFT directory ``tmp/src-<name>-<seed>`` of a random LoRA adapter on
+    ``tiny_model``; when ``name`` is a tree path, with the node record of its parent in
+    ``store`` (and ``metrics``)."""
+    model = tiny_model()
+    surgery.inject(model, config)
+    randomize_slot(model, 0, std=0.3, seed=seed)
+    d = save_adapter(model, tmp / f"src-{name.replace('/', '_')}-{seed}")
+    if "/" in name:
+        write_record(d, nodes.record_for(store, name.rsplit("/", 1)[0], metrics=metrics))
+    return d
 
 
 def solo_reference(store, name, prompt, n):

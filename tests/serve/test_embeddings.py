@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from loratree import surgery
-from loratree.adapters import AdapterStore, save_adapter
-from loratree.adapters.node_files import write_record
+from loratree.adapters import AdapterStore
 from loratree.config import LoraConfig, PrefixConfig
 from loratree.models.tiny import tiny_tokenizer
 from loratree.serve import Request
@@ -22,9 +21,7 @@ from loratree.serve.embeddings import STEP_ROWS, EmbeddingInputError, EmbeddingJ
 from loratree.serve.requests import prompt_ids
 from loratree.serve.slot_table import BASE, StepMode
 from loratree.surgery.features import prompt_features
-from loratree.tree import nodes
-from tests.conftest import randomize_slot
-from tests.serve.common import VOCAB, tiny_model
+from tests.serve.common import VOCAB, adapter_dir, tiny_model
 from tests.serve.conftest import QV, live, make_engine
 
 TOK = tiny_tokenizer(VOCAB)
@@ -33,13 +30,7 @@ TREE = ["t", "t/u"]
 
 
 def _save(store, tmp, name, config, seed):
-    model = tiny_model()
-    surgery.inject(model, config)
-    randomize_slot(model, 0, std=0.3, seed=seed)
-    src = save_adapter(model, tmp / f"src-{seed}")
-    if "/" in name:
-        write_record(src, nodes.record_for(store, name.rsplit("/", 1)[0]))
-    store.add(name, src)
+    store.add(name, adapter_dir(tmp, name, config, seed, store))
 
 
 @pytest.fixture(scope="module")

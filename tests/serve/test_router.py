@@ -19,8 +19,8 @@ from loratree.serve.router import Router
 from loratree.serve.slot_table import SlotTable
 from loratree.surgery.features import prompt_features
 from loratree.tree.cache import AdapterCache
-from tests.serve.common import VOCAB, tiny_model
-from tests.serve.conftest import lora_adapter
+from tests.serve.common import VOCAB, adapter_dir, tiny_model
+from tests.serve.conftest import QV, lora_adapter
 
 RANGES = {"low": (3, 8), "high": (50, 55), "mid": (25, 30)}
 """Each "task" draws its prompts from its own small vocabulary."""
@@ -34,10 +34,7 @@ def prompts(name, n, seed):
 
 def routed_adapter(tmp_path, model, name, seed):
     """An adapter directory with a centroid over ``name``'s prompts, as train writes it."""
-    source = tmp_path / f"src-{name}-{seed}"
-    store = AdapterStore(tmp_path / f"tmp-{name}-{seed}")
-    store.save(name, lora_adapter(seed), 0)
-    shutil.copytree(store.path_of(name), source)
+    source = adapter_dir(tmp_path, name, QV, seed)
     write_centroid(source, prompt_features(model, prompts(name, 40, seed)))
     return source
 

@@ -20,8 +20,8 @@ from loratree.serve import Engine, Request
 from loratree.serve.slot_table import SlotTable
 from loratree.tree import Tree, nodes, render
 from loratree.tree.cache import AdapterCache
-from tests.conftest import keep_logits, randomize_slot
-from tests.serve.common import VOCAB, tiny_model
+from tests.conftest import keep_logits
+from tests.serve.common import VOCAB, adapter_dir, tiny_model
 
 # root -> child -> grandchild: different ranks, targets, alphas and scaling rules
 PATH = {
@@ -31,21 +31,10 @@ PATH = {
 }
 
 
-def _node_dir(tmp, name, cfg, seed, store=None):
-    model = tiny_model()
-    surgery.inject(model, cfg)
-    randomize_slot(model, 0, std=0.3, seed=seed)
-    d = save_adapter(model, tmp / f"src-{seed}")
-    if "/" in name:
-        parent = name.rsplit("/", 1)[0]
-        write_record(d, nodes.record_for(store, parent, metrics={"eval_loss": 1.5}))
-    return d
-
-
 def _build(tmp, seeds=(1, 2, 3)):
     store = AdapterStore(tmp / "store")
     for (name, cfg), seed in zip(PATH.items(), seeds, strict=True):
-        store.add(name, _node_dir(tmp, name, cfg, seed, store))
+        store.add(name, adapter_dir(tmp, name, cfg, seed, store, metrics={"eval_loss": 1.5}))
     return store
 
 
@@ -146,7 +135,7 @@ def test_a_replaced_parent_makes_descendants_stale_until_accepted(store, tmp_pat
     hits = cache.stats.hits
     assert hits >= 1
     assert not any(tree.stale(n) for n in PATH)
-    store.add("support", _node_dir(tmp_path, "support", PATH["support"], 9))  # retrained root
+    store.add("support", adapter_dir(tmp_path, "support", PATH["support"], 9))  # retrained root
     assert not tree.stale("support")
     assert tree.stale("support/fr") and tree.stale("support/fr/acme")
     after = cache.get("support/fr/acme")  # recomposed from the new root
@@ -162,7 +151,7 @@ def test_a_replaced_parent_makes_descendants_stale_until_accepted(store, tmp_pat
     assert not any(tree.stale(n) for n in PATH)
     assert "STALE" not in render(tree.nodes())
     weights = read_adapter(store.path_of("support/fr/acme")).weights
-    for module, (a, _) in read_adapter(tmp_path / "src-3").weights.items():
+    for module, (a, _) in read_adapter(tmp_path / "src-support_fr_acme-3").weights.items():
         assert torch.equal(weights[module][0], a)  # accepting changes no weight
 
 
@@ -187,7 +176,8 @@ def test_a_node_and_its_parent_share_the_store_and_removal_keeps_the_tree_whole(
 
 
 def test_inconsistent_trees_are_refused_with_the_reason(store, tmp_path):
-    d = _node_dir(tmp_path, "support/de", PATH["support/fr/acme"], 7, store)
+    d = adapter_dir(tmp_path, "support/de", PATH["support/fr/acme"], 7, store,
+                    metrics={"eval_loss": 1.5})
     with pytest.raises(TreeError, match="support/<name>"):
         store.add("other/de", d)  # its record says it is a child of support
     cache = AdapterCache(store, 10**7)

@@ -1,15 +1,13 @@
 """A small store for the vLLM plugin's tests: LoRA roots of different ranks and targets,
-a depth-3 tree path, and a prefix adapter, all on the tiny Llama of tests/serve."""
+a depth-3 tree path, and a prefix adapter, all on the tiny Llama of tests/serve
+(``tests.serve.common.adapter_dir`` writes each LoRA)."""
 
 import torch
 
 from loratree import surgery
-from loratree.adapters import AdapterStore, save_adapter
-from loratree.adapters.node_files import write_record
+from loratree.adapters import AdapterStore
 from loratree.config import LoraConfig, PrefixConfig
-from loratree.tree import nodes
-from tests.conftest import randomize_slot
-from tests.serve.common import tiny_model
+from tests.serve.common import adapter_dir, tiny_model
 
 LORAS = {
     "qv": LoraConfig(rank=2, alpha=4, targets=("q_proj", "v_proj")),
@@ -18,17 +16,6 @@ LORAS = {
     "sup/fr": LoraConfig(rank=3, alpha=5, targets=("all-linear",)),
     "sup/fr/acme": LoraConfig(rank=1, alpha=2, targets=("v_proj", "down_proj")),
 }
-
-
-def adapter_dir(tmp, name, config, seed, store=None):
-    """A PEFT directory of a random LoRA adapter (a tree record when ``name`` is a path)."""
-    model = tiny_model()
-    surgery.inject(model, config)
-    randomize_slot(model, 0, std=0.3, seed=seed)
-    d = save_adapter(model, tmp / f"src-{name.replace('/', '_')}-{seed}")
-    if "/" in name:
-        write_record(d, nodes.record_for(store, name.rsplit("/", 1)[0]))
-    return d
 
 
 def build_store(tmp):
